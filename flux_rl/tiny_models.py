@@ -1,0 +1,270 @@
+"""Write tiny, randomly initialised stand-ins for every model this project loads.
+
+    python -m flux_rl.tiny_models --output_dir tiny-models
+
+writes, fully offline:
+
+    tiny-models/flux/                 a FluxPipeline folder (FluxTransformer2DModel, AutoencoderKL with
+                                      FLUX's 16 latent channels / 0.3611 scale / 0.1159 shift, CLIP + T5
+                                      text encoders and tokenizers, FlowMatchEulerDiscreteScheduler)
+    tiny-models/rewards/hpsv2/        open_clip_config.json + HPS_v2.1_compressed.pt ({"state_dict": ...})
+    tiny-models/rewards/clip/         open_clip_config.json + open_clip_model.safetensors (open_clip hub layout)
+    tiny-models/rewards/pickscore/    a transformers CLIPModel + CLIPProcessor folder
+    tiny-models/rewards/aesthetic/    siglip/ (SiglipVisionModel + processor) + aesthetic_predictor_v2_5.pth
+
+Each folder has the layout of the real model, so the project's real loaders read it unchanged
+(`FluxPipeline.from_pretrained`, open_clip `local-dir:`, transformers `from_pretrained`). The
+tests and the README's smoke run use these folders; nothing here touches the network.
+"""
+
+import argparse
+import gzip
+import json
+import os
+
+import torch
+
+# One small width for every text/image tower keeps the whole set at a few MB and each forward
+# pass at milliseconds on a CPU.
+TINY_WIDTH = 32
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_clip_tokenizer():
+    """A transformers CLIPTokenizer identical to open_clip's, built from the BPE file open_clip ships."""
+    from open_clip.tokenizer import default_bpe
+    from transformers import CLIPTokenizer
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        merges_text = f.read().split("\n")
+    # Same slice open_clip's SimpleTokenizer takes: 49152 - 256 - 2 merges after the header line.
+    merges = [tuple(line.split()) for line in merges_text[1 : 49152 - 256 - 2 + 1]]
+    from open_clip.tokenizer import bytes_to_unicode
+
+    byte_tokens = list(bytes_to_unicode().values())
+    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_t5_tokenizer():
+    """A small T5 unigram tokenizer from a hand-made vocabulary (no sentencepiece training)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,-'"]
+    pieces += [("\u2581" + c, -4.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    words = ["a", "the", "of", "photo", "cat", "dog", "real", "detail", "painting", "anime", "art"]
+    pieces += [("\u2581" + w, -3.0) for w in words]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def write_flux_pipeline(path, seed=0):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_tokenizer = build_clip_tokenizer()
+    t5_tokenizer = build_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 4 x the VAE's 16 latent channels: FLUX packs 2x2 latent patches.
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_WIDTH,
+        pooled_projection_dim=TINY_WIDTH,
+        guidance_embeds=True,
+        axes_dims_rope=[4, 4, 8],
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 16, 16],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=TINY_WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=TINY_WIDTH,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=TINY_WIDTH,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+        )
+    )
+    # FLUX.1-dev's scheduler config: resolution-dependent shift between 0.5 and 1.15.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(path)
+
+
+def tiny_open_clip_config():
+    return {
+        "model_cfg": {
+            "embed_dim": TINY_WIDTH,
+            "vision_cfg": {"image_size": 224, "layers": 1, "width": TINY_WIDTH, "head_width": 16, "patch_size": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": TINY_WIDTH, "heads": 2, "layers": 1},
+        },
+        # HPSv2 / laion CLIP preprocessing: 224, bicubic, OpenAI CLIP mean/std.
+        "preprocess_cfg": {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD, "interpolation": "bicubic"},
+    }
+
+
+def _tiny_open_clip_model(config):
+    import open_clip
+
+    model = open_clip.CLIP(**config["model_cfg"])
+    # Random init leaves the logit scale at log(1/0.07); keep it, as CLIP does before training.
+    return model
+
+
+def write_hpsv2(path, seed=1):
+    """Layout of the real HPSv2.1 release: a `HPS_v2.1_compressed.pt` holding {"state_dict": ...}.
+    The real architecture is open_clip's ViT-H-14; here `open_clip_config.json` names a tiny one."""
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    config = tiny_open_clip_config()
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    model = _tiny_open_clip_model(config)
+    torch.save({"state_dict": model.state_dict()}, os.path.join(path, "HPS_v2.1_compressed.pt"))
+
+
+def write_open_clip(path, seed=2):
+    """Layout of an open_clip hub repo (e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    config = tiny_open_clip_config()
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    model = _tiny_open_clip_model(config)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "open_clip_model.safetensors"))
+
+
+def write_pickscore(path, seed=3):
+    """Layout of yuvalkirstain/PickScore_v1 (CLIPModel) with the laion CLIP-H processor beside it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=TINY_WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=TINY_WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
+        ),
+        projection_dim=TINY_WIDTH,
+    )
+    model = CLIPModel(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        resample=3,  # bicubic
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer())
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def write_aesthetic(path, seed=4):
+    """Aesthetic Predictor v2.5 layout: a SigLIP vision tower folder + the MLP head's state dict."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from rewards.aesthetic import AestheticHead
+
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(
+        hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=384, patch_size=48,
+    )
+    SiglipVisionModel(config).save_pretrained(os.path.join(path, "siglip"))
+    SiglipImageProcessor(
+        size={"height": 384, "width": 384}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(os.path.join(path, "siglip"))
+    head = AestheticHead(TINY_WIDTH)
+    torch.save(head.state_dict(), os.path.join(path, "aesthetic_predictor_v2_5.pth"))
+
+
+def write_all(output_dir):
+    write_flux_pipeline(os.path.join(output_dir, "flux"))
+    rewards_dir = os.path.join(output_dir, "rewards")
+    write_hpsv2(os.path.join(rewards_dir, "hpsv2"))
+    write_open_clip(os.path.join(rewards_dir, "clip"))
+    write_pickscore(os.path.join(rewards_dir, "pickscore"))
+    write_aesthetic(os.path.join(rewards_dir, "aesthetic"))
+    return output_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="tiny-models")
+    args = parser.parse_args()
+    write_all(args.output_dir)
+    print(f"wrote tiny models to {args.output_dir}/flux and {args.output_dir}/rewards")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Differentiable reward models for FLUX preference fine-tuning, and the reward constructions of
+SRPO (paper section 3.2 and appendix S1). See README.md for the table of models."""
+
+from .base import RewardModel
+from .preprocess import clip_preprocess, squash_preprocess
+from .registry import REWARD_LOADERS, CombinedReward, load_combined_reward, load_reward_model, parse_reward_spec
+from .relative import (
+    DEFAULT_UNWANTED_CONTROLS,
+    DEFAULT_WANTED_CONTROLS,
+    REWARD_FORMS,
+    noised_relative_reward,
+    relative_text_direction,
+    semantic_relative_reward,
+    with_control,
+)
+
+__all__ = [
+    "RewardModel", "clip_preprocess", "squash_preprocess", "REWARD_LOADERS", "CombinedReward",
+    "load_combined_reward", "load_reward_model", "parse_reward_spec", "DEFAULT_UNWANTED_CONTROLS",
+    "DEFAULT_WANTED_CONTROLS", "REWARD_FORMS", "noised_relative_reward", "relative_text_direction",
+    "semantic_relative_reward", "with_control",
+]

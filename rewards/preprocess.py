@@ -1,0 +1,51 @@
+"""Differentiable image preprocessing for the reward models.
+
+Each reward model's official preprocessing works on PIL images (resize, crop, to-tensor,
+normalise), which cuts the gradient. These functions do the same on B x 3 x H x W tensors in
+[0, 1]. For square images they equal the official path up to the uint8 rounding PIL does
+(tests/test_rewards_preprocess.py compares the two on tiny models).
+
+Resizing uses antialiased bicubic interpolation, which is what PIL's bicubic does when
+downsampling. The authors' release uses plain (aliased) bicubic `F.interpolate` from 720 to
+224; that differs from what the reward models saw in training, so we follow the official one.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def resize_shortest_side(images: torch.Tensor, size: int) -> torch.Tensor:
+    height, width = images.shape[-2:]
+    scale = size / min(height, width)
+    new_hw = (max(size, round(height * scale)), max(size, round(width * scale)))
+    if new_hw == (height, width):
+        return images
+    return F.interpolate(images, size=new_hw, mode="bicubic", antialias=True, align_corners=False)
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    height, width = images.shape[-2:]
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return images[..., top : top + size, left : left + size]
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def clip_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """CLIP-style: resize the shortest side to `size` (bicubic), centre crop, normalise."""
+    images = resize_shortest_side(images, size)
+    images = center_crop(images, size)
+    # Clamp after resampling, as PIL's uint8 output is clamped to [0, 255]: bicubic overshoots.
+    return normalize(images.clamp(0, 1), mean, std)
+
+
+def squash_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """SigLIP-style: resize straight to size x size (bicubic), no crop, normalise."""
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return normalize(images.clamp(0, 1), mean, std)

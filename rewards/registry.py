@@ -1,0 +1,73 @@
+"""Reward models by name, and the `--reward` spec string that weights and combines them.
+
+    --reward "hpsv2:1.0,pickscore:0.05"
+
+Each loader imports its heavy dependencies only when called. A model is read from
+`<reward_models_dir>/<name>/` when that folder exists (the tiny test models, or real weights
+downloaded beforehand), else from its public source.
+"""
+
+import os
+
+import torch
+
+from .aesthetic import load_aesthetic
+from .open_clip_rewards import load_clip_score, load_hpsv2
+from .pickscore import load_pickscore
+
+REWARD_LOADERS = {
+    "hpsv2": load_hpsv2,
+    "pickscore": load_pickscore,
+    "clip": load_clip_score,
+    "aesthetic": load_aesthetic,
+}
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """'hpsv2:1.0,pickscore:0.5' -> [('hpsv2', 1.0), ('pickscore', 0.5)]; a bare name weighs 1."""
+    if not spec or not spec.strip():
+        raise ValueError("empty --reward spec; give e.g. --reward hpsv2:1.0")
+    components = []
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        name = name.strip().lower()
+        if name not in REWARD_LOADERS:
+            raise ValueError(f"unknown reward '{name}' in --reward '{spec}'; choose from {', '.join(REWARD_LOADERS)}")
+        try:
+            weight = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"weight '{weight}' of reward '{name}' is not a number; write e.g. {name}:0.5") from None
+        if any(name == seen for seen, _ in components):
+            raise ValueError(f"reward '{name}' appears twice in --reward '{spec}'; give each reward once")
+        components.append((name, weight))
+    return components
+
+
+def load_reward_model(name: str, reward_models_dir: str | None = None, device="cpu", dtype=torch.float32):
+    if name not in REWARD_LOADERS:
+        raise ValueError(f"unknown reward '{name}'; choose from {', '.join(REWARD_LOADERS)}")
+    source = None
+    if reward_models_dir:
+        candidate = os.path.join(reward_models_dir, name)
+        source = candidate if os.path.exists(candidate) else None
+    return REWARD_LOADERS[name](source, device=device, dtype=dtype)
+
+
+class CombinedReward(torch.nn.Module):
+    """sum_i w_i * reward_i(images, prompts); each component is also returned under its name."""
+
+    def __init__(self, models: dict, weights: dict):
+        super().__init__()
+        self.models = torch.nn.ModuleDict(models)
+        self.weights = dict(weights)
+
+    def forward(self, images, prompts):
+        components = {name: model(images, prompts) for name, model in self.models.items()}
+        total = sum(self.weights[name] * value for name, value in components.items())
+        return total, components
+
+
+def load_combined_reward(spec: str, reward_models_dir=None, device="cpu", dtype=torch.float32) -> CombinedReward:
+    components = parse_reward_spec(spec)
+    models = {name: load_reward_model(name, reward_models_dir, device, dtype) for name, _ in components}
+    return CombinedReward(models, dict(components))
