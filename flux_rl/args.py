@@ -1,0 +1,102 @@
+"""Flags every trainer shares, named as in diffusers' training examples, and their validation.
+Each script adds its method's own flags and calls `validate_common_args` before loading anything."""
+
+import argparse
+import os
+
+
+def add_common_args(parser: argparse.ArgumentParser):
+    a = parser.add_argument
+    # Model and data
+    a("--pretrained_model_name_or_path", type=str, default=None, help="FLUX folder or hub id, e.g. black-forest-labs/FLUX.1-dev.")
+    a("--revision", type=str, default=None)
+    a("--variant", type=str, default=None)
+    a("--dataset_name", type=str, default=None, help="Hub dataset or local json/jsonl/csv/parquet/txt of prompts (default: built-in smoke prompts).")
+    a("--prompt_column", type=str, default="prompt")
+    a("--dataset_split", type=str, default="train")
+    a("--max_sequence_length", type=int, default=512, help="T5 tokens, as the release.")
+    # Reward
+    a("--reward", type=str, default="hpsv2:1.0", help='Weighted reward spec, e.g. "hpsv2:1.0,pickscore:0.05".')
+    a("--reward_models_dir", type=str, default=None, help="Folder with <reward name>/ subfolders of local weights; missing ones come from the Hub.")
+    # Rollout
+    a("--resolution", type=int, default=720)
+    a("--num_inference_steps", type=int, default=25, help="Rollout steps.")
+    a("--rollout_shift", type=float, default=3.0, help="Fixed timestep shift of the rollout schedule; 0 uses diffusers' resolution-dependent shift.")
+    a("--rollout_guidance", type=float, default=1.0, help="FLUX guidance embedding during the rollout (release: 1 for HPS, 2 for PickScore).")
+    a("--train_guidance", type=float, default=3.5, help="FLUX guidance embedding in the training step.")
+    # Fine-tuning
+    a("--full_finetune", action="store_true", help="Train all transformer weights instead of LoRA.")
+    a("--rank", type=int, default=64)
+    a("--lora_alpha", type=float, default=64)
+    a("--lora_target_modules", type=str, default=None, help="Comma-separated module names (default: all attention projections).")
+    a("--gradient_checkpointing", action="store_true")
+    # Optimisation
+    a("--output_dir", type=str, default="output")
+    a("--seed", type=int, default=42)
+    a("--train_batch_size", type=int, default=1, help="Rollout images per device per micro-step.")
+    a("--gradient_accumulation_steps", type=int, default=1, help="Rollouts accumulated per optimiser step.")
+    a("--max_train_steps", type=int, default=20)
+    a("--learning_rate", type=float, default=5e-6)
+    a("--lr_scheduler", type=str, default="constant")
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-4)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=0.1)
+    a("--use_8bit_adam", action="store_true")
+    a("--allow_tf32", action="store_true")
+    a("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    # Checkpoints, logging, validation, hub
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
+    a("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
+    a("--logging_dir", type=str, default="logs")
+    a("--tracker_project_name", type=str, default=None)
+    a("--validation_prompt", type=str, nargs="+", default=None)
+    a("--validation_steps", type=int, default=None, help="Render validation images every N steps (and at the end).")
+    a("--validation_seed", type=int, default=0)
+    a("--push_to_hub", action="store_true")
+    a("--hub_model_id", type=str, default=None)
+    a("--hub_token", type=str, default=None)
+    return parser
+
+
+def fail(message: str):
+    raise ValueError(message)
+
+
+def validate_common_args(args):
+    """One-line errors that say what to change, before any model is loaded."""
+    if not args.pretrained_model_name_or_path:
+        fail("--pretrained_model_name_or_path is required (e.g. black-forest-labs/FLUX.1-dev, or tiny-models/flux for the smoke run)")
+    if args.resolution <= 0 or args.resolution % 16:
+        fail(f"--resolution {args.resolution} must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps", "checkpointing_steps"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        fail(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if args.learning_rate <= 0:
+        fail(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.rank < 1:
+        fail(f"--rank must be at least 1, got {args.rank}")
+    if args.report_to not in ("tensorboard", "wandb", "all", "none"):
+        fail(f"--report_to {args.report_to}: choose tensorboard, wandb, all or none")
+    if args.validation_steps is not None and args.validation_steps < 1:
+        fail(f"--validation_steps must be at least 1, got {args.validation_steps}")
+    if args.push_to_hub and not args.hub_model_id:
+        fail("--push_to_hub needs --hub_model_id (e.g. your-name/flux-srpo-lora)")
+    if args.hub_token and args.report_to in ("wandb", "all"):
+        fail("--hub_token would be logged to wandb; run `huggingface-cli login` instead of passing the token")
+    looks_local = args.dataset_name and (args.dataset_name.startswith((".", "/")) or os.path.splitext(args.dataset_name)[1])
+    if looks_local and not os.path.exists(args.dataset_name):
+        fail(f"--dataset_name {args.dataset_name}: no such file or folder")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        candidates = [args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)]
+        if not any(os.path.isdir(c) for c in candidates):
+            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder; use 'latest' or a checkpoint-N path")
+    from rewards import parse_reward_spec
+
+    parse_reward_spec(args.reward)

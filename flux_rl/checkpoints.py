@@ -1,0 +1,67 @@
+"""Checkpoints: atomic writes, rotation to the newest N, and `--resume_from_checkpoint latest`.
+
+A checkpoint is `accelerator.save_state` (model through the save hooks, optimizer, LR scheduler,
+RNG states) plus `training_state.json` (the step and the run's configuration). It is written to
+`checkpoint-N.tmp` and renamed when complete, so an interrupted save never replaces a good one.
+"""
+
+import json
+import os
+import re
+import shutil
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, config: dict, logger=None) -> str:
+    """Save, then keep only the newest `total_limit` checkpoints (None keeps all)."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    temporary = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(temporary):
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    if accelerator.is_main_process:
+        with open(os.path.join(temporary, "training_state.json"), "w") as f:
+            json.dump({"global_step": step, "config": config}, f, indent=2, default=str)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if total_limit is not None:
+            for stale in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(stale)
+                if logger:
+                    logger.info(f"removed old checkpoint {stale}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """'latest' -> the newest checkpoint in output_dir (None if there is none yet); else a path."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path):
+        candidate = os.path.join(output_dir, path)
+        if not os.path.isdir(candidate):
+            raise ValueError(f"--resume_from_checkpoint {path}: no such checkpoint folder; use 'latest' or a checkpoint-N path")
+        path = candidate
+    return path
+
+
+def load_checkpoint(accelerator, path: str) -> int:
+    """Restore everything saved by save_checkpoint; returns the step to continue from."""
+    accelerator.load_state(path)
+    with open(os.path.join(path, "training_state.json")) as f:
+        return int(json.load(f)["global_step"])

@@ -1,0 +1,67 @@
+"""Prompts through `datasets`, and a deterministic per-step batch order.
+
+The batch of step s is a pure function of (seed, s, process index), so a resumed run sees the
+same prompts as an uninterrupted one without storing a data-loader position.
+"""
+
+import os
+
+import torch
+
+BUILTIN_PROMPTS = os.path.join(os.path.dirname(__file__), "assets", "smoke_prompts.txt")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split: str = "train") -> list[str]:
+    """A hub dataset id, a local json/jsonl/csv/parquet/txt file, or None for the built-in list.
+
+    HPDv2: its hub loading script does not run on datasets >= 4; download train.json and pass
+    the file (see README)."""
+    from datasets import load_dataset
+
+    path = dataset_name or BUILTIN_PROMPTS
+    extension = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path):
+        if extension not in LOCAL_FORMATS:
+            raise ValueError(f"--dataset_name {path}: unknown file type '{extension}'; use one of {', '.join(LOCAL_FORMATS)}")
+        dataset = load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
+        if extension == ".txt":
+            prompt_column = "text"
+    else:
+        dataset = load_dataset(path, split=split)
+    if prompt_column not in dataset.column_names:
+        raise ValueError(f"--prompt_column '{prompt_column}' not in {path}; its columns are {dataset.column_names}")
+    prompts = [p.strip() for p in dataset[prompt_column] if isinstance(p, str) and p.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts found in column '{prompt_column}' of {path}")
+    return prompts
+
+
+class PromptSchedule:
+    """Epoch-wise shuffled prompts; each process takes its own slice of every global batch."""
+
+    def __init__(self, prompts, batch_size, seed, num_processes=1, process_index=0):
+        self.prompts = list(prompts)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_processes = num_processes
+        self.process_index = process_index
+
+    def _order(self, epoch):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        return torch.randperm(len(self.prompts), generator=generator).tolist()
+
+    def batch(self, micro_step: int) -> list[str]:
+        """Prompts of this process for global micro-step `micro_step`."""
+        global_batch = self.batch_size * self.num_processes
+        start = micro_step * global_batch + self.process_index * self.batch_size
+        result = []
+        for position in range(start, start + self.batch_size):
+            epoch, offset = divmod(position, len(self.prompts))
+            result.append(self.prompts[self._order(epoch)[offset]])
+        return result
+
+
+def step_generator(seed: int, micro_step: int, process_index: int, device="cpu") -> torch.Generator:
+    """All randomness of one micro-step (noise, timesteps, phrases) from one seeded generator."""
+    return torch.Generator(device).manual_seed(seed + 1_000_003 * micro_step + 7919 * process_index)

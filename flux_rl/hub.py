@@ -1,0 +1,69 @@
+"""Model card and Hub upload for a finished run."""
+
+import os
+
+CARD = """---
+base_model: {base_model}
+library_name: diffusers
+license: other
+tags:
+- flux
+- text-to-image
+- {method}
+- {kind}
+---
+
+# {title}
+
+{kind_text} of `{base_model}` trained with **{method}** on the reward `{reward}` for {steps} steps.
+
+## Use
+
+```python
+import torch
+from diffusers import FluxPipeline
+
+pipe = FluxPipeline.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
+{load_line}
+image = pipe("{prompt}", num_inference_steps=50, guidance_scale=3.5).images[0]
+```
+
+## Training configuration
+
+```
+{config}
+```
+"""
+
+
+def write_model_card(output_dir, args, method, repo_id=None):
+    use_lora = getattr(args, "use_lora", True)
+    load_line = (
+        f'pipe.load_lora_weights("{repo_id or output_dir}")'
+        if use_lora
+        else f'# full fine-tune: pass FluxTransformer2DModel.from_pretrained("{repo_id or output_dir}", subfolder="transformer")'
+    )
+    secret = {"hub_token"}
+    config = "\n".join(f"{k} = {v}" for k, v in sorted(vars(args).items()) if k not in secret)
+    text = CARD.format(
+        base_model=args.pretrained_model_name_or_path,
+        method=method,
+        kind="lora" if use_lora else "full-fine-tune",
+        kind_text="LoRA adapter" if use_lora else "Fully fine-tuned transformer",
+        title=os.path.basename(os.path.abspath(output_dir)),
+        reward=args.reward,
+        steps=args.max_train_steps,
+        load_line=load_line,
+        prompt=(args.validation_prompt or ["a photo of a cat"])[0],
+        config=config,
+    )
+    with open(os.path.join(output_dir, "README.md"), "w") as f:
+        f.write(text)
+
+
+def push_to_hub(output_dir, hub_model_id, hub_token=None):
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(hub_model_id, exist_ok=True, token=hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token, ignore_patterns=["checkpoint-*", "*.tmp"])
+    return repo_id

@@ -1,0 +1,39 @@
+"""FLUX latent packing (2x2 patches into tokens), VAE decode with gradient, VAE encode."""
+
+import torch
+from diffusers import FluxPipeline
+
+
+def latent_shape(vae_scale_factor: int, latent_channels: int, height: int, width: int) -> tuple[int, int, int]:
+    """Unpacked latent C x h x w for an image, as FluxPipeline.prepare_latents computes it."""
+    return latent_channels, 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    batch, channels, height, width = latents.shape
+    return FluxPipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def unpack(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+    return FluxPipeline._unpack_latents(latents, height, width, vae_scale_factor)
+
+
+def image_ids(height: int, width: int, vae_scale_factor: int, device, dtype) -> torch.Tensor:
+    latent_h, latent_w = height // (vae_scale_factor * 2), width // (vae_scale_factor * 2)
+    return FluxPipeline._prepare_latent_image_ids(1, latent_h, latent_w, device, dtype)
+
+
+def decode(vae, packed_latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+    """Packed latents -> images in [0, 1], differentiable."""
+    latents = unpack(packed_latents, height, width, vae_scale_factor)
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> packed, normalised latents (offline SRPO: real images replace rollouts)."""
+    latents = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mode()
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return pack(latents.float())

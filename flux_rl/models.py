@@ -1,0 +1,93 @@
+"""Loading FLUX for training: frozen parts, LoRA (peft) or full fine-tune, and the accelerate
+save/load hooks that make `accelerator.save_state` write weights in diffusers' own formats."""
+
+import os
+
+import torch
+
+DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+
+
+def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dtype=torch.float32):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype)
+
+
+def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0):
+    """Freeze the transformer and add LoRA adapters; LoRA parameters are kept in fp32 so that
+    small updates survive with bf16 base weights."""
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=target_modules)
+    transformer.add_adapter(config)
+    for parameter in transformer.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return transformer
+
+
+def trainable_parameters(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_state_dict(transformer):
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer)
+
+
+def save_lora(output_dir: str, transformer):
+    """Writes pytorch_lora_weights.safetensors, which FluxPipeline.load_lora_weights(output_dir) reads."""
+    from diffusers import FluxPipeline
+
+    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state_dict(transformer))
+
+
+def load_lora_into(transformer, input_dir: str):
+    from diffusers import FluxPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state = FluxPipeline.lora_state_dict(input_dir)
+    state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    incompatible = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    unexpected = getattr(incompatible, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA checkpoint in {input_dir} has keys this model lacks, e.g. {unexpected[:3]}")
+    for parameter in transformer.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+
+
+def register_save_load_hooks(accelerator, use_lora: bool):
+    """accelerator.save_state / load_state write and read the transformer in diffusers format:
+    LoRA as pytorch_lora_weights.safetensors, a full model as a transformer/ folder."""
+    from diffusers import FluxTransformer2DModel
+
+    def save_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        for model in models:
+            model = accelerator.unwrap_model(model)
+            if use_lora:
+                save_lora(output_dir, model)
+            else:
+                model.save_pretrained(os.path.join(output_dir, "transformer"))
+            if weights:
+                weights.pop()  # saved here; stop accelerate from saving it again
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            if use_lora:
+                load_lora_into(model, input_dir)
+            else:
+                loaded = FluxTransformer2DModel.from_pretrained(os.path.join(input_dir, "transformer"))
+                target = model.state_dict()
+                model.load_state_dict({k: v.to(target[k].dtype) for k, v in loaded.state_dict().items()})
+                del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,0 +1,86 @@
+"""Sigma schedules (rectified flow: x_sigma = sigma * noise + (1 - sigma) * x0, sigma = 1 is noise)."""
+
+import numpy as np
+import torch
+
+
+def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3-style fixed shift: shift(t) = s t / (1 + (s - 1) t)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def fixed_shift_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
+    """shift(linspace(1, 0, num_steps + 1)): the authors' rollout schedule (25 steps, s = 3)."""
+    return shift_sigmas(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).float()
+
+
+def dynamic_shift_sigmas(num_steps: int, image_seq_len: int, scheduler_config) -> torch.Tensor:
+    """FLUX.1-dev's resolution-dependent schedule, exactly as FluxPipeline builds it (mu from the
+    packed image sequence length), ending with sigma = 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    mu = calculate_shift(
+        image_seq_len,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    return scheduler.sigmas.float().cpu()
+
+
+def rollout_sigmas(num_steps: int, image_seq_len: int, scheduler_config, shift: float | None) -> torch.Tensor:
+    """`shift` given: the fixed-shift schedule; None: diffusers' resolution-dependent one."""
+    if shift is None:
+        return dynamic_shift_sigmas(num_steps, image_seq_len, scheduler_config)
+    return fixed_shift_sigmas(num_steps, shift)
+
+
+class TrainingWindow:
+    """Where along the trajectory the training branches start, as in the authors' release.
+
+    A 50-step schedule S = shift(linspace(1, 0, 51)) is cut to the window [S[a], S[b]] and
+    refined into a grid of `grid_size` sigmas. Indices count from the grid's late (less noisy)
+    end: index j is sigma grid[grid_size - j], so a larger j is a noisier point. A branch spans
+    `gap` grid indices: the share (1 - gt_ratio) of the grid that the model's one step covers,
+    the rest of the way back to x0 being covered by the known noise.
+    """
+
+    def __init__(self, start=5, end=25, shift=3.0, gt_ratio=0.9, grid_size=1000, schedule_steps=50, margin=5):
+        if not 0 <= start < end <= schedule_steps:
+            raise ValueError(f"--train_window {start},{end} must satisfy 0 <= start < end <= {schedule_steps}")
+        if not 0.0 < gt_ratio < 1.0:
+            raise ValueError(f"--gt_ratio {gt_ratio} must lie strictly between 0 and 1")
+        schedule = fixed_shift_sigmas(schedule_steps, shift).double()
+        self.grid = torch.linspace(float(schedule[start]), float(schedule[end]), grid_size, dtype=torch.float64)
+        self.grid_size = grid_size
+        self.margin = margin
+        # round(), not int(): the release's int((1 - 0.9) * 1000) + 1 is 100 only through float error.
+        self.gap = max(1, round((1 - gt_ratio) * grid_size))
+
+    def sigma(self, index: int) -> float:
+        return float(self.grid[self.grid_size - index])
+
+    def sample_index(self, generator: torch.Generator) -> int:
+        """m uniform in [margin, grid_size - margin], as the release's [5, 995]."""
+        return int(torch.randint(self.margin, self.grid_size - self.margin + 1, (1,), generator=generator))
+
+    def branch_gap(self, index: int) -> int:
+        return min(self.grid_size - index, index, self.gap)
+
+    def denoise_span(self, index: int) -> tuple[int, int]:
+        """(start, end) indices of the denoise branch: from m + g down to m."""
+        return index + self.branch_gap(index), index
+
+    def inversion_span(self, index: int) -> tuple[int, int]:
+        """(start, end) indices of the inversion branch: from m - g up to m (start clamped to >= 1)."""
+        return max(1, index - self.branch_gap(index)), index
+
+
+def linear_weight(schedule: tuple[float, float], index: int, grid_size: int = 1000) -> float:
+    """linspace(late, early, grid_size)[index]: a timestep-dependent weight, small index = late."""
+    late, early = schedule
+    return late + (early - late) * min(index, grid_size - 1) / (grid_size - 1)

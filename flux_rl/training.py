@@ -1,0 +1,258 @@
+"""Setup and teardown every trainer shares: accelerator, models, optimizer, resume, logging,
+checkpoints, validation, final save. The method's own loop and loss stay in each script."""
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoints, data, flux, hub, latents, models, schedules, validation
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    args: object
+    method: str
+    accelerator: object
+    transformer: object
+    vae: object
+    prompt_encoder: object
+    reward: object
+    optimizer: object
+    lr_scheduler: object
+    prompts: data.PromptSchedule
+    weight_dtype: torch.dtype
+    vae_scale_factor: int
+    img_ids: torch.Tensor
+    rollout_sigmas: torch.Tensor
+    start_step: int = 0
+    _step_started: float = field(default_factory=time.time)
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def velocity_fn(self, cond, guidance=None):
+        """velocity(x, sigma) of the trained transformer for `cond`, for the Direct-Align math."""
+        guidance = self.args.train_guidance if guidance is None else guidance
+
+        def run_model(x, sigma):
+            with self.accelerator.autocast():
+                return flux.velocity(self.transformer, x, sigma, guidance, cond, self.img_ids)
+
+        return run_model
+
+    def condition(self, prompts):
+        return self.prompt_encoder(prompts).to(self.device, self.weight_dtype)
+
+    def initial_noise(self, batch, generator):
+        channels = self.unwrapped().config.in_channels // 4
+        shape = latents.latent_shape(self.vae_scale_factor, channels, self.args.resolution, self.args.resolution)
+        return latents.pack(torch.randn((batch, *shape), generator=generator)).to(self.device)
+
+    def rollout(self, prompts, generator):
+        """(x0, noise, cond): the ODE image of `noise`, no gradient. Direct-Align later injects
+        this same noise, as the release does, so x_sigma stays near the sampled trajectory."""
+        cond = self.condition(prompts)
+        noise = self.initial_noise(len(prompts), generator)
+        with self.accelerator.autocast():
+            x0 = flux.sample(self.transformer, noise, self.rollout_sigmas, self.args.rollout_guidance, cond, self.img_ids)
+        return x0, noise, cond
+
+    def decode(self, packed):
+        with self.accelerator.autocast():
+            return latents.decode(self.vae, packed, self.args.resolution, self.args.resolution, self.vae_scale_factor)
+
+    def sync_gradients(self, last: bool):
+        """DDP all-reduce only on the last backward of an optimiser step."""
+        if last or self.accelerator.num_processes == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.transformer)
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.transformer)
+
+    def optimizer_step(self) -> float:
+        grad_norm = self.accelerator.clip_grad_norm_(models.trainable_parameters(self.transformer), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def steps(self):
+        """Yields the step indices still to run, with a progress bar."""
+        progress = tqdm(
+            range(self.start_step, self.args.max_train_steps), initial=self.start_step, total=self.args.max_train_steps,
+            desc=self.method, disable=not self.accelerator.is_local_main_process,
+        )
+        for step in progress:
+            self._step_started = time.time()
+            yield step
+            progress.set_postfix(loss=self._last_loss)
+
+    _last_loss: float = 0.0
+
+    def log(self, step: int, values: dict):
+        values = {k: float(v) for k, v in values.items()}
+        values["lr"] = self.lr_scheduler.get_last_lr()[0]
+        values["step_time"] = time.time() - self._step_started
+        self._last_loss = round(values.get("loss", 0.0), 5)
+        self.accelerator.log(values, step=step + 1)
+
+    def end_of_step(self, step: int):
+        """Checkpoint and validate after optimiser step `step` (0-based)."""
+        done = step + 1
+        if done % self.args.checkpointing_steps == 0 and done < self.args.max_train_steps:
+            checkpoints.save_checkpoint(
+                self.accelerator, self.args.output_dir, done, self.args.checkpoints_total_limit, _config(self.args), logger
+            )
+        if self.args.validation_steps and done % self.args.validation_steps == 0 and done < self.args.max_train_steps:
+            self.validate(done)
+
+    def validate(self, step: int):
+        if not self.args.validation_prompt or not self.accelerator.is_main_process:
+            return None
+        transformer = self.unwrapped()
+        with self.accelerator.autocast():
+            images = validation.render(
+                transformer, self.vae, self.prompt_encoder, self.args.validation_prompt, self.args.validation_seed,
+                self.args.resolution, self.args.resolution, self.rollout_sigmas, self.args.rollout_guidance,
+                self.vae_scale_factor, self.device, self.weight_dtype,
+            )
+            with torch.no_grad():
+                scores, _ = self.reward(images, self.args.validation_prompt)
+        return validation.log_validation(self.accelerator, images, self.args.validation_prompt, scores, step, self.args.output_dir)
+
+
+def _config(args) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items() if k != "hub_token"}
+
+
+def _weight_dtype(mixed_precision):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def setup(args, method: str) -> Run:
+    """Everything up to the first training step, including resume."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    import rewards
+
+    report_to = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    # open_clip logs its loading steps at INFO on the root logger: keep the root at WARNING.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("flux_rl").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    weight_dtype = _weight_dtype(accelerator.mixed_precision)
+    pipeline = models.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype=weight_dtype)
+    for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
+        module.requires_grad_(False).eval().to(accelerator.device)
+    transformer = pipeline.transformer
+    if args.full_finetune:
+        transformer.to(dtype=torch.float32).requires_grad_(True)  # fp32 master weights under autocast
+    else:
+        targets = args.lora_target_modules.split(",") if args.lora_target_modules else models.DEFAULT_LORA_TARGETS
+        models.add_lora(transformer, args.rank, args.lora_alpha, targets)
+    transformer.to(accelerator.device)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    models.register_save_load_hooks(accelerator, use_lora=not args.full_finetune)
+
+    reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)
+    prompts = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split)
+    schedule = data.PromptSchedule(prompts, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
+
+    params = models.trainable_parameters(transformer)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+
+    vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    image_seq_len = (args.resolution // (vae_scale_factor * 2)) ** 2
+    sigmas = schedules.rollout_sigmas(args.num_inference_steps, image_seq_len, pipeline.scheduler.config, args.rollout_shift or None)
+    run = Run(
+        args=args, method=method, accelerator=accelerator, transformer=transformer, vae=pipeline.vae,
+        prompt_encoder=flux.PromptEncoder(pipeline, args.max_sequence_length, accelerator.device),
+        reward=reward, optimizer=optimizer, lr_scheduler=lr_scheduler, prompts=schedule, weight_dtype=weight_dtype,
+        vae_scale_factor=vae_scale_factor, rollout_sigmas=sigmas,
+        img_ids=latents.image_ids(args.resolution, args.resolution, vae_scale_factor, accelerator.device, weight_dtype),
+    )
+
+    resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume_path:
+        run.start_step = checkpoints.load_checkpoint(accelerator, resume_path)
+        logger.info(f"resumed from {resume_path} at step {run.start_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint to resume from yet; starting a new run")
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name or method, config=_config(args))
+    effective_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in run.unwrapped().parameters())
+    logger.info(
+        f"{method}: {accelerator.num_processes} process(es), effective batch {effective_batch} "
+        f"(= {args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
+        f"trainable parameters {trainable:,} of {total:,} ({'full fine-tune' if args.full_finetune else f'LoRA rank {args.rank}'}), "
+        f"{args.max_train_steps} steps, rollout {args.num_inference_steps} steps at {args.resolution}px"
+    )
+    return run
+
+
+def finish(run: Run):
+    """Final validation, final weights in diffusers format, model card, optional Hub push."""
+    args, accelerator = run.args, run.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        transformer = run.unwrapped()
+        if args.full_finetune:
+            transformer.save_pretrained(os.path.join(args.output_dir, "transformer"))
+        else:
+            models.save_lora(args.output_dir, transformer)
+        run.validate(args.max_train_steps)
+        hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id if args.push_to_hub else None)
+        if args.push_to_hub:
+            repo_id = hub.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
+            logger.info(f"pushed to https://huggingface.co/{repo_id}")
+    accelerator.end_training()
+
+
+def reward_loss(reward: torch.Tensor, loss_type: str, threshold: float) -> torch.Tensor:
+    """Per-sample loss: the release's ReFL-style relu(threshold - r), or plain -r."""
+    if loss_type == "relu":
+        return torch.relu(threshold - reward)
+    if loss_type == "neg":
+        return -reward
+    raise ValueError(f"unknown --loss_type '{loss_type}'; choose relu or neg")
+
+
+def mean_or_nan(values):
+    return sum(values) / len(values) if values else math.nan

@@ -1,0 +1,32 @@
+"""Run a training script through `accelerate launch` on the CPU, as a user would."""
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
+    if num_processes == 1:
+        launcher = ["--cpu", "--num_processes", "1"]
+    else:
+        # `--cpu --num_processes 2` silently runs one process; this runs two over gloo.
+        env["ACCELERATE_USE_CPU"] = "1"
+        launcher = ["--multi_gpu", "--num_processes", str(num_processes)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+               os.path.join(REPO_ROOT, script), *args]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def tiny_args(tiny_models: str, output_dir: str, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", os.path.join(tiny_models, "flux"),
+        "--reward_models_dir", os.path.join(tiny_models, "rewards"),
+        "--resolution", "64", "--num_inference_steps", "3", "--max_sequence_length", "32",
+        "--learning_rate", "1e-3", "--max_grad_norm", "1.0", "--output_dir", output_dir, "--seed", "7", *extra,
+    ]

@@ -1,0 +1,39 @@
+"""Bad input fails in one line that says what to change, before any model is loaded."""
+
+import pytest
+
+import train_direct_align
+
+BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], None),
+        (["--resolution", "100"], "multiple of 16"),
+        (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
+        (["--reward", "hpsv9:1"], "unknown reward 'hpsv9'"),
+        (["--train_window", "30,5"], "--train_window 30,5"),
+        (["--train_window", "a,b"], "two comma-separated numbers"),
+        (["--gt_ratio", "1.5"], "--gt_ratio"),
+        (["--push_to_hub"], "--hub_model_id"),
+        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit"),
+        (["--dataset_name", "./missing.json"], "no such file"),
+        (["--resume_from_checkpoint", "checkpoint-9"], "no such checkpoint"),
+        (["--num_injections", "0"], "--num_injections"),
+    ],
+)
+def test_argument_validation(extra, message, tmp_path):
+    args = BASE + ["--output_dir", str(tmp_path)] + extra
+    if message is None:
+        assert train_direct_align.parse_args(args).train_window == (5, 25)
+        return
+    with pytest.raises(ValueError, match=message) as error:
+        train_direct_align.parse_args(args)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_model_path_fails():
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path is required"):
+        train_direct_align.parse_args([])

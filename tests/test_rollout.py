@@ -1,0 +1,61 @@
+"""The trainer's rollout equals FluxPipeline's sampling for the same noise, embeddings and sigmas."""
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+from flux_rl import flux, latents, schedules
+
+
+def test_rollout_equals_flux_pipeline(tiny_flux):
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    height = width = 64
+    vae_scale = pipe.vae_scale_factor
+    prompts = ["a photo of a cat", "a red car"]
+    encoder = flux.PromptEncoder(pipe, max_sequence_length=64)
+    cond = encoder(prompts)
+    shape = latents.latent_shape(vae_scale, 16, height, width)
+    noise = latents.pack(torch.randn((2, *shape), generator=torch.Generator().manual_seed(0)))
+    sigmas = schedules.fixed_shift_sigmas(4, 3.0)
+    ids = latents.image_ids(height, width, vae_scale, "cpu", torch.float32)
+    ours = flux.sample(pipe.transformer, noise, sigmas, 3.5, cond, ids)
+    reference = pipe(
+        prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_embeds, latents=noise.clone(),
+        height=height, width=width, num_inference_steps=4, guidance_scale=3.5, output_type="latent",
+    ).images
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert not torch.allclose(ours, noise)
+
+
+def test_dynamic_schedule_equals_pipeline_scheduler(tiny_flux):
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    ours = schedules.dynamic_shift_sigmas(10, 4096, pipe.scheduler.config)
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift(4096, 256, 4096, 0.5, 1.15)
+    pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.1, 10), mu=mu)
+    assert torch.allclose(ours, pipe.scheduler.sigmas.float())
+    assert ours[-1] == 0 and len(ours) == 11
+
+
+def test_prompt_cache_encodes_each_prompt_once(tiny_flux):
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    encoder = flux.PromptEncoder(pipe, max_sequence_length=32)
+    calls = []
+    original = pipe.encode_prompt
+    pipe.encode_prompt = lambda **kw: calls.append(kw["prompt"]) or original(**kw)
+    first = encoder(["a", "b"])
+    second = encoder(["b", "a", "a"])
+    assert calls == [["a", "b"]]
+    assert torch.equal(second.prompt_embeds[0], first.prompt_embeds[1])
+
+
+def test_vae_encode_decode_shapes(tiny_flux):
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    images = torch.rand(1, 3, 64, 64)
+    packed = latents.encode(pipe.vae, images)
+    decoded = latents.decode(pipe.vae, packed.requires_grad_(True), 64, 64, pipe.vae_scale_factor)
+    assert decoded.shape == images.shape
+    decoded.sum().backward()
+    assert packed.grad.abs().sum() > 0
