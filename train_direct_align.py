@@ -80,8 +80,7 @@ def main(args):
         for micro in range(args.gradient_accumulation_steps):
             micro_step = step * args.gradient_accumulation_steps + micro
             generator = step_generator(args.seed, micro_step, accelerator.process_index)
-            prompts = run.prompts.batch(micro_step)
-            x0, noise, cond = run.rollout(prompts, generator)
+            x0, noise, cond, prompts = run.next_batch(micro_step, generator)
             for injection in range(args.num_injections):
                 high, low = window.denoise_span(window.sample_index(generator))
                 sigma_high, sigma_low = window.sigma(high), window.sigma(low)

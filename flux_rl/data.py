@@ -37,11 +37,12 @@ def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split:
     return prompts
 
 
-class PromptSchedule:
-    """Epoch-wise shuffled prompts; each process takes its own slice of every global batch."""
+class BatchSchedule:
+    """Epoch-wise shuffled items (prompts, or indices of an image dataset); each process takes
+    its own slice of every global batch."""
 
-    def __init__(self, prompts, batch_size, seed, num_processes=1, process_index=0):
-        self.prompts = list(prompts)
+    def __init__(self, items, batch_size, seed, num_processes=1, process_index=0):
+        self.items = list(items)
         self.batch_size = batch_size
         self.seed = seed
         self.num_processes = num_processes
@@ -49,19 +50,48 @@ class PromptSchedule:
 
     def _order(self, epoch):
         generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        return torch.randperm(len(self.prompts), generator=generator).tolist()
+        return torch.randperm(len(self.items), generator=generator).tolist()
 
     def batch(self, micro_step: int) -> list[str]:
-        """Prompts of this process for global micro-step `micro_step`."""
+        """Items of this process for global micro-step `micro_step`."""
         global_batch = self.batch_size * self.num_processes
         start = micro_step * global_batch + self.process_index * self.batch_size
         result = []
         for position in range(start, start + self.batch_size):
-            epoch, offset = divmod(position, len(self.prompts))
-            result.append(self.prompts[self._order(epoch)[offset]])
+            epoch, offset = divmod(position, len(self.items))
+            result.append(self.items[self._order(epoch)[offset]])
         return result
 
 
 def step_generator(seed: int, micro_step: int, process_index: int, device="cpu") -> torch.Generator:
     """All randomness of one micro-step (noise, timesteps, phrases) from one seeded generator."""
     return torch.Generator(device).manual_seed(seed + 1_000_003 * micro_step + 7919 * process_index)
+
+
+def load_image_dataset(train_data_dir: str, prompt_column: str = "prompt"):
+    """An image folder with a metadata.jsonl / metadata.csv (file_name + prompt column), read by
+    datasets' imagefolder builder: the real images of offline SRPO."""
+    from datasets import load_dataset
+
+    if not os.path.isdir(train_data_dir):
+        raise ValueError(f"--train_data_dir {train_data_dir}: no such folder")
+    dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train")
+    if prompt_column not in dataset.column_names:
+        raise ValueError(
+            f"--prompt_column '{prompt_column}' not in {train_data_dir}; add a metadata.jsonl with "
+            f'lines like {{"file_name": "0.png", "{prompt_column}": "a cat"}} (columns now: {dataset.column_names})'
+        )
+    return dataset
+
+
+def image_to_tensor(image, resolution: int) -> torch.Tensor:
+    """PIL image -> 3 x resolution x resolution in [0, 1]: shortest side resized, centre crop."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255

@@ -27,7 +27,8 @@ class Run:
     reward: object
     optimizer: object
     lr_scheduler: object
-    prompts: data.PromptSchedule
+    batches: data.BatchSchedule
+    image_dataset: object
     weight_dtype: torch.dtype
     vae_scale_factor: int
     img_ids: torch.Tensor
@@ -65,6 +66,19 @@ class Run:
         with self.accelerator.autocast():
             x0 = flux.sample(self.transformer, noise, self.rollout_sigmas, self.args.rollout_guidance, cond, self.img_ids)
         return x0, noise, cond
+
+    def next_batch(self, micro_step, generator):
+        """(x0, noise, cond, prompts) of one micro-step: an online rollout from the initial noise,
+        or, with --train_data_dir (offline SRPO), VAE-encoded real images and fresh noise."""
+        items = self.batches.batch(micro_step)
+        if self.image_dataset is None:
+            x0, noise, cond = self.rollout(items, generator)
+            return x0, noise, cond, items
+        rows = [self.image_dataset[i] for i in items]
+        prompts = [row[self.args.prompt_column] for row in rows]
+        images = torch.stack([data.image_to_tensor(row["image"], self.args.resolution) for row in rows]).to(self.device)
+        x0 = latents.encode(self.vae, images)
+        return x0, self.initial_noise(len(rows), generator), self.condition(prompts), prompts
 
     def decode(self, packed):
         with self.accelerator.autocast():
@@ -178,8 +192,13 @@ def setup(args, method: str) -> Run:
     models.register_save_load_hooks(accelerator, use_lora=not args.full_finetune)
 
     reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)
-    prompts = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split)
-    schedule = data.PromptSchedule(prompts, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
+    image_dataset = None
+    if getattr(args, "train_data_dir", None):
+        image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column)
+        items = list(range(len(image_dataset)))
+    else:
+        items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split)
+    schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
 
     params = models.trainable_parameters(transformer)
     if args.use_8bit_adam:
@@ -201,7 +220,7 @@ def setup(args, method: str) -> Run:
     run = Run(
         args=args, method=method, accelerator=accelerator, transformer=transformer, vae=pipeline.vae,
         prompt_encoder=flux.PromptEncoder(pipeline, args.max_sequence_length, accelerator.device),
-        reward=reward, optimizer=optimizer, lr_scheduler=lr_scheduler, prompts=schedule, weight_dtype=weight_dtype,
+        reward=reward, optimizer=optimizer, lr_scheduler=lr_scheduler, batches=schedule, image_dataset=image_dataset, weight_dtype=weight_dtype,
         vae_scale_factor=vae_scale_factor, rollout_sigmas=sigmas,
         img_ids=latents.image_ids(args.resolution, args.resolution, vae_scale_factor, accelerator.device, weight_dtype),
     )

@@ -8,6 +8,7 @@ from .relative import (
     DEFAULT_UNWANTED_CONTROLS,
     DEFAULT_WANTED_CONTROLS,
     REWARD_FORMS,
+    control_embedding,
     noised_relative_reward,
     relative_text_direction,
     semantic_relative_reward,
@@ -17,6 +18,6 @@ from .relative import (
 __all__ = [
     "RewardModel", "clip_preprocess", "squash_preprocess", "REWARD_LOADERS", "CombinedReward",
     "load_combined_reward", "load_reward_model", "parse_reward_spec", "DEFAULT_UNWANTED_CONTROLS",
-    "DEFAULT_WANTED_CONTROLS", "REWARD_FORMS", "noised_relative_reward", "relative_text_direction",
+    "DEFAULT_WANTED_CONTROLS", "REWARD_FORMS", "control_embedding", "noised_relative_reward", "relative_text_direction",
     "semantic_relative_reward", "with_control",
 ]

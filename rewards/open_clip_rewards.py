@@ -6,6 +6,7 @@ weights it then overwrites. open_clip's ViT-H-14 has the same parameter names an
 fork inside hpsv2, so `HPS_v2.1_compressed.pt`'s state dict loads as it is.
 """
 
+import logging
 import os
 
 import torch
@@ -65,7 +66,12 @@ def load_hpsv2(source=None, device="cpu", dtype=torch.float32):
     if not os.path.exists(checkpoint_path):
         raise FileNotFoundError(f"HPSv2.1 weights not found at {checkpoint_path}; download {HPS_FILE} from {HPS_REPO}")
     arch = _architecture(source, "ViT-H-14")
-    model = open_clip.create_model(arch, pretrained=None, load_weights=False)
+    # open_clip warns that the architecture came without weights: they come from the HPS file below.
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(arch, pretrained=None, load_weights=False)
+    finally:
+        logging.disable(logging.NOTSET)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("state_dict", state))
     tokenizer = open_clip.get_tokenizer(arch)

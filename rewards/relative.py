@@ -40,27 +40,27 @@ def relative_text_direction(c_wanted: torch.Tensor, c_unwanted: torch.Tensor | N
     raise ValueError(f"unknown reward form '{form}'; choose from {', '.join(REWARD_FORMS)}")
 
 
-def _controls_for(controls, count: int) -> list[str]:
-    return [controls] * count if isinstance(controls, str) else list(controls)
+def control_embedding(model, prompts, controls) -> torch.Tensor:
+    """Text embedding C of "<control>. <prompt>" per prompt. `controls`: one phrase for the batch,
+    or a list of phrases whose embeddings are averaged: every form is linear in C, so this equals
+    the average of the rewards over those phrases."""
+    controls = [controls] if isinstance(controls, str) else list(controls)
+    embeddings = [model.encode_text([with_control(c, p) for p in prompts]) for c in controls]
+    return torch.stack(embeddings).mean(0)
 
 
 def semantic_relative_reward(model, images, prompts, wanted, unwanted=None, form="release", k=0.0, image_features=None):
     """Score each image against its prompt with control phrases prepended (Eq. 8-11).
 
-    `wanted` / `unwanted`: one control phrase for the batch or one per sample. Pass
-    `image_features` (from `model.encode_image`) to reuse one image encoding across forms."""
+    `wanted` / `unwanted`: a phrase or a list of phrases to average over (see control_embedding).
+    Pass `image_features` (from `model.encode_image`) to reuse one image encoding."""
     if image_features is None:
         image_features = model.encode_image(images)
-    wanted = _controls_for(wanted, len(prompts))
-    c_wanted = model.encode_text([with_control(c, p) for c, p in zip(wanted, prompts)])
-    c_unwanted = None
-    if form != "sgp":
-        if unwanted is None:
-            raise ValueError(f"reward form '{form}' needs an unwanted control phrase; pass one or use form 'sgp'")
-        unwanted = _controls_for(unwanted, len(prompts))
-        c_unwanted = model.encode_text([with_control(c, p) for c, p in zip(unwanted, prompts)])
-    direction = relative_text_direction(c_wanted, c_unwanted, form, k)
-    return model.score_features(image_features, direction)
+    if form != "sgp" and unwanted is None:
+        raise ValueError(f"reward form '{form}' needs an unwanted control phrase; pass one or use form 'sgp'")
+    c_wanted = control_embedding(model, prompts, wanted)
+    c_unwanted = control_embedding(model, prompts, unwanted) if form != "sgp" else None
+    return model.score_features(image_features, relative_text_direction(c_wanted, c_unwanted, form, k))
 
 
 def noised_relative_reward(model, images, prompts=None, noise_std=0.05, generator=None):

@@ -62,12 +62,12 @@ def test_relative_forms_match_hand_computation(hps, k):
     assert torch.allclose(form("release"), (1 + kk) * r1 - r2, atol=1e-6)
 
 
-def test_per_sample_control_phrases(hps):
+def test_phrase_lists_average_the_rewards(hps):
     images = torch.rand(2, 3, 64, 64)
-    got = rewards.semantic_relative_reward(hps, images, PROMPTS, ["Real", "Detail"], ["Anime", "Oil"], form="srp")
-    r1 = hps(images, ["Real. a cat on a sofa", "Detail. a red car"])
-    r2 = hps(images, ["Anime. a cat on a sofa", "Oil. a red car"])
-    assert torch.allclose(got, r1 - r2, atol=1e-6)
+    got = rewards.semantic_relative_reward(hps, images, PROMPTS, ["Real", "Detail"], ["Anime", "Oil", "Flat"], form="release", k=0.2)
+    r1 = sum(hps(images, [with_control(c, p) for p in PROMPTS]) for c in ["Real", "Detail"]) / 2
+    r2 = sum(hps(images, [with_control(c, p) for p in PROMPTS]) for c in ["Anime", "Oil", "Flat"]) / 3
+    assert torch.allclose(got, 1.2 * r1 - r2, atol=1e-6)
 
 
 def test_relative_reward_scales_with_logit_scale(pickscore):

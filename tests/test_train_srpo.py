@@ -1,0 +1,65 @@
+"""train_srpo_flux.py end to end through `accelerate launch` on the tiny models."""
+
+import json
+import math
+import os
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from PIL import Image
+
+from tests.launch import launch, tiny_args
+from tests.tensorboard_logs import scalar_tags
+
+SCRIPT = "train_srpo_flux.py"
+
+
+def test_online_lora_batch_two(tiny_models, tiny_flux, tmp_path):
+    output_dir = str(tmp_path / "srpo")
+    launch(SCRIPT, tiny_args(tiny_models, output_dir, "--max_train_steps", "3", "--train_batch_size", "2",
+                             "--validation_prompt", "a cat", "--rank", "4"))
+    tags = scalar_tags(output_dir)
+    for tag in ["loss", "grad_norm", "lr", "step_time", "denoise/score", "inversion/score", "denoise/k", "inversion/k",
+                "denoise/hpsv2/wanted", "denoise/hpsv2/unwanted", "inversion/hpsv2/wanted", "drift/saturation",
+                "drift/brightness", "drift/high_frequency", "validation/reward"]:
+        assert tag in tags, f"{tag} not logged; got {sorted(tags)}"
+        assert all(math.isfinite(v) for v in tags[tag]), tag
+    assert len(tags["loss"]) == 3
+    # The inversion branch's k follows 0.3 -> 0.01, the denoise branch's 0.1 -> 0.25.
+    assert all(0.01 <= k <= 0.3 for k in tags["inversion/k"]) and all(0.1 <= k <= 0.25 for k in tags["denoise/k"])
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.load_lora_weights(output_dir)
+    assert os.path.exists(os.path.join(output_dir, "validation", "step-000003.png"))
+
+
+def test_full_finetune(tiny_models, tiny_flux, tmp_path):
+    output_dir = str(tmp_path / "srpo-full")
+    launch(SCRIPT, tiny_args(tiny_models, output_dir, "--max_train_steps", "2", "--full_finetune", "--learning_rate", "1e-2",
+                             "--reward_form", "srp", "--control_mode", "average"))
+    trained = FluxTransformer2DModel.from_pretrained(os.path.join(output_dir, "transformer")).state_dict()
+    original = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer")).state_dict()
+    assert any(not torch.equal(trained[k], original[k]) for k in trained)
+
+
+def test_offline_srpo_on_pngs(tiny_models, tmp_path):
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    with open(image_dir / "metadata.jsonl", "w") as f:
+        for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+            Image.new("RGB", (80, 96), colour).save(image_dir / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "prompt": f"a plain colour field number {i}"}) + "\n")
+    output_dir = str(tmp_path / "offline")
+    launch(SCRIPT, tiny_args(tiny_models, output_dir, "--max_train_steps", "2", "--train_data_dir", str(image_dir),
+                             "--train_batch_size", "2", "--rank", "4"))
+    tags = scalar_tags(output_dir)
+    assert len(tags["loss"]) == 2 and "inversion/score" in tags
+    assert os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+
+
+def test_aesthetic_relative_form(tiny_models, tmp_path):
+    output_dir = str(tmp_path / "aesthetic")
+    launch(SCRIPT, tiny_args(tiny_models, output_dir, "--max_train_steps", "2", "--reward", "aesthetic:1.0",
+                             "--loss_type", "neg", "--rank", "4"))
+    tags = scalar_tags(output_dir)
+    assert "denoise/aesthetic" in tags and "inversion/aesthetic" in tags
+    assert "denoise/aesthetic/wanted" not in tags  # image-only: the S1 form, no control phrases

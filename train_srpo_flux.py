@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""SRPO: Semantic Relative Preference Optimization on Direct-Align (paper section 3.2, appendix S1).
+
+What it does, in five lines:
+  1. Roll out an image x0 from noise with the frozen sampler (no gradient, 25 Euler steps).
+  2. Inject the same noise again at a point of the training window and recover x0 in closed form
+     after ONE model step (Direct-Align, Eq. 3-5), for a denoise branch and an inversion branch.
+  3. Score the recovered image with the reward model against "<wanted>. <prompt>" and
+     "<unwanted>. <prompt>": the relative reward cancels the reward model's general bias (Eq. 9-11).
+  4. The inversion branch (one model step towards MORE noise, phrases swapped) enters with the
+     opposite sign: a penalty at the late timesteps where reward hacking happens (Eq. 12-13).
+  5. Each branch is weighted by its own timestep schedule; loss relu(0.7 - score) as the release.
+
+Smoke run on the built-in tiny models (CPU):
+
+    python -m flux_rl.tiny_models --output_dir tiny-models
+    accelerate launch --cpu --num_processes 1 train_srpo_flux.py \
+        --pretrained_model_name_or_path tiny-models/flux --reward_models_dir tiny-models/rewards \
+        --resolution 64 --num_inference_steps 4 --max_train_steps 4 --output_dir output/srpo-smoke
+
+FLUX.1-dev with HPSv2.1 and the authors' settings (defaults = their release):
+
+    accelerate launch train_srpo_flux.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
+        --dataset_name hpdv2_prompts.txt --mixed_precision bf16 --gradient_checkpointing \
+        --output_dir output/srpo-hps
+"""
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+import rewards
+from flux_rl import args as common
+from flux_rl import training
+from flux_rl.data import step_generator
+from flux_rl.direct_align import direct_align_recover
+from flux_rl.monitors import image_statistics
+from flux_rl.schedules import TrainingWindow, linear_weight
+
+# The release's two recipes (shared/notes/reference-implementation.md). "hps" is the default.
+PRESETS = {
+    "hps": dict(reward="hpsv2:1.0", train_window="5,25", denoise_weights="0.1,0.25", inversion_weights="0.3,0.01",
+                rollout_guidance=1.0),
+    # PickScore is about 20-23; the release divides it by 20 to reach HPS's scale (weight 0.05).
+    "pickscore": dict(reward="pickscore:0.05", train_window="5,30", denoise_weights="0.1,0.5", inversion_weights="0.6,0.01",
+                      rollout_guidance=2.0),
+}
+
+
+def add_srpo_args(parser):
+    a = parser.add_argument
+    a("--preset", type=str, default="hps", choices=sorted(PRESETS), help="Release recipe whose defaults to use.")
+    a("--reward_form", type=str, default="release", choices=rewards.REWARD_FORMS,
+      help="release: (1+k) C_wanted - C_unwanted; srp: Eq. 9-10; cfg: Eq. 11; sgp: Eq. 8.")
+    a("--wanted_controls", type=str, default=",".join(rewards.DEFAULT_WANTED_CONTROLS), help="Comma-separated wanted control phrases.")
+    a("--unwanted_controls", type=str, default=",".join(rewards.DEFAULT_UNWANTED_CONTROLS), help="Comma-separated unwanted control phrases.")
+    a("--controls_file", type=str, default=None, help='JSON {"wanted": [...], "unwanted": [...]}; overrides the two flags above.')
+    a("--control_mode", type=str, default="cycle", choices=["cycle", "average"], help="One phrase of each per step, cycling; or all averaged.")
+    a("--no_inversion", action="store_true", help="Only the denoise branch with the relative reward (no Eq. 12-13 regulariser).")
+    a("--denoise_weights", type=str, default=None, help="k of the denoise branch, linear from the window's late to early end.")
+    a("--inversion_weights", type=str, default=None, help="k of the inversion branch, linear from late to early.")
+    a("--train_window", type=str, default=None, help="Window [a,b] on a 50-step shift-3 schedule (release: 5,25 HPS; 5,30 PickScore).")
+    a("--window_shift", type=float, default=3.0)
+    a("--gt_ratio", type=float, default=0.9, help="Share of the way back to x0 covered by the known noise.")
+    a("--num_injections", type=int, default=1, help="Start points (each with both branches) per rollout image.")
+    a("--loss_type", type=str, default="relu", choices=["relu", "neg"])
+    a("--reward_threshold", type=float, default=0.7, help="relu(threshold - score), as the release.")
+    a("--aesthetic_noise_std", type=float, default=0.05, help="Noise of the appendix S1 relative form for image-only rewards.")
+    a("--train_data_dir", type=str, default=None, help="Offline SRPO: an image folder with metadata.jsonl replaces the rollout.")
+    a("--monitor_steps", type=int, default=1, help="Log drift monitors of the rollout images every N steps (0: never).")
+    return parser
+
+
+def parse_pair(text, flag, cast=float):
+    try:
+        first, second = (cast(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--{flag} '{text}' must be two comma-separated numbers, e.g. --{flag} {'5,25' if cast is int else '0.1,0.25'}") from None
+    return first, second
+
+
+def parse_args(input_args=None):
+    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser.add_argument("--preset", default="hps", choices=sorted(PRESETS))
+    preset = preset_parser.parse_known_args(input_args)[0].preset
+    parser = add_srpo_args(common.add_common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)))
+    parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(input_args)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    common.validate_common_args(args)
+    args.train_window = parse_pair(args.train_window, "train_window", int)
+    args.denoise_weights = parse_pair(args.denoise_weights, "denoise_weights")
+    args.inversion_weights = parse_pair(args.inversion_weights, "inversion_weights")
+    TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)
+    if args.controls_file:
+        try:
+            with open(args.controls_file) as f:
+                controls = json.load(f)
+            args.wanted_controls, args.unwanted_controls = controls["wanted"], controls["unwanted"]
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"--controls_file {args.controls_file}: need a JSON file with 'wanted' and 'unwanted' lists ({error})") from None
+    else:
+        args.wanted_controls = [c.strip() for c in args.wanted_controls.split(",") if c.strip()]
+        args.unwanted_controls = [c.strip() for c in args.unwanted_controls.split(",") if c.strip()]
+    if not args.wanted_controls or (args.reward_form != "sgp" and not args.unwanted_controls):
+        raise ValueError("--wanted_controls and --unwanted_controls need at least one phrase each")
+    if args.reward_form == "sgp" and not args.no_inversion:
+        raise ValueError("--reward_form sgp has no unwanted phrase to swap in the inversion branch; add --no_inversion")
+    if args.num_injections < 1:
+        raise ValueError(f"--num_injections must be at least 1, got {args.num_injections}")
+    if args.train_data_dir and args.dataset_name:
+        raise ValueError("give either --train_data_dir (offline SRPO on images) or --dataset_name (prompts), not both")
+
+
+def controls_for_step(args, step):
+    """(wanted, unwanted) phrases of this step: one of each, cycling with the step, or all."""
+    if args.control_mode == "average":
+        return args.wanted_controls, args.unwanted_controls
+    wanted = args.wanted_controls[step % len(args.wanted_controls)]
+    unwanted = args.unwanted_controls[step % len(args.unwanted_controls)] if args.unwanted_controls else None
+    return wanted, unwanted
+
+
+def relative_score(reward, images, prompts, wanted, unwanted, form, k, noise_std, generator):
+    """Weighted sum over the reward spec of each model's semantic-relative reward (Eq. 9-11), or
+    for image-only models the appendix S1 form. Returns (score, per-model details to log)."""
+    total, details = 0.0, {}
+    for name, model in reward.models.items():
+        if model.uses_text:
+            features = model.encode_image(images)
+            c_wanted = rewards.control_embedding(model, prompts, wanted)
+            c_unwanted = rewards.control_embedding(model, prompts, unwanted) if form != "sgp" else None
+            value = model.score_features(features, rewards.relative_text_direction(c_wanted, c_unwanted, form, k))
+            details[f"{name}/wanted"] = model.score_features(features, c_wanted).detach()
+            if c_unwanted is not None:
+                details[f"{name}/unwanted"] = model.score_features(features, c_unwanted).detach()
+        else:
+            value = rewards.noised_relative_reward(model, images, prompts, noise_std, generator)  # appendix S1
+        details[name] = value.detach()
+        total = total + reward.weights[name] * value
+    return total, details
+
+
+def branch_loss(x0, noise, window, index, direction, velocity_fn, score_fn, weight_schedule, loss_fn):
+    """One SRPO training branch, from the clean latent to a loss.
+
+    denoise:   start at grid index m + g, one model step down to m, reward (wanted, unwanted).
+    inversion: start at m - g, one model step UP to m, reward with the phrases swapped (Eq. 13).
+    Both end on grid point m. The branch's k is read at its less noisy end (m for denoise,
+    m - g for inversion), as the release does. `score_fn(x0_hat, k, swapped)` -> B scores.
+    Returns (loss, score, k, sigma_start).
+    """
+    if direction == "denoise":
+        start, end = window.denoise_span(index)
+        k = linear_weight(weight_schedule, end)
+        sigma_high, sigma_low = window.sigma(start), window.sigma(end)
+    else:
+        start, end = window.inversion_span(index)
+        k = linear_weight(weight_schedule, start)
+        sigma_high, sigma_low = window.sigma(end), window.sigma(start)
+    x0_hat = direct_align_recover(x0, noise, sigma_high, sigma_low, velocity_fn, direction)  # Eq. 12 / Eq. 13
+    score = score_fn(x0_hat, k, direction == "inversion")
+    return loss_fn(score).mean(), score, k, window.sigma(start)
+
+
+def main(args):
+    run = training.setup(args, "srpo")
+    accelerator = run.accelerator
+    window = TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)
+    directions = ["denoise"] if args.no_inversion else ["denoise", "inversion"]
+    schedules = {"denoise": args.denoise_weights, "inversion": args.inversion_weights}
+    backward_passes = args.gradient_accumulation_steps * args.num_injections * len(directions)
+
+    def loss_fn(score):
+        return training.reward_loss(score, args.loss_type, args.reward_threshold)
+
+    for step in run.steps():
+        logs = defaultdict(list)
+        wanted, unwanted = controls_for_step(args, step)
+        for micro in range(args.gradient_accumulation_steps):
+            micro_step = step * args.gradient_accumulation_steps + micro
+            generator = step_generator(args.seed, micro_step, accelerator.process_index)
+            x0, noise, cond, prompts = run.next_batch(micro_step, generator)
+            if args.monitor_steps and step % args.monitor_steps == 0 and micro == 0:
+                with torch.no_grad():
+                    for key, value in image_statistics(run.decode(x0)).items():
+                        logs[key].append(value)
+
+            def score_fn(x0_hat, k, swapped):
+                images = run.decode(x0_hat)
+                positive, negative = (unwanted, wanted) if swapped else (wanted, unwanted)
+                score, details = relative_score(run.reward, images, prompts, positive, negative, args.reward_form, k,
+                                                args.aesthetic_noise_std, generator)
+                branch = "inversion" if swapped else "denoise"
+                for key, value in details.items():
+                    logs[f"{branch}/{key}"].append(value.mean().item())
+                return score
+
+            for injection in range(args.num_injections):
+                index = window.sample_index(generator)
+                for direction in directions:
+                    last = (micro == args.gradient_accumulation_steps - 1 and injection == args.num_injections - 1
+                            and direction == directions[-1])
+                    with run.sync_gradients(last):
+                        loss, score, k, sigma = branch_loss(x0, noise, window, index, direction, run.velocity_fn(cond),
+                                                            score_fn, schedules[direction], loss_fn)
+                        accelerator.backward(loss / backward_passes)
+                    logs["loss"].append(loss.item())
+                    logs[f"{direction}/score"].append(score.mean().item())
+                    logs[f"{direction}/k"].append(k)
+                    logs[f"{direction}/sigma"].append(sigma)
+        grad_norm = run.optimizer_step()
+        run.log(step, {**{k: training.mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
+        run.end_of_step(step)
+    training.finish(run)
+
+
+if __name__ == "__main__":
+    main(parse_args())
