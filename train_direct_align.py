@@ -35,22 +35,9 @@ from flux_rl.schedules import TrainingWindow, linear_weight
 
 def add_direct_align_args(parser):
     a = parser.add_argument
-    a("--train_window", type=str, default="5,25", help="Window [a,b] on a 50-step shift-3 schedule where branches start (release: 5,25 for HPS).")
-    a("--window_shift", type=float, default=3.0, help="Shift of that 50-step schedule.")
-    a("--gt_ratio", type=float, default=0.9, help="Share of the way back to x0 covered by the known noise; the model step covers the rest.")
-    a("--num_injections", type=int, default=1, help="Noise injections (training branches) per rollout image.")
     a("--discount", type=str, default="0.5,1.0", help="lambda(t) of Eq. 6, linear from the window's late end to its early end.")
-    a("--loss_type", type=str, default="relu", choices=["relu", "neg"], help="relu: relu(threshold - r) as the release; neg: -r.")
-    a("--reward_threshold", type=float, default=0.7)
-    return parser
+    return common.add_window_args(parser)
 
-
-def parse_pair(text, flag, cast=float):
-    try:
-        first, second = (cast(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"--{flag} '{text}' must be two comma-separated numbers, e.g. --{flag} {'5,25' if cast is int else '0.5,1.0'}") from None
-    return first, second
 
 
 def parse_args(input_args=None):
@@ -62,11 +49,8 @@ def parse_args(input_args=None):
 
 def validate_args(args):
     common.validate_common_args(args)
-    args.train_window = parse_pair(args.train_window, "train_window", int) if isinstance(args.train_window, str) else args.train_window
-    args.discount = parse_pair(args.discount, "discount") if isinstance(args.discount, str) else args.discount
-    TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)  # validates window and ratio
-    if args.num_injections < 1:
-        raise ValueError(f"--num_injections must be at least 1, got {args.num_injections}")
+    common.validate_window_args(args)
+    args.discount = common.parse_pair(args.discount, "discount")
 
 
 def main(args):
@@ -90,7 +74,7 @@ def main(args):
                     images = run.decode(x0_hat)
                     reward, components = run.reward(images, prompts)
                     discount = linear_weight(args.discount, low)  # Eq. 6: lambda(t), read at the less noisy end
-                    loss = discount * training.reward_loss(reward, args.loss_type, args.reward_threshold).mean()
+                    loss = discount * training.reward_loss(reward, args).mean()
                     accelerator.backward(loss / backward_passes)
                 logs["loss"].append(loss.item())
                 logs["reward"].append(reward.mean().item())

@@ -61,24 +61,10 @@ def add_srpo_args(parser):
     a("--no_inversion", action="store_true", help="Only the denoise branch with the relative reward (no Eq. 12-13 regulariser).")
     a("--denoise_weights", type=str, default=None, help="k of the denoise branch, linear from the window's late to early end.")
     a("--inversion_weights", type=str, default=None, help="k of the inversion branch, linear from late to early.")
-    a("--train_window", type=str, default=None, help="Window [a,b] on a 50-step shift-3 schedule (release: 5,25 HPS; 5,30 PickScore).")
-    a("--window_shift", type=float, default=3.0)
-    a("--gt_ratio", type=float, default=0.9, help="Share of the way back to x0 covered by the known noise.")
-    a("--num_injections", type=int, default=1, help="Start points (each with both branches) per rollout image.")
-    a("--loss_type", type=str, default="relu", choices=["relu", "neg"])
-    a("--reward_threshold", type=float, default=0.7, help="relu(threshold - score), as the release.")
     a("--aesthetic_noise_std", type=float, default=0.05, help="Noise of the appendix S1 relative form for image-only rewards.")
     a("--train_data_dir", type=str, default=None, help="Offline SRPO: an image folder with metadata.jsonl replaces the rollout.")
     a("--monitor_steps", type=int, default=1, help="Log drift monitors of the rollout images every N steps (0: never).")
-    return parser
-
-
-def parse_pair(text, flag, cast=float):
-    try:
-        first, second = (cast(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"--{flag} '{text}' must be two comma-separated numbers, e.g. --{flag} {'5,25' if cast is int else '0.1,0.25'}") from None
-    return first, second
+    return common.add_window_args(parser)
 
 
 def parse_args(input_args=None):
@@ -94,10 +80,9 @@ def parse_args(input_args=None):
 
 def validate_args(args):
     common.validate_common_args(args)
-    args.train_window = parse_pair(args.train_window, "train_window", int)
-    args.denoise_weights = parse_pair(args.denoise_weights, "denoise_weights")
-    args.inversion_weights = parse_pair(args.inversion_weights, "inversion_weights")
-    TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)
+    common.validate_window_args(args)
+    args.denoise_weights = common.parse_pair(args.denoise_weights, "denoise_weights")
+    args.inversion_weights = common.parse_pair(args.inversion_weights, "inversion_weights")
     if args.controls_file:
         try:
             with open(args.controls_file) as f:
@@ -112,8 +97,6 @@ def validate_args(args):
         raise ValueError("--wanted_controls and --unwanted_controls need at least one phrase each")
     if args.reward_form == "sgp" and not args.no_inversion:
         raise ValueError("--reward_form sgp has no unwanted phrase to swap in the inversion branch; add --no_inversion")
-    if args.num_injections < 1:
-        raise ValueError(f"--num_injections must be at least 1, got {args.num_injections}")
     if args.train_data_dir and args.dataset_name:
         raise ValueError("give either --train_data_dir (offline SRPO on images) or --dataset_name (prompts), not both")
 
@@ -178,7 +161,7 @@ def main(args):
     backward_passes = args.gradient_accumulation_steps * args.num_injections * len(directions)
 
     def loss_fn(score):
-        return training.reward_loss(score, args.loss_type, args.reward_threshold)
+        return training.reward_loss(score, args)
 
     for step in run.steps():
         logs = defaultdict(list)

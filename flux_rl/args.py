@@ -18,6 +18,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     # Reward
     a("--reward", type=str, default="hpsv2:1.0", help='Weighted reward spec, e.g. "hpsv2:1.0,pickscore:0.05".')
     a("--reward_models_dir", type=str, default=None, help="Folder with <reward name>/ subfolders of local weights; missing ones come from the Hub.")
+    a("--loss_type", type=str, default="relu", choices=["relu", "neg"], help="relu: relu(threshold - r) * scale, as the SRPO release and ReFL; neg: -r * scale.")
+    a("--reward_threshold", type=float, default=0.7, help="Threshold of the relu loss (0.7: SRPO release with HPSv2.1; 2: ReFL with ImageReward).")
+    a("--loss_scale", type=float, default=1.0, help="Multiplies the loss (ReFL used 1e-3 with ImageReward).")
     # Rollout
     a("--resolution", type=int, default=720)
     a("--num_inference_steps", type=int, default=25, help="Rollout steps.")
@@ -61,6 +64,37 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--hub_model_id", type=str, default=None)
     a("--hub_token", type=str, default=None)
     return parser
+
+
+def add_window_args(parser: argparse.ArgumentParser, train_window: str = "5,25"):
+    """Where Direct-Align style branches start (Direct-Align and SRPO)."""
+    a = parser.add_argument
+    a("--train_window", type=str, default=train_window, help="Window [a,b] on a 50-step shift-3 schedule where branches start (release: 5,25 for HPS, 5,30 for PickScore).")
+    a("--window_shift", type=float, default=3.0, help="Shift of that 50-step schedule.")
+    a("--gt_ratio", type=float, default=0.9, help="Share of the way back to x0 covered by the known noise; the one model step covers the rest.")
+    a("--num_injections", type=int, default=1, help="Noise injections (start points) per rollout image.")
+    return parser
+
+
+def validate_window_args(args):
+    from .schedules import TrainingWindow
+
+    args.train_window = parse_pair(args.train_window, "train_window", int)
+    if args.num_injections < 1:
+        fail(f"--num_injections must be at least 1, got {args.num_injections}")
+    TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)  # raises on a bad window
+
+
+def parse_pair(text, flag: str, cast=float) -> tuple:
+    """'5,25' -> (5, 25); a one-line error naming the flag otherwise. Tuples pass through."""
+    if isinstance(text, tuple):
+        return text
+    try:
+        first, second = (cast(x) for x in str(text).split(","))
+    except ValueError:
+        example = "5,25" if cast is int else "0.1,0.25"
+        raise ValueError(f"--{flag} '{text}' must be two comma-separated numbers, e.g. --{flag} {example}") from None
+    return first, second
 
 
 def fail(message: str):

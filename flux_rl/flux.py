@@ -67,14 +67,25 @@ def velocity(transformer, latents, sigma, guidance, cond: Conditioning, img_ids)
     )[0]
 
 
+def ode_sample(velocity_fn, x, sigmas, checkpoint=False, progress=False):
+    """Deterministic Euler ODE from x at sigmas[0] through sigmas[-1]:
+    x <- x + (sigma_next - sigma) * v(x, sigma), in fp32 like FlowMatchEulerDiscreteScheduler.step.
+    `checkpoint`: recompute each step in the backward pass (DRaFT-K with K > 1)."""
+    x = x.float()
+    for i in tqdm(range(len(sigmas) - 1), desc="sampling", leave=False, disable=not progress):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+
+        def euler_step(x, sigma=sigma, sigma_next=sigma_next):
+            return x + (sigma_next - sigma) * velocity_fn(x, sigma).float()
+
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(euler_step, x, use_reentrant=False)
+        else:
+            x = euler_step(x)
+    return x
+
+
 @torch.no_grad()
 def sample(transformer, noise, sigmas, guidance, cond: Conditioning, img_ids, progress=False):
-    """Deterministic Euler ODE from `noise` (packed latents at sigmas[0] = 1) to x0, in fp32 steps
-    like FlowMatchEulerDiscreteScheduler.step. Returns fp32 packed latents."""
-    x = noise.float()
-    steps = range(len(sigmas) - 1)
-    for i in tqdm(steps, desc="rollout", leave=False, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        v = velocity(transformer, x, sigma, guidance, cond, img_ids)
-        x = x + (sigma_next - sigma) * v.float()
-    return x
+    """The rollout: from `noise` at sigmas[0] to sigmas[-1] without gradient. fp32 packed latents."""
+    return ode_sample(lambda x, sigma: velocity(transformer, x, sigma, guidance, cond, img_ids), noise, sigmas, progress=progress)

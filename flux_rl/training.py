@@ -58,14 +58,16 @@ class Run:
         shape = latents.latent_shape(self.vae_scale_factor, channels, self.args.resolution, self.args.resolution)
         return latents.pack(torch.randn((batch, *shape), generator=generator)).to(self.device)
 
-    def rollout(self, prompts, generator):
-        """(x0, noise, cond): the ODE image of `noise`, no gradient. Direct-Align later injects
-        this same noise, as the release does, so x_sigma stays near the sampled trajectory."""
+    def rollout(self, prompts, generator, stop_index=None):
+        """(x, noise, cond): the ODE image of `noise` (or the state at rollout_sigmas[stop_index]),
+        no gradient. Direct-Align later injects this same noise, as the release does, so
+        x_sigma stays near the sampled trajectory."""
         cond = self.condition(prompts)
         noise = self.initial_noise(len(prompts), generator)
+        sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
         with self.accelerator.autocast():
-            x0 = flux.sample(self.transformer, noise, self.rollout_sigmas, self.args.rollout_guidance, cond, self.img_ids)
-        return x0, noise, cond
+            x = flux.sample(self.transformer, noise, sigmas, self.args.rollout_guidance, cond, self.img_ids)
+        return x, noise, cond
 
     def next_batch(self, micro_step, generator):
         """(x0, noise, cond, prompts) of one micro-step: an online rollout from the initial noise,
@@ -264,13 +266,14 @@ def finish(run: Run):
     accelerator.end_training()
 
 
-def reward_loss(reward: torch.Tensor, loss_type: str, threshold: float) -> torch.Tensor:
-    """Per-sample loss: the release's ReFL-style relu(threshold - r), or plain -r."""
-    if loss_type == "relu":
-        return torch.relu(threshold - reward)
-    if loss_type == "neg":
-        return -reward
-    raise ValueError(f"unknown --loss_type '{loss_type}'; choose relu or neg")
+def reward_loss(reward: torch.Tensor, args) -> torch.Tensor:
+    """Per-sample loss: ReFL's relu(threshold - r) * scale (the SRPO release: threshold 0.7,
+    scale 1), or -r * scale."""
+    if args.loss_type == "relu":
+        return torch.relu(args.reward_threshold - reward) * args.loss_scale
+    if args.loss_type == "neg":
+        return -reward * args.loss_scale
+    raise ValueError(f"unknown --loss_type '{args.loss_type}'; choose relu or neg")
 
 
 def mean_or_nan(values):

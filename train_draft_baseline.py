@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""DRaFT baselines (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable
+Rewards", arXiv 2309.17400) re-implemented on FLUX.
+
+DRaFT-K (`--draft_k K`): sample without gradient, then backpropagate the reward through only the
+last K sampler steps (paper Eq. 1); each of those steps is recomputed in the backward pass
+(gradient checkpointing per step), so K > 1 fits in memory.
+
+DRaFT-LV (`--draft_lv`, K = 1 with lower variance): sample the final image x0 without gradient,
+then n times (`--lv_samples`, default 2 as the paper) draw FRESH noise, re-noise x0 to the last
+sampler step's noise level sigma_last, and denoise that one step with gradient:
+    x0_hat_i = x_i - sigma_last * v(x_i, sigma_last),  x_i = sigma_last * eps_i + (1 - sigma_last) x0
+The loss averages the n rewards. Following the paper's algorithm the base sample does not count
+(its last step ran without gradient); `--lv_include_base` adds it, computing the real last
+step with gradient, for n + 1 terms as one public FLUX re-implementation does.
+
+    accelerate launch train_draft_baseline.py --draft_lv --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
+        --dataset_name hpdv2_prompts.txt --reward hpsv2:1.0 --mixed_precision bf16 --gradient_checkpointing \
+        --output_dir output/draft-lv-hps
+"""
+
+import argparse
+from collections import defaultdict
+
+import torch
+
+from flux_rl import args as common
+from flux_rl import training
+from flux_rl.data import step_generator
+from flux_rl.direct_align import inject_noise
+from flux_rl.flux import ode_sample
+
+
+def add_draft_args(parser):
+    a = parser.add_argument
+    a("--draft_k", type=int, default=1, help="DRaFT-K: backpropagate through the last K sampler steps.")
+    a("--draft_lv", action="store_true", help="DRaFT-LV: K = 1 with --lv_samples re-noised copies of the final image.")
+    a("--lv_samples", type=int, default=2, help="n of DRaFT-LV (the paper's default 2).")
+    a("--lv_include_base", action="store_true", help="DRaFT-LV: also backpropagate through the real last step (n + 1 terms).")
+    parser.set_defaults(rollout_guidance=3.5)
+    return parser
+
+
+def parse_args(input_args=None):
+    parser = add_draft_args(common.add_common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)))
+    args = parser.parse_args(input_args)
+    common.validate_common_args(args)
+    if not 1 <= args.draft_k <= args.num_inference_steps:
+        raise ValueError(f"--draft_k {args.draft_k} must lie in [1, --num_inference_steps = {args.num_inference_steps}]")
+    if args.draft_lv and args.draft_k != 1:
+        raise ValueError("--draft_lv is DRaFT with K = 1; drop --draft_k or --draft_lv")
+    if args.lv_samples < 1:
+        raise ValueError(f"--lv_samples must be at least 1, got {args.lv_samples}")
+    return args
+
+
+def draft_k_sample(velocity_fn, noise, sigmas, k, checkpoint=True):
+    """Sample without gradient to sigmas[-k-1], then the last k steps with gradient."""
+    with torch.no_grad():
+        x = ode_sample(velocity_fn, noise, sigmas[: len(sigmas) - k])
+    return ode_sample(velocity_fn, x, sigmas[len(sigmas) - k - 1 :], checkpoint=checkpoint and k > 1)
+
+
+def draft_lv_samples(velocity_fn, x0, sigma_last, noises):
+    """DRaFT-LV: the final image re-noised with each fresh noise to sigma_last, then one
+    denoising step with gradient straight to sigma = 0."""
+    return [ode_sample(velocity_fn, inject_noise(x0.detach().float(), eps, sigma_last), [sigma_last, 0.0]) for eps in noises]
+
+
+def main(args):
+    run = training.setup(args, "draft-lv" if args.draft_lv else f"draft-k{args.draft_k}")
+    accelerator = run.accelerator
+    sigmas = run.rollout_sigmas
+    for step in run.steps():
+        logs = defaultdict(list)
+        for micro in range(args.gradient_accumulation_steps):
+            micro_step = step * args.gradient_accumulation_steps + micro
+            generator = step_generator(args.seed, micro_step, accelerator.process_index)
+            prompts = run.batches.batch(micro_step)
+            cond = run.condition(prompts)
+            noise = run.initial_noise(len(prompts), generator)
+            velocity_fn = run.velocity_fn(cond, args.rollout_guidance)
+            last_micro = micro == args.gradient_accumulation_steps - 1
+            if args.draft_lv:
+                # The final image, without gradient; its last step is redone with gradient if counted.
+                with torch.no_grad():
+                    x_last = ode_sample(velocity_fn, noise, sigmas[:-1])
+                    x0 = ode_sample(velocity_fn, x_last, sigmas[-2:])
+                noises = [torch.randn(x0.shape, generator=generator).to(x0.device) for _ in range(args.lv_samples)]
+                terms = [lambda eps=eps: draft_lv_samples(velocity_fn, x0, float(sigmas[-2]), [eps])[0] for eps in noises]
+                if args.lv_include_base:
+                    terms.append(lambda: ode_sample(velocity_fn, x_last, sigmas[-2:]))
+            else:
+                terms = [lambda: draft_k_sample(velocity_fn, noise, sigmas, args.draft_k, checkpoint=args.gradient_checkpointing or args.draft_k > 1)]
+            # One backward per term keeps one graph in memory at a time; the gradient is the
+            # same as the mean loss over the terms.
+            for i, term in enumerate(terms):
+                with run.sync_gradients(last_micro and i == len(terms) - 1):
+                    reward, components = run.reward(run.decode(term()), prompts)
+                    loss = training.reward_loss(reward, args).mean()
+                    accelerator.backward(loss / (len(terms) * args.gradient_accumulation_steps))
+                logs["loss"].append(loss.item())
+                logs["reward"].append(reward.mean().item())
+                for name, value in components.items():
+                    logs[f"reward/{name}"].append(value.mean().item())
+        grad_norm = run.optimizer_step()
+        run.log(step, {**{k: training.mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
+        run.end_of_step(step)
+    training.finish(run)
+
+
+if __name__ == "__main__":
+    main(parse_args())
