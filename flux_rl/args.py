@@ -39,7 +39,7 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--train_batch_size", type=int, default=1, help="Rollout images per device per micro-step.")
     a("--gradient_accumulation_steps", type=int, default=1, help="Rollouts accumulated per optimiser step.")
     a("--max_train_steps", type=int, default=20)
-    a("--learning_rate", type=float, default=5e-6)
+    a("--learning_rate", type=float, default=None, help="Default: 5e-6 with --full_finetune (the SRPO release), 1e-4 for LoRA.")
     a("--lr_scheduler", type=str, default="constant")
     a("--lr_warmup_steps", type=int, default=0)
     a("--adam_beta1", type=float, default=0.9)
@@ -112,6 +112,8 @@ def validate_common_args(args):
             fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         fail(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if args.learning_rate is None:
+        args.learning_rate = 5e-6 if args.full_finetune else 1e-4
     if args.learning_rate <= 0:
         fail(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.rank < 1:

@@ -94,12 +94,17 @@ def test_controls_cycle_and_average():
 
 
 def test_defaults_reproduce_the_release():
-    args = srpo.parse_args(["--pretrained_model_name_or_path", "x"])
+    args = srpo.parse_args(["--pretrained_model_name_or_path", "x", "--full_finetune"])
     assert args.train_window == (5, 25) and args.gt_ratio == 0.9
     assert args.denoise_weights == (0.1, 0.25) and args.inversion_weights == (0.3, 0.01)
     assert (args.loss_type, args.reward_threshold, args.learning_rate, args.max_grad_norm) == ("relu", 0.7, 5e-6, 0.1)
     assert (args.adam_weight_decay, args.resolution, args.num_inference_steps, args.rollout_shift) == (1e-4, 720, 25, 3.0)
     assert (args.rollout_guidance, args.train_guidance, args.reward, args.reward_form) == (1.0, 3.5, "hpsv2:1.0", "release")
+
+
+def test_lora_learning_rate_default():
+    assert srpo.parse_args(["--pretrained_model_name_or_path", "x"]).learning_rate == 1e-4
+    assert srpo.parse_args(["--pretrained_model_name_or_path", "x", "--learning_rate", "3e-5"]).learning_rate == 3e-5
 
 
 def test_pickscore_preset_and_override():
