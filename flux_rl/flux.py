@@ -47,13 +47,20 @@ class PromptEncoder:
         return Conditioning(embeds, pooled, self.text_ids)
 
 
+def model_config(transformer):
+    """The config of a transformer that may be wrapped (DDP's .module, torch.compile's ._orig_mod)."""
+    while not hasattr(transformer, "config"):
+        transformer = getattr(transformer, "module", None) or transformer._orig_mod
+    return transformer.config
+
+
 def velocity(transformer, latents, sigma, guidance, cond: Conditioning, img_ids):
     """The transformer's velocity prediction at noise level `sigma` (a float or a B-tensor)."""
     batch = latents.shape[0]
     dtype = cond.prompt_embeds.dtype
     timestep = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(batch)
     guidance_vector = None
-    if transformer.config.guidance_embeds:
+    if model_config(transformer).guidance_embeds:
         guidance_vector = torch.full((batch,), float(guidance), device=latents.device, dtype=torch.float32)
     return transformer(
         hidden_states=latents.to(dtype),

@@ -32,17 +32,13 @@ def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def lora_state_dict(transformer):
+def save_lora(output_dir: str, transformer, state_dict=None):
+    """Writes pytorch_lora_weights.safetensors, which FluxPipeline.load_lora_weights(output_dir) reads.
+    `state_dict`: the full model state when it had to be gathered first (FSDP)."""
+    from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(transformer)
-
-
-def save_lora(output_dir: str, transformer):
-    """Writes pytorch_lora_weights.safetensors, which FluxPipeline.load_lora_weights(output_dir) reads."""
-    from diffusers import FluxPipeline
-
-    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state_dict(transformer))
+    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=state_dict))
 
 
 def load_lora_into(transformer, input_dir: str):
@@ -63,8 +59,13 @@ def load_lora_into(transformer, input_dir: str):
 
 def register_save_load_hooks(accelerator, use_lora: bool):
     """accelerator.save_state / load_state write and read the transformer in diffusers format:
-    LoRA as pytorch_lora_weights.safetensors, a full model as a transformer/ folder."""
+    LoRA as pytorch_lora_weights.safetensors, a full model as a transformer/ folder.
+    Under FSDP accelerate saves and loads the sharded model itself; no hooks then."""
+    from accelerate.utils import DistributedType
     from diffusers import FluxTransformer2DModel
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return
 
     def save_hook(models, weights, output_dir):
         if not accelerator.is_main_process:

@@ -133,17 +133,20 @@ class Run:
             self.validate(done)
 
     def validate(self, step: int):
-        if not self.args.validation_prompt or not self.accelerator.is_main_process:
+        """Every rank renders through the wrapped model (FSDP needs all ranks in each forward);
+        the main process logs."""
+        if not self.args.validation_prompt:
             return None
-        transformer = self.unwrapped()
         with self.accelerator.autocast():
             images = validation.render(
-                transformer, self.vae, self.prompt_encoder, self.args.validation_prompt, self.args.validation_seed,
+                self.transformer, self.vae, self.prompt_encoder, self.args.validation_prompt, self.args.validation_seed,
                 self.args.resolution, self.args.resolution, self.rollout_sigmas, self.args.rollout_guidance,
                 self.vae_scale_factor, self.device, self.weight_dtype,
             )
             with torch.no_grad():
                 scores, _ = self.reward(images, self.args.validation_prompt)
+        if not self.accelerator.is_main_process:
+            return None
         return validation.log_validation(self.accelerator, images, self.args.validation_prompt, scores, step, self.args.output_dir)
 
 
@@ -252,13 +255,15 @@ def finish(run: Run):
     """Final validation, final weights in diffusers format, model card, optional Hub push."""
     args, accelerator = run.args, run.accelerator
     accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(run.transformer)  # a collective under FSDP: all ranks call it
     if accelerator.is_main_process:
         transformer = run.unwrapped()
         if args.full_finetune:
-            transformer.save_pretrained(os.path.join(args.output_dir, "transformer"))
+            transformer.save_pretrained(os.path.join(args.output_dir, "transformer"), state_dict=state)
         else:
-            models.save_lora(args.output_dir, transformer)
-        run.validate(args.max_train_steps)
+            models.save_lora(args.output_dir, transformer, state_dict=state)
+    run.validate(args.max_train_steps)
+    if accelerator.is_main_process:
         hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id if args.push_to_hub else None)
         if args.push_to_hub:
             repo_id = hub.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)

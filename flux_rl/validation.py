@@ -28,7 +28,7 @@ def image_grid(images: torch.Tensor, captions: list[str] | None = None, columns:
 @torch.no_grad()
 def render(transformer, vae, prompt_encoder, prompts, seed, height, width, sigmas, guidance, vae_scale_factor, device, dtype):
     """Images for `prompts` from a fixed seed, through the same rollout the trainer uses."""
-    channels = transformer.config.in_channels // 4
+    channels = flux.model_config(transformer).in_channels // 4
     shape = latents.latent_shape(vae_scale_factor, channels, height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = latents.pack(torch.randn((len(prompts), *shape), generator=generator)).to(device)

@@ -1,0 +1,41 @@
+"""Run a trainer's main() as it is, recording what each rank saw and ended with.
+
+    accelerate launch ... tests/ddp_probe.py train_srpo_flux <trainer flags>
+
+Writes rank<i>.json (world size, prompts drawn) and rank<i>_weights.pt (trainable weights)."""
+
+import importlib
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flux_rl import data, training  # noqa: E402
+
+seen_prompts = []
+original_batch = data.BatchSchedule.batch
+original_finish = training.finish
+
+
+def recording_batch(self, micro_step):
+    items = original_batch(self, micro_step)
+    seen_prompts.extend(items)
+    return items
+
+
+def recording_finish(run):
+    rank = run.accelerator.process_index
+    weights = {k: v.detach().cpu().clone() for k, v in run.unwrapped().named_parameters() if v.requires_grad}
+    torch.save(weights, os.path.join(run.args.output_dir, f"rank{rank}_weights.pt"))
+    with open(os.path.join(run.args.output_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"world_size": run.accelerator.num_processes, "prompts": seen_prompts}, f)
+    original_finish(run)
+
+
+data.BatchSchedule.batch = recording_batch
+training.finish = recording_finish
+module = importlib.import_module(sys.argv[1])
+module.main(module.parse_args(sys.argv[2:]))
