@@ -111,18 +111,18 @@ def controls_for_step(args, step):
 
 
 def relative_score(reward, images, prompts, wanted, unwanted, form, k, noise_std, generator):
-    """Weighted sum over the reward spec of each model's semantic-relative reward (Eq. 9-11), or
+    """Weighted sum over the reward spec of each model's semantic-relative reward (Eq. 8-11), or
     for image-only models the appendix S1 form. Returns (score, per-model details to log)."""
     total, details = 0.0, {}
     for name, model in reward.models.items():
         if model.uses_text:
-            features = model.encode_image(images)
-            c_wanted = rewards.control_embedding(model, prompts, wanted)
-            c_unwanted = rewards.control_embedding(model, prompts, unwanted) if form != "sgp" else None
-            value = model.score_features(features, rewards.relative_text_direction(c_wanted, c_unwanted, form, k))
-            details[f"{name}/wanted"] = model.score_features(features, c_wanted).detach()
-            if c_unwanted is not None:
-                details[f"{name}/unwanted"] = model.score_features(features, c_unwanted).detach()
+            features = model.encode_image(images) if model.scores_by_embedding else None  # encoded once
+            r_wanted = rewards.control_scores(model, images, prompts, wanted, features)
+            r_unwanted = rewards.control_scores(model, images, prompts, unwanted, features) if form != "sgp" else None
+            value = rewards.combine_scores(r_wanted, r_unwanted, form, k)
+            details[f"{name}/wanted"] = r_wanted.detach()
+            if r_unwanted is not None:
+                details[f"{name}/unwanted"] = r_unwanted.detach()
         else:
             value = rewards.noised_relative_reward(model, images, prompts, noise_std, generator)  # appendix S1
         details[name] = value.detach()

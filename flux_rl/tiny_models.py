@@ -11,6 +11,8 @@ writes, fully offline:
     tiny-models/rewards/clip/         open_clip_config.json + open_clip_model.safetensors (open_clip hub layout)
     tiny-models/rewards/pickscore/    a transformers CLIPModel + CLIPProcessor folder
     tiny-models/rewards/aesthetic/    siglip/ (SiglipVisionModel + processor) + aesthetic_predictor_v2_5.pth
+    tiny-models/rewards/imagereward/  ImageReward.pt in the original BLIP layout + med_config.json
+                                      (+ vision_config.json and a BERT tokenizer, which the real one takes from defaults)
 
 Each folder has the layout of the real model, so the project's real loaders read it unchanged
 (`FluxPipeline.from_pretrained`, open_clip `local-dir:`, transformers `from_pretrained`). The
@@ -248,6 +250,77 @@ def write_aesthetic(path, seed=4):
     torch.save(head.state_dict(), os.path.join(path, "aesthetic_predictor_v2_5.pth"))
 
 
+def build_bert_tokenizer():
+    """A small uncased WordPiece tokenizer with BLIP's two extra tokens ([DEC] as bos, [ENC])."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "the", "of", "photo", "cat", "dog",
+             "real", "detail", "painting", "anime", "art", "car", "red"]
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = words + letters + ["##" + c for c in letters]
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=512)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def original_blip_vision_key(key: str) -> str:
+    """transformers BlipVisionModel name -> the original BLIP ViT (timm) name, written out by hand
+    from BLIP's vit.py so the loader's forward mapping is checked against an independent list."""
+    fixed = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.position_embedding": "pos_embed",
+        "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+        "post_layernorm.weight": "norm.weight",
+        "post_layernorm.bias": "norm.bias",
+    }
+    if key in fixed:
+        return fixed[key]
+    _, _, layer, module, *rest = key.split(".")  # encoder.layers.N.<module>...
+    module = {"layer_norm1": "norm1", "layer_norm2": "norm2", "mlp": "mlp"}.get(module, module)
+    if module == "self_attn":
+        module, rest = "attn", [{"projection": "proj"}.get(rest[0], rest[0]), *rest[1:]]
+    return ".".join(["blocks", layer, module, *rest])
+
+
+def write_image_reward(path, seed=5):
+    """ImageReward's release layout: ImageReward.pt (blip.visual_encoder.*, blip.text_encoder.*,
+    mlp.layers.*) and BLIP's med_config.json."""
+    from transformers import BlipTextConfig, BlipVisionConfig, BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    from rewards.image_reward import ImageRewardHead
+
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    tokenizer = build_bert_tokenizer()
+    vision = dict(hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=224, patch_size=32, layer_norm_eps=1e-6)
+    med_config = {"architectures": ["BertModel"], "hidden_act": "gelu", "hidden_size": TINY_WIDTH, "intermediate_size": 64,
+                  "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 2,
+                  "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(tokenizer),
+                  "encoder_width": TINY_WIDTH, "add_cross_attention": True,
+                  "bos_token_id": tokenizer.bos_token_id, "sep_token_id": tokenizer.sep_token_id}
+    vision_model = BlipVisionModel(BlipVisionConfig(**vision))
+    text_model = BlipTextModel(BlipTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        encoder_hidden_size=TINY_WIDTH, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+    ), add_pooling_layer=False)
+    head = ImageRewardHead(TINY_WIDTH)
+    state = {f"blip.visual_encoder.{original_blip_vision_key(k)}": v for k, v in vision_model.state_dict().items()}
+    state.update({f"blip.text_encoder.{k}": v for k, v in text_model.state_dict().items()})
+    state.update({f"mlp.{k}": v for k, v in head.state_dict().items()})
+    state["blip.vision_proj.weight"] = torch.zeros(8, TINY_WIDTH)  # present in the release, unused for scoring
+    torch.save(state, os.path.join(path, "ImageReward.pt"))
+    with open(os.path.join(path, "med_config.json"), "w") as f:
+        json.dump(med_config, f, indent=2)
+    with open(os.path.join(path, "vision_config.json"), "w") as f:
+        json.dump(vision, f, indent=2)
+    tokenizer.save_pretrained(path)
+
+
 def write_all(output_dir):
     write_flux_pipeline(os.path.join(output_dir, "flux"))
     rewards_dir = os.path.join(output_dir, "rewards")
@@ -255,6 +328,7 @@ def write_all(output_dir):
     write_open_clip(os.path.join(rewards_dir, "clip"))
     write_pickscore(os.path.join(rewards_dir, "pickscore"))
     write_aesthetic(os.path.join(rewards_dir, "aesthetic"))
+    write_image_reward(os.path.join(rewards_dir, "imagereward"))
     return output_dir
 
 

@@ -45,6 +45,7 @@ def _head_state_dict(state):
 class AestheticReward(RewardModel):
     name = "aesthetic"
     uses_text = False
+    scores_by_embedding = False
 
     def __init__(self, vision_model, head, image_size, mean, std):
         super().__init__()

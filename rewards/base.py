@@ -19,6 +19,8 @@ from torch import nn
 class RewardModel(nn.Module):
     name: str = "reward"
     uses_text: bool = True
+    # True: score = logit_scale * <f_img, f_txt> (CLIP-like); False: a cross-attention scorer.
+    scores_by_embedding: bool = True
     # Multiplies the cosine similarity: 1 for HPSv2.1 and CLIP score, exp(logit_scale) for PickScore.
     logit_scale: float = 1.0
     text_cache_size: int = 8192

@@ -12,6 +12,7 @@ import os
 import torch
 
 from .aesthetic import load_aesthetic
+from .image_reward import load_image_reward
 from .open_clip_rewards import load_clip_score, load_hpsv2
 from .pickscore import load_pickscore
 
@@ -20,6 +21,7 @@ REWARD_LOADERS = {
     "pickscore": load_pickscore,
     "clip": load_clip_score,
     "aesthetic": load_aesthetic,
+    "imagereward": load_image_reward,
 }
 
 

@@ -1,8 +1,10 @@
 """Reward construction of paper section 3.2 (SGP, SRP, CFG form) and appendix S1.
 
-All text-image forms are linear in the text embedding, so each is one combined text direction
-C that the image features are scored against: reward = logit_scale * f_img(x)^T C.
-C1 is the embedding of "<wanted control>. <prompt>", C2 that of "<unwanted control>. <prompt>".
+r1 is the score of an image against "<wanted control>. <prompt>", r2 against
+"<unwanted control>. <prompt>". Every form is a linear combination a * r1 + b * r2. For CLIP-like
+models the score is linear in the text embedding C (Eq. 7), so the same form is one combined
+text direction a * C1 + b * C2 that the image features are scored against (Eq. 10-11); for
+cross-attention scorers (ImageReward) the scores themselves are combined.
 """
 
 import torch
@@ -20,24 +22,39 @@ def with_control(control: str, prompt: str) -> str:
     return f"{control}. {prompt}"
 
 
-def _per_sample(k, reference: torch.Tensor) -> torch.Tensor:
-    k = torch.as_tensor(k, dtype=reference.dtype, device=reference.device)
-    return k.view(-1, 1) if k.ndim else k
+def form_coefficients(form: str, k=0.0):
+    """(a, b) with reward = a * r1 + b * r2; `k` a scalar or a per-sample (B,) tensor."""
+    if form == "sgp":
+        return 1.0, 0.0  # Eq. 8: the wanted-phrase score alone
+    if form == "srp":
+        return 1.0, -1.0  # Eq. 9-10: r1 - r2
+    if form == "cfg":
+        return k, 1 - k  # Eq. 11: k C1 + (1 - k) C2
+    if form == "release":
+        return 1 + k, -1.0  # the authors' release: (1 + k) C1 - C2, an SRP difference plus k times SGP
+    raise ValueError(f"unknown reward form '{form}'; choose from {', '.join(REWARD_FORMS)}")
+
+
+def _as_column(value, reference: torch.Tensor):
+    """A per-sample coefficient broadcast over the feature dimension."""
+    if isinstance(value, torch.Tensor) and value.ndim:
+        return value.to(reference).view(-1, *([1] * (reference.ndim - 1)))
+    return value
 
 
 def relative_text_direction(c_wanted: torch.Tensor, c_unwanted: torch.Tensor | None, form: str, k=0.0) -> torch.Tensor:
-    """The text direction C of each reward form; `k` is a scalar or a per-sample (B,) tensor."""
-    if form == "sgp":
-        return c_wanted  # Eq. 8: C_(p_c, p)
-    if form == "srp":
-        return c_wanted - c_unwanted  # Eq. 9-10: r1 - r2 = f_img^T (C1 - C2)
-    k = _per_sample(k, c_wanted)
-    if form == "cfg":
-        return (1 - k) * c_unwanted + k * c_wanted  # Eq. 11
-    if form == "release":
-        # The authors' release: (1 + k) C1 - C2, an SRP difference plus k times the SGP reward.
-        return (1 + k) * c_wanted - c_unwanted
-    raise ValueError(f"unknown reward form '{form}'; choose from {', '.join(REWARD_FORMS)}")
+    """The text direction C = a * C1 + b * C2 of each form (Eq. 8, 10, 11), for CLIP-like models."""
+    a, b = form_coefficients(form, k)
+    direction = _as_column(a, c_wanted) * c_wanted
+    if form != "sgp":
+        direction = direction + _as_column(b, c_unwanted) * c_unwanted
+    return direction
+
+
+def combine_scores(r_wanted: torch.Tensor, r_unwanted: torch.Tensor | None, form: str, k=0.0) -> torch.Tensor:
+    """The same forms on scores: a * r1 + b * r2."""
+    a, b = form_coefficients(form, k)
+    return a * r_wanted if form == "sgp" else a * r_wanted + b * r_unwanted
 
 
 def control_embedding(model, prompts, controls) -> torch.Tensor:
@@ -49,18 +66,26 @@ def control_embedding(model, prompts, controls) -> torch.Tensor:
     return torch.stack(embeddings).mean(0)
 
 
-def semantic_relative_reward(model, images, prompts, wanted, unwanted=None, form="release", k=0.0, image_features=None):
-    """Score each image against its prompt with control phrases prepended (Eq. 8-11).
+def control_scores(model, images, prompts, controls, image_features=None) -> torch.Tensor:
+    """Score of each image against "<control>. <prompt>", averaged over a list of phrases.
+    CLIP-like models encode the image once (pass `image_features` to reuse it)."""
+    if model.scores_by_embedding:
+        if image_features is None:
+            image_features = model.encode_image(images)
+        return model.score_features(image_features, control_embedding(model, prompts, controls))
+    controls = [controls] if isinstance(controls, str) else list(controls)
+    return torch.stack([model(images, [with_control(c, p) for p in prompts]) for c in controls]).mean(0)
 
-    `wanted` / `unwanted`: a phrase or a list of phrases to average over (see control_embedding).
-    Pass `image_features` (from `model.encode_image`) to reuse one image encoding."""
-    if image_features is None:
-        image_features = model.encode_image(images)
+
+def semantic_relative_reward(model, images, prompts, wanted, unwanted=None, form="release", k=0.0):
+    """Score each image against its prompt with control phrases prepended (Eq. 8-11).
+    `wanted` / `unwanted`: a phrase, or a list of phrases to average over."""
     if form != "sgp" and unwanted is None:
         raise ValueError(f"reward form '{form}' needs an unwanted control phrase; pass one or use form 'sgp'")
-    c_wanted = control_embedding(model, prompts, wanted)
-    c_unwanted = control_embedding(model, prompts, unwanted) if form != "sgp" else None
-    return model.score_features(image_features, relative_text_direction(c_wanted, c_unwanted, form, k))
+    features = model.encode_image(images) if model.scores_by_embedding else None
+    r_wanted = control_scores(model, images, prompts, wanted, features)
+    r_unwanted = control_scores(model, images, prompts, unwanted, features) if form != "sgp" else None
+    return combine_scores(r_wanted, r_unwanted, form, k)
 
 
 def noised_relative_reward(model, images, prompts=None, noise_std=0.05, generator=None):

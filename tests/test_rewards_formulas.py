@@ -62,6 +62,19 @@ def test_relative_forms_match_hand_computation(hps, k):
     assert torch.allclose(form("release"), (1 + kk) * r1 - r2, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["sgp", "srp", "cfg", "release"])
+def test_text_direction_form_equals_score_form(hps, form):
+    """Eq. 10-11 (one combined text direction) equal Eq. 9 (combining scores) for CLIP-like models."""
+    images = torch.rand(2, 3, 64, 64)
+    k = torch.tensor([0.1, 0.3])
+    features = hps.encode_image(images)
+    c1 = rewards.control_embedding(hps, PROMPTS, "Real")
+    c2 = rewards.control_embedding(hps, PROMPTS, "Flat")
+    by_direction = hps.score_features(features, rewards.relative_text_direction(c1, c2, form, k))
+    by_scores = rewards.combine_scores(hps.score_features(features, c1), hps.score_features(features, c2), form, k)
+    assert torch.allclose(by_direction, by_scores, atol=1e-6)
+
+
 def test_phrase_lists_average_the_rewards(hps):
     images = torch.rand(2, 3, 64, 64)
     got = rewards.semantic_relative_reward(hps, images, PROMPTS, ["Real", "Detail"], ["Anime", "Oil", "Flat"], form="release", k=0.2)
@@ -88,7 +101,7 @@ def test_noised_relative_reward_appendix_s1(tiny_rewards):
     assert not torch.allclose(got, torch.zeros_like(got))
 
 
-@pytest.mark.parametrize("name", ["hpsv2", "pickscore", "clip", "aesthetic"])
+@pytest.mark.parametrize("name", ["hpsv2", "pickscore", "clip", "aesthetic", "imagereward"])
 def test_gradient_reaches_the_image(tiny_rewards, name):
     model = rewards.load_reward_model(name, tiny_rewards)
     images = torch.rand(2, 3, 720, 720, requires_grad=True)
@@ -131,7 +144,7 @@ def test_reward_spec_parsing():
         ("hpsv2:abc", "not a number"),
         ("hpsv2:1,hpsv2:2", "appears twice"),
         ("", "empty --reward"),
-        ("imagereward:1", "unknown reward 'imagereward'"),
+        ("imagereward:1,clip:x", "not a number"),
     ],
 )
 def test_bad_reward_specs_fail_in_one_line(spec, message):

@@ -85,6 +85,17 @@ def test_relative_score_hand_computation(tiny_rewards):
     assert torch.allclose(details["hpsv2/wanted"], r1, atol=1e-6) and torch.allclose(details["hpsv2/unwanted"], r2, atol=1e-6)
 
 
+def test_relative_score_with_a_cross_attention_scorer(tiny_rewards):
+    reward = rewards.load_combined_reward("imagereward:2.0", tiny_rewards)
+    model = reward.models["imagereward"]
+    images = torch.rand(2, 3, 64, 64)
+    score, details = srpo.relative_score(reward, images, ["a cat", "a dog"], ["Real", "Detail"], "Anime", "srp", 0.0, 0.05, None)
+    r1 = (model(images, ["Real. a cat", "Real. a dog"]) + model(images, ["Detail. a cat", "Detail. a dog"])) / 2
+    r2 = model(images, ["Anime. a cat", "Anime. a dog"])
+    assert torch.allclose(score, 2.0 * (r1 - r2), atol=1e-6)
+    assert torch.allclose(details["imagereward/wanted"], r1, atol=1e-6)
+
+
 def test_controls_cycle_and_average():
     args = srpo.parse_args(["--pretrained_model_name_or_path", "x"])
     assert srpo.controls_for_step(args, 0) == ("Natural-lighting", "Concept art")

@@ -1,0 +1,75 @@
+"""ImageReward loads from the original BLIP checkpoint layout into transformers' BLIP modules."""
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import rewards
+from rewards.image_reward import SCORE_MEAN, SCORE_STD, split_original_state_dict
+
+# Names as they stand in the released ImageReward.pt (BLIP's vit.py and med.py, ImageReward's MLP).
+ORIGINAL_KEYS = [
+    "blip.visual_encoder.cls_token", "blip.visual_encoder.pos_embed", "blip.visual_encoder.patch_embed.proj.weight",
+    "blip.visual_encoder.blocks.0.norm1.weight", "blip.visual_encoder.blocks.0.attn.qkv.weight",
+    "blip.visual_encoder.blocks.0.attn.proj.weight", "blip.visual_encoder.blocks.0.norm2.bias",
+    "blip.visual_encoder.blocks.0.mlp.fc1.weight", "blip.visual_encoder.blocks.0.mlp.fc2.bias",
+    "blip.visual_encoder.norm.weight", "blip.text_encoder.embeddings.word_embeddings.weight",
+    "blip.text_encoder.encoder.layer.0.attention.self.query.weight",
+    "blip.text_encoder.encoder.layer.0.crossattention.self.key.weight",
+    "blip.text_encoder.encoder.layer.0.output.LayerNorm.weight",
+    "mlp.layers.0.weight", "mlp.layers.2.weight", "mlp.layers.4.weight", "mlp.layers.6.weight", "mlp.layers.7.bias",
+]
+
+
+@pytest.fixture(scope="module")
+def image_reward(tiny_rewards):
+    return rewards.load_reward_model("imagereward", tiny_rewards)
+
+
+def test_checkpoint_has_the_original_layout_and_every_weight_is_used(tiny_rewards, image_reward):
+    state = torch.load(os.path.join(tiny_rewards, "imagereward", "ImageReward.pt"), weights_only=True)
+    assert set(ORIGINAL_KEYS) <= set(state)
+    vision, text, head = split_original_state_dict(state)
+    assert len(vision) + len(text) + len(head) == len(state) - 1  # only the unused vision_proj is dropped
+    assert torch.equal(image_reward.vision_model.state_dict()["embeddings.class_embedding"], state["blip.visual_encoder.cls_token"])
+    assert torch.equal(image_reward.vision_model.state_dict()["encoder.layers.0.self_attn.projection.weight"],
+                       state["blip.visual_encoder.blocks.0.attn.proj.weight"])
+    assert torch.equal(image_reward.head.state_dict()["layers.7.bias"], state["mlp.layers.7.bias"])
+
+
+def test_score_formula(image_reward):
+    images = torch.rand(2, 3, 96, 96)
+    prompts = ["a photo of a cat", "a red car"]
+    tokens = image_reward.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert tokens.input_ids.shape == (2, 35)
+    image_embeds = image_reward.vision_model(pixel_values=image_reward.preprocess(images)).last_hidden_state
+    cls = image_reward.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                  encoder_hidden_states=image_embeds).last_hidden_state[:, 0]
+    expected = (image_reward.head(cls).squeeze(-1) - SCORE_MEAN) / SCORE_STD
+    assert torch.allclose(image_reward(images, prompts), expected, atol=1e-6)
+
+
+def test_preprocess_matches_official_transform(image_reward):
+    official = transforms.Compose([
+        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224),
+        transforms.ToTensor(), transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    ])
+    from tests.test_rewards_preprocess import smooth_square_image
+
+    pil, tensor = smooth_square_image(720)
+    assert isinstance(pil, Image.Image)
+    assert (image_reward.preprocess(tensor) - official(pil).unsqueeze(0)).abs().max() < 0.02
+
+
+def test_relative_forms_by_scores(image_reward):
+    images = torch.rand(2, 3, 64, 64)
+    prompts = ["a cat", "a dog"]
+    r1 = image_reward(images, ["Real. a cat", "Real. a dog"])
+    r2 = image_reward(images, ["Anime. a cat", "Anime. a dog"])
+    got = rewards.semantic_relative_reward(image_reward, images, prompts, "Real", "Anime", form="release", k=0.2)
+    assert torch.allclose(got, 1.2 * r1 - r2, atol=1e-6)
+    with pytest.raises(ValueError, match="no text encoder"):
+        image_reward.encode_text(["a cat"])
