@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Evaluate FLUX and trained outputs on the paper's Table 1 metrics (HPSv2.1, PickScore,
+Aesthetic 2.5, ImageReward, CLIP score, SGP-HPS), on HPDv2's benchmark or any prompt file.
+
+    python evaluate_flux.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
+        --models srpo=output/srpo-hps-lora direct-align=output/direct-align-hps \
+        --hpdv2_benchmark_dir data/hpdv2/benchmark --output_dir eval/hpdv2
+
+Same prompts and seeds for every model (the base model is always included as `base`). Images
+already in output_dir/images are kept, so an interrupted run continues where it stopped. Writes
+scores.csv (per image), table.md (mean per metric per model, overall and per style), grids/
+(side-by-side images, same prompt and seed), distributions.png.
+"""
+
+import argparse
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+import rewards
+from flux_rl import evaluation
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument
+    a("--pretrained_model_name_or_path", type=str, required=True)
+    a("--models", type=str, nargs="*", default=[], help="Trained outputs as name=folder (LoRA or full fine-tune).")
+    a("--hpdv2_benchmark_dir", type=str, default=None, help="Folder with anime/concept-art/paintings/photo.json.")
+    a("--prompt_file", type=str, default=None, help="Any prompt file the trainers read (txt/json/csv/...).")
+    a("--prompts_per_style", type=int, default=None, help="First N prompts of each style (the human study used 125).")
+    a("--metrics", type=str, default=",".join(evaluation.METRICS))
+    a("--reward_models_dir", type=str, default=None)
+    a("--output_dir", type=str, default="eval")
+    a("--resolution", type=int, default=1024)
+    a("--num_inference_steps", type=int, default=50, help="50, as the paper's evaluation.")
+    a("--guidance_scale", type=float, default=3.5)
+    a("--max_sequence_length", type=int, default=512)
+    a("--seed", type=int, default=0, help="Image i of every model uses seed + i.")
+    a("--batch_size", type=int, default=4)
+    a("--num_grid_prompts", type=int, default=4, help="Prompts per style in the side-by-side grids.")
+    a("--mixed_precision", type=str, default="bf16", choices=["no", "fp16", "bf16"])
+    args = parser.parse_args(input_args)
+    if bool(args.hpdv2_benchmark_dir) == bool(args.prompt_file):
+        raise ValueError("give exactly one of --hpdv2_benchmark_dir and --prompt_file")
+    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in args.metrics if m not in evaluation.METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric '{unknown[0]}'; choose from {', '.join(evaluation.METRICS)}")
+    if args.resolution % 16:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of 16")
+    args.model_specs = evaluation.parse_model_specs(args.models)
+    return args
+
+
+def image_path(args, model, style, index):
+    return os.path.join(args.output_dir, "images", model, style, f"{index:05d}.png")
+
+
+def generate(args, pipe, variants, items, device):
+    for variant in variants:
+        todo = [item for item in items if not os.path.exists(image_path(args, variant.name, item[0], item[1]))]
+        if not todo:
+            continue
+        variant.apply(pipe)
+        for start in tqdm(range(0, len(todo), args.batch_size), desc=f"generating {variant.name}"):
+            batch = todo[start : start + args.batch_size]
+            generators = [torch.Generator("cpu").manual_seed(args.seed + index) for _, index, _ in batch]
+            images = pipe(
+                [prompt for _, _, prompt in batch], height=args.resolution, width=args.resolution,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                generator=generators, max_sequence_length=args.max_sequence_length,
+            ).images
+            for (style, index, _), image in zip(batch, images):
+                path = image_path(args, variant.name, style, index)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                image.save(path + ".tmp.png")
+                os.replace(path + ".tmp.png", path)  # a half-written file never counts as done
+        variant.restore(pipe)
+
+
+def load_metric_models(args, device, dtype):
+    needed = {m: ("hpsv2" if m == "sgp_hps" else m) for m in args.metrics}
+    loaded = {name: rewards.load_reward_model(name, args.reward_models_dir, device, dtype) for name in set(needed.values())}
+    return {metric: loaded[name] for metric, name in needed.items()}
+
+
+def score(args, metric_models, variants, items, device, dtype):
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    metric_models = {name: model.to(device) for name, model in metric_models.items()}
+    rows = []
+    for variant in variants:
+        for start in tqdm(range(0, len(items), args.batch_size), desc=f"scoring {variant.name}"):
+            batch = items[start : start + args.batch_size]
+            paths = [image_path(args, variant.name, style, index) for style, index, _ in batch]
+            images = torch.stack([to_tensor(Image.open(p).convert("RGB")) for p in paths]).to(device, dtype)
+            scores = evaluation.score_images(metric_models, images, [prompt for _, _, prompt in batch])
+            for i, ((style, index, prompt), path) in enumerate(zip(batch, paths)):
+                row = {"model": variant.name, "style": style, "index": index, "seed": args.seed + index,
+                       "prompt": prompt, "image": os.path.relpath(path, args.output_dir)}
+                rows.append({**row, **{m: scores[m][i] for m in args.metrics}})
+    return rows
+
+
+def write_report(args, variants, items, rows):
+    names = [v.name for v in variants]
+    evaluation.write_csv(os.path.join(args.output_dir, "scores.csv"), rows, args.metrics)
+    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+        f.write(evaluation.summary_table(rows, args.metrics, names))
+    os.makedirs(os.path.join(args.output_dir, "grids"), exist_ok=True)
+    for style in dict.fromkeys(style for style, _, _ in items):
+        chosen = [(s, i) for s, i, _ in items if s == style][: args.num_grid_prompts]
+        grid = evaluation.side_by_side_grid([[image_path(args, n, s, i) for n in names] for s, i in chosen], names)
+        grid.save(os.path.join(args.output_dir, "grids", f"{style}.png"))
+    evaluation.distribution_plot(rows, args.metrics, names, os.path.join(args.output_dir, "distributions.png"))
+
+
+def main(args):
+    from diffusers import FluxPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32) if device == "cuda" else torch.float32
+    items = evaluation.load_benchmark(args.hpdv2_benchmark_dir, args.prompt_file, args.prompts_per_style)
+    variants = [evaluation.ModelVariant("base", None)] + [evaluation.ModelVariant(n, p) for n, p in args.model_specs]
+    os.makedirs(args.output_dir, exist_ok=True)
+    # Loaded first so that a missing reward model fails before hours of generation; kept on the
+    # CPU until scoring, so generation has the GPU memory.
+    metric_models = load_metric_models(args, "cpu", dtype)
+    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generate(args, pipe, variants, items, device)
+    del pipe
+    rows = score(args, metric_models, variants, items, device, dtype)
+    write_report(args, variants, items, rows)
+    print(open(os.path.join(args.output_dir, "table.md")).read())
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,163 @@
+"""Pieces of the evaluation (evaluate_flux.py): benchmark prompts, model variants, metrics, and
+the report files (CSV, markdown table, side-by-side grids, score distributions)."""
+
+import csv
+import json
+import os
+from collections import defaultdict
+
+import torch
+
+HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+METRICS = ("hpsv2", "pickscore", "aesthetic", "imagereward", "clip", "sgp_hps")
+METRIC_NOTES = {
+    "hpsv2": "HPSv2.1: human preference, cosine of image and prompt (about 0.2-0.35)",
+    "pickscore": "PickScore: human preference, scaled cosine (about 20-23)",
+    "aesthetic": "Aesthetic Predictor v2.5: image-only aesthetics (about 1-10)",
+    "imagereward": "ImageReward: human preference, normalised (about -2 to 2)",
+    "clip": "CLIP score: text-image agreement, cosine of CLIP ViT-H-14 features",
+    "sgp_hps": 'SGP-HPS: HPSv2.1 with "Realistic photo" minus with "CG Render" prepended (paper 4.2): realism',
+}
+SGP_WANTED, SGP_UNWANTED = "Realistic photo", "CG Render"
+
+
+def load_benchmark(hpdv2_benchmark_dir=None, prompt_file=None, prompts_per_style=None):
+    """[(style, index, prompt)]: HPDv2's benchmark (one json list of prompts per style: anime,
+    concept-art, paintings, photo; 800 each) or any prompt file the trainers read (style 'prompts')."""
+    from .data import load_prompts
+
+    if hpdv2_benchmark_dir:
+        items = []
+        for style in HPDV2_STYLES:
+            path = os.path.join(hpdv2_benchmark_dir, f"{style}.json")
+            if not os.path.exists(path):
+                raise ValueError(f"--hpdv2_benchmark_dir {hpdv2_benchmark_dir}: missing {style}.json (download benchmark/ from zhwang/HPDv2)")
+            with open(path) as f:
+                prompts = json.load(f)
+            items += [(style, i, p) for i, p in enumerate(prompts[:prompts_per_style])]
+        return items
+    prompts = load_prompts(prompt_file)
+    return [("prompts", i, p) for i, p in enumerate(prompts[:prompts_per_style])]
+
+
+def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
+    """['srpo=output/srpo', ...] -> [('srpo', 'output/srpo'), ...]; a bare path is named by its folder."""
+    models = []
+    for spec in specs or []:
+        name, _, path = spec.rpartition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
+        if not os.path.isdir(path):
+            raise ValueError(f"--models {spec}: {path} is not a folder (a trainer's --output_dir)")
+        if name == "base" or any(name == seen for seen, _ in models):
+            raise ValueError(f"--models {spec}: the name '{name}' is taken; write name=path")
+        models.append((name, path))
+    return models
+
+
+class ModelVariant:
+    """Applies a trained output to a loaded base pipeline and restores the base afterwards:
+    a LoRA folder (pytorch_lora_weights.safetensors) or a full fine-tune (transformer/)."""
+
+    def __init__(self, name, path):
+        self.name, self.path = name, path
+        self.is_lora = path is not None and os.path.exists(os.path.join(path, "pytorch_lora_weights.safetensors"))
+        if path is not None and not self.is_lora:
+            folder = os.path.join(path, "transformer")
+            if not os.path.exists(os.path.join(folder, "config.json")):
+                raise ValueError(f"{path}: neither pytorch_lora_weights.safetensors nor transformer/ found")
+
+    def apply(self, pipe):
+        from diffusers import FluxTransformer2DModel
+
+        self._base = pipe.transformer
+        if self.path is None:
+            return pipe
+        if self.is_lora:
+            pipe.load_lora_weights(self.path)
+        else:
+            pipe.transformer = FluxTransformer2DModel.from_pretrained(
+                os.path.join(self.path, "transformer"), dtype=self._base.dtype
+            ).to(self._base.device)
+        return pipe
+
+    def restore(self, pipe):
+        if self.is_lora:
+            pipe.unload_lora_weights()
+        pipe.transformer = self._base
+
+
+def score_images(metric_models, images, prompts) -> dict[str, list[float]]:
+    """Every metric of a batch of images in [0, 1]."""
+    from rewards.relative import with_control
+
+    scores = {}
+    with torch.no_grad():
+        for name, model in metric_models.items():
+            if name == "sgp_hps":
+                wanted = model(images, [with_control(SGP_WANTED, p) for p in prompts])
+                unwanted = model(images, [with_control(SGP_UNWANTED, p) for p in prompts])
+                scores[name] = (wanted - unwanted).tolist()
+            else:
+                scores[name] = model(images, prompts).tolist()
+    return scores
+
+
+def write_csv(path, rows, metrics):
+    fields = ["model", "style", "index", "seed", "prompt", "image", *metrics]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def summary_table(rows, metrics, models) -> str:
+    """Markdown: mean of each metric per model, overall and per style (the paper's Table 1 layout)."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["model"], "all")].append(row)
+        groups[(row["model"], row["style"])].append(row)
+    styles = ["all"] + sorted({row["style"] for row in rows})
+    lines = []
+    for style in styles:
+        lines += [f"### {style}" if style != "all" else "### all prompts", "",
+                  "| model | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        for model in models:
+            group = groups.get((model, style), [])
+            means = [sum(float(r[m]) for r in group) / len(group) if group else float("nan") for m in metrics]
+            lines.append(f"| {model} | {len(group)} | " + " | ".join(f"{v:.4f}" for v in means) + " |")
+        lines.append("")
+    lines += ["Metrics:", ""] + [f"- `{m}`: {METRIC_NOTES[m]}" for m in metrics]
+    return "\n".join(lines) + "\n"
+
+
+def side_by_side_grid(image_paths_by_row: list[list[str]], labels: list[str]):
+    """Rows of image files (one row per prompt, one column per model, same seed) -> one PIL image."""
+    from PIL import Image, ImageDraw
+
+    first = Image.open(image_paths_by_row[0][0])
+    width, height = first.size
+    grid = Image.new("RGB", (width * len(labels), height * len(image_paths_by_row)))
+    for r, row in enumerate(image_paths_by_row):
+        for c, path in enumerate(row):
+            tile = Image.open(path).convert("RGB").resize((width, height))
+            if r == 0:
+                ImageDraw.Draw(tile).text((2, 2), labels[c], fill=(255, 255, 255))
+            grid.paste(tile, (c * width, r * height))
+    return grid
+
+
+def distribution_plot(rows, metrics, models, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for model in models:
+            values = [float(r[metric]) for r in rows if r["model"] == model]
+            axis.hist(values, bins=20, alpha=0.5, label=model)
+        axis.set_title(metric)
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
