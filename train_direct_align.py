@@ -22,9 +22,7 @@ with gradient, recover x0_hat (Eq. 4-5), decode, score, weight by the discount l
 """
 
 import argparse
-from collections import defaultdict
 
-import torch
 
 from flux_rl import args as common
 from flux_rl import training
@@ -53,39 +51,36 @@ def validate_args(args):
     args.discount = common.parse_pair(args.discount, "discount")
 
 
-def main(args):
-    run = training.setup(args, "direct-align")
-    accelerator = run.accelerator
+def training_step(run, step, logs):
+    """One optimiser step of Direct-Align: rollouts, noise injections, recovery, discounted reward."""
+    args, accelerator = run.args, run.accelerator
     window = TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)
     backward_passes = args.gradient_accumulation_steps * args.num_injections
+    for micro in range(args.gradient_accumulation_steps):
+        micro_step = step * args.gradient_accumulation_steps + micro
+        generator = step_generator(args.seed, micro_step, accelerator.process_index)
+        x0, noise, cond, prompts = run.next_batch(micro_step, generator)
+        for injection in range(args.num_injections):
+            high, low = window.denoise_span(window.sample_index(generator))
+            sigma_high, sigma_low = window.sigma(high), window.sigma(low)
+            last = micro == args.gradient_accumulation_steps - 1 and injection == args.num_injections - 1
+            with run.sync_gradients(last):
+                x0_hat = direct_align_recover(x0, noise, sigma_high, sigma_low, run.velocity_fn(cond), "denoise")  # Eq. 5
+                images = run.decode(x0_hat)
+                reward, components = run.reward(images, prompts)
+                discount = linear_weight(args.discount, low)  # Eq. 6: lambda(t), read at the less noisy end
+                loss = discount * training.reward_loss(reward, args).mean()
+                accelerator.backward(loss / backward_passes)
+            logs["loss"].append(loss.item())
+            logs["reward"].append(reward.mean().item())
+            logs["sigma"].append(sigma_high)
+            logs["discount"].append(discount)
+            for name, value in components.items():
+                logs[f"reward/{name}"].append(value.mean().item())
 
-    for step in run.steps():
-        logs = defaultdict(list)
-        for micro in range(args.gradient_accumulation_steps):
-            micro_step = step * args.gradient_accumulation_steps + micro
-            generator = step_generator(args.seed, micro_step, accelerator.process_index)
-            x0, noise, cond, prompts = run.next_batch(micro_step, generator)
-            for injection in range(args.num_injections):
-                high, low = window.denoise_span(window.sample_index(generator))
-                sigma_high, sigma_low = window.sigma(high), window.sigma(low)
-                last = micro == args.gradient_accumulation_steps - 1 and injection == args.num_injections - 1
-                with run.sync_gradients(last):
-                    x0_hat = direct_align_recover(x0, noise, sigma_high, sigma_low, run.velocity_fn(cond), "denoise")  # Eq. 5
-                    images = run.decode(x0_hat)
-                    reward, components = run.reward(images, prompts)
-                    discount = linear_weight(args.discount, low)  # Eq. 6: lambda(t), read at the less noisy end
-                    loss = discount * training.reward_loss(reward, args).mean()
-                    accelerator.backward(loss / backward_passes)
-                logs["loss"].append(loss.item())
-                logs["reward"].append(reward.mean().item())
-                logs["sigma"].append(sigma_high)
-                logs["discount"].append(discount)
-                for name, value in components.items():
-                    logs[f"reward/{name}"].append(value.mean().item())
-        grad_norm = run.optimizer_step()
-        run.log(step, {**{k: training.mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
-        run.end_of_step(step)
-    training.finish(run)
+
+def main(args):
+    training.train(training.setup(args, "direct-align"), training_step)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ step with gradient, for n + 1 terms as one public FLUX re-implementation does.
 """
 
 import argparse
-from collections import defaultdict
 
 import torch
 
@@ -67,46 +66,44 @@ def draft_lv_samples(velocity_fn, x0, sigma_last, noises):
     return [ode_sample(velocity_fn, inject_noise(x0.detach().float(), eps, sigma_last), [sigma_last, 0.0]) for eps in noises]
 
 
-def main(args):
-    run = training.setup(args, "draft-lv" if args.draft_lv else f"draft-k{args.draft_k}")
-    accelerator = run.accelerator
+def training_step(run, step, logs):
+    """One optimiser step of DRaFT-K or DRaFT-LV."""
+    args, accelerator = run.args, run.accelerator
     sigmas = run.rollout_sigmas
-    for step in run.steps():
-        logs = defaultdict(list)
-        for micro in range(args.gradient_accumulation_steps):
-            micro_step = step * args.gradient_accumulation_steps + micro
-            generator = step_generator(args.seed, micro_step, accelerator.process_index)
-            prompts = run.batches.batch(micro_step)
-            cond = run.condition(prompts)
-            noise = run.initial_noise(len(prompts), generator)
-            velocity_fn = run.velocity_fn(cond, args.rollout_guidance)
-            last_micro = micro == args.gradient_accumulation_steps - 1
-            if args.draft_lv:
-                # The final image, without gradient; its last step is redone with gradient if counted.
-                with torch.no_grad():
-                    x_last = ode_sample(velocity_fn, noise, sigmas[:-1])
-                    x0 = ode_sample(velocity_fn, x_last, sigmas[-2:])
-                noises = [torch.randn(x0.shape, generator=generator).to(x0.device) for _ in range(args.lv_samples)]
-                terms = [lambda eps=eps: draft_lv_samples(velocity_fn, x0, float(sigmas[-2]), [eps])[0] for eps in noises]
-                if args.lv_include_base:
-                    terms.append(lambda: ode_sample(velocity_fn, x_last, sigmas[-2:]))
-            else:
-                terms = [lambda: draft_k_sample(velocity_fn, noise, sigmas, args.draft_k, checkpoint=args.gradient_checkpointing or args.draft_k > 1)]
-            # One backward per term keeps one graph in memory at a time; the gradient is the
-            # same as the mean loss over the terms.
-            for i, term in enumerate(terms):
-                with run.sync_gradients(last_micro and i == len(terms) - 1):
-                    reward, components = run.reward(run.decode(term()), prompts)
-                    loss = training.reward_loss(reward, args).mean()
-                    accelerator.backward(loss / (len(terms) * args.gradient_accumulation_steps))
-                logs["loss"].append(loss.item())
-                logs["reward"].append(reward.mean().item())
-                for name, value in components.items():
-                    logs[f"reward/{name}"].append(value.mean().item())
-        grad_norm = run.optimizer_step()
-        run.log(step, {**{k: training.mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
-        run.end_of_step(step)
-    training.finish(run)
+    for micro in range(args.gradient_accumulation_steps):
+        micro_step = step * args.gradient_accumulation_steps + micro
+        generator = step_generator(args.seed, micro_step, accelerator.process_index)
+        prompts = run.batches.batch(micro_step)
+        cond = run.condition(prompts)
+        noise = run.initial_noise(len(prompts), generator)
+        velocity_fn = run.velocity_fn(cond, args.rollout_guidance)
+        last_micro = micro == args.gradient_accumulation_steps - 1
+        if args.draft_lv:
+            # The final image, without gradient; its last step is redone with gradient if counted.
+            with torch.no_grad():
+                x_last = ode_sample(velocity_fn, noise, sigmas[:-1])
+                x0 = ode_sample(velocity_fn, x_last, sigmas[-2:])
+            noises = [torch.randn(x0.shape, generator=generator).to(x0.device) for _ in range(args.lv_samples)]
+            terms = [lambda eps=eps: draft_lv_samples(velocity_fn, x0, float(sigmas[-2]), [eps])[0] for eps in noises]
+            if args.lv_include_base:
+                terms.append(lambda: ode_sample(velocity_fn, x_last, sigmas[-2:]))
+        else:
+            terms = [lambda: draft_k_sample(velocity_fn, noise, sigmas, args.draft_k, checkpoint=args.gradient_checkpointing or args.draft_k > 1)]
+        # One backward per term keeps one graph in memory at a time; the gradient is the
+        # same as the mean loss over the terms.
+        for i, term in enumerate(terms):
+            with run.sync_gradients(last_micro and i == len(terms) - 1):
+                reward, components = run.reward(run.decode(term()), prompts)
+                loss = training.reward_loss(reward, args).mean()
+                accelerator.backward(loss / (len(terms) * args.gradient_accumulation_steps))
+            logs["loss"].append(loss.item())
+            logs["reward"].append(reward.mean().item())
+            for name, value in components.items():
+                logs[f"reward/{name}"].append(value.mean().item())
+
+
+def main(args):
+    training.train(training.setup(args, "draft-lv" if args.draft_lv else f"draft-k{args.draft_k}"), training_step)
 
 
 if __name__ == "__main__":

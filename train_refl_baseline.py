@@ -20,7 +20,6 @@ the method the SRPO paper compares with).
 
 import argparse
 import math
-from collections import defaultdict
 
 import torch
 
@@ -60,33 +59,31 @@ def refl_predict_x0(x_t, sigma, velocity_fn):
     return x_t.float() - sigma * velocity_fn(x_t, sigma).float()
 
 
-def main(args):
-    run = training.setup(args, "refl")
-    accelerator = run.accelerator
+def training_step(run, step, logs):
+    """One optimiser step of ReFL: sample to a late step, one x0-predicting step with gradient."""
+    args, accelerator = run.args, run.accelerator
     low, high = grad_step_range(args)
-    for step in run.steps():
-        logs = defaultdict(list)
-        for micro in range(args.gradient_accumulation_steps):
-            micro_step = step * args.gradient_accumulation_steps + micro
-            generator = step_generator(args.seed, micro_step, accelerator.process_index)
-            prompts = run.batches.batch(micro_step)
-            stop = int(torch.randint(low, high + 1, (1,), generator=generator))
-            x_t, _, cond = run.rollout(prompts, generator, stop_index=stop)
-            sigma = float(run.rollout_sigmas[stop])
-            with run.sync_gradients(micro == args.gradient_accumulation_steps - 1):
-                x0_hat = refl_predict_x0(x_t, sigma, run.velocity_fn(cond, args.rollout_guidance))
-                reward, components = run.reward(run.decode(x0_hat), prompts)
-                loss = training.reward_loss(reward, args).mean()
-                accelerator.backward(loss / args.gradient_accumulation_steps)
-            logs["loss"].append(loss.item())
-            logs["reward"].append(reward.mean().item())
-            logs["sigma"].append(sigma)
-            for name, value in components.items():
-                logs[f"reward/{name}"].append(value.mean().item())
-        grad_norm = run.optimizer_step()
-        run.log(step, {**{k: training.mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
-        run.end_of_step(step)
-    training.finish(run)
+    for micro in range(args.gradient_accumulation_steps):
+        micro_step = step * args.gradient_accumulation_steps + micro
+        generator = step_generator(args.seed, micro_step, accelerator.process_index)
+        prompts = run.batches.batch(micro_step)
+        stop = int(torch.randint(low, high + 1, (1,), generator=generator))
+        x_t, _, cond = run.rollout(prompts, generator, stop_index=stop)
+        sigma = float(run.rollout_sigmas[stop])
+        with run.sync_gradients(micro == args.gradient_accumulation_steps - 1):
+            x0_hat = refl_predict_x0(x_t, sigma, run.velocity_fn(cond, args.rollout_guidance))
+            reward, components = run.reward(run.decode(x0_hat), prompts)
+            loss = training.reward_loss(reward, args).mean()
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+        logs["loss"].append(loss.item())
+        logs["reward"].append(reward.mean().item())
+        logs["sigma"].append(sigma)
+        for name, value in components.items():
+            logs[f"reward/{name}"].append(value.mean().item())
+
+
+def main(args):
+    training.train(training.setup(args, "refl"), training_step)
 
 
 if __name__ == "__main__":

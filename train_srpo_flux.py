@@ -27,7 +27,6 @@ FLUX.1-dev with HPSv2.1 and the authors' settings (defaults = their release):
 
 import argparse
 import json
-from collections import defaultdict
 
 import torch
 
@@ -152,9 +151,9 @@ def branch_loss(x0, noise, window, index, direction, velocity_fn, score_fn, weig
     return loss_fn(score).mean(), score, k, window.sigma(start)
 
 
-def main(args):
-    run = training.setup(args, "srpo")
-    accelerator = run.accelerator
+def training_step(run, step, logs):
+    """One optimiser step of SRPO: rollouts, then per start point a denoise and an inversion branch."""
+    args, accelerator = run.args, run.accelerator
     window = TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)
     directions = ["denoise"] if args.no_inversion else ["denoise", "inversion"]
     schedules = {"denoise": args.denoise_weights, "inversion": args.inversion_weights}
@@ -163,45 +162,43 @@ def main(args):
     def loss_fn(score):
         return training.reward_loss(score, args)
 
-    for step in run.steps():
-        logs = defaultdict(list)
-        wanted, unwanted = controls_for_step(args, step)
-        for micro in range(args.gradient_accumulation_steps):
-            micro_step = step * args.gradient_accumulation_steps + micro
-            generator = step_generator(args.seed, micro_step, accelerator.process_index)
-            x0, noise, cond, prompts = run.next_batch(micro_step, generator)
-            if args.monitor_steps and step % args.monitor_steps == 0 and micro == 0:
-                with torch.no_grad():
-                    for key, value in image_statistics(run.decode(x0)).items():
-                        logs[key].append(value)
+    wanted, unwanted = controls_for_step(args, step)
+    for micro in range(args.gradient_accumulation_steps):
+        micro_step = step * args.gradient_accumulation_steps + micro
+        generator = step_generator(args.seed, micro_step, accelerator.process_index)
+        x0, noise, cond, prompts = run.next_batch(micro_step, generator)
+        if args.monitor_steps and step % args.monitor_steps == 0 and micro == 0:
+            with torch.no_grad():
+                for key, value in image_statistics(run.decode(x0)).items():
+                    logs[key].append(value)
 
-            def score_fn(x0_hat, k, swapped):
-                images = run.decode(x0_hat)
-                positive, negative = (unwanted, wanted) if swapped else (wanted, unwanted)
-                score, details = relative_score(run.reward, images, prompts, positive, negative, args.reward_form, k,
-                                                args.aesthetic_noise_std, generator)
-                branch = "inversion" if swapped else "denoise"
-                for key, value in details.items():
-                    logs[f"{branch}/{key}"].append(value.mean().item())
-                return score
+        def score_fn(x0_hat, k, swapped):
+            images = run.decode(x0_hat)
+            positive, negative = (unwanted, wanted) if swapped else (wanted, unwanted)
+            score, details = relative_score(run.reward, images, prompts, positive, negative, args.reward_form, k,
+                                            args.aesthetic_noise_std, generator)
+            branch = "inversion" if swapped else "denoise"
+            for key, value in details.items():
+                logs[f"{branch}/{key}"].append(value.mean().item())
+            return score
 
-            for injection in range(args.num_injections):
-                index = window.sample_index(generator)
-                for direction in directions:
-                    last = (micro == args.gradient_accumulation_steps - 1 and injection == args.num_injections - 1
-                            and direction == directions[-1])
-                    with run.sync_gradients(last):
-                        loss, score, k, sigma = branch_loss(x0, noise, window, index, direction, run.velocity_fn(cond),
-                                                            score_fn, schedules[direction], loss_fn)
-                        accelerator.backward(loss / backward_passes)
-                    logs["loss"].append(loss.item())
-                    logs[f"{direction}/score"].append(score.mean().item())
-                    logs[f"{direction}/k"].append(k)
-                    logs[f"{direction}/sigma"].append(sigma)
-        grad_norm = run.optimizer_step()
-        run.log(step, {**{k: training.mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
-        run.end_of_step(step)
-    training.finish(run)
+        for injection in range(args.num_injections):
+            index = window.sample_index(generator)
+            for direction in directions:
+                last = (micro == args.gradient_accumulation_steps - 1 and injection == args.num_injections - 1
+                        and direction == directions[-1])
+                with run.sync_gradients(last):
+                    loss, score, k, sigma = branch_loss(x0, noise, window, index, direction, run.velocity_fn(cond),
+                                                        score_fn, schedules[direction], loss_fn)
+                    accelerator.backward(loss / backward_passes)
+                logs["loss"].append(loss.item())
+                logs[f"{direction}/score"].append(score.mean().item())
+                logs[f"{direction}/k"].append(k)
+                logs[f"{direction}/sigma"].append(sigma)
+
+
+def main(args):
+    training.train(training.setup(args, "srpo"), training_step)
 
 
 if __name__ == "__main__":

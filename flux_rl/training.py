@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -249,6 +250,18 @@ def setup(args, method: str) -> Run:
         f"{args.max_train_steps} steps, rollout {args.num_inference_steps} steps at {args.resolution}px"
     )
     return run
+
+
+def train(run: Run, training_step):
+    """The loop every trainer shares. `training_step(run, step, logs)` runs the method's forward
+    and backward passes for one optimiser step (all its micro-steps) and appends to `logs`."""
+    for step in run.steps():
+        logs = defaultdict(list)
+        training_step(run, step, logs)
+        grad_norm = run.optimizer_step()
+        run.log(step, {**{k: mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
+        run.end_of_step(step)
+    finish(run)
 
 
 def finish(run: Run):
