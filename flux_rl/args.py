@@ -32,7 +32,11 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--rank", type=int, default=64)
     a("--lora_alpha", type=float, default=64)
     a("--lora_target_modules", type=str, default=None, help="Comma-separated module names (default: all attention projections).")
-    a("--gradient_checkpointing", action="store_true")
+    a("--gradient_checkpointing", action="store_true", help="Recompute each transformer block in the backward pass.")
+    a("--vae_gradient_checkpointing", action="store_true", help="Also recompute the VAE decoder's blocks when decoding with gradient.")
+    a("--compile", action="store_true", help="torch.compile each transformer block (per-block: short compile, same graphs reused).")
+    a("--compile_backend", type=str, default="inductor")
+    a("--compile_mode", type=str, default=None, help="e.g. max-autotune-no-cudagraphs")
     # Optimisation
     a("--output_dir", type=str, default="output")
     a("--seed", type=int, default=42)

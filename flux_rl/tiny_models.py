@@ -63,6 +63,20 @@ def build_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+# FLUX.1-dev's transformer and VAE configurations, and the tiny ones with the same structure.
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+TINY_TRANSFORMER = dict(FLUX_DEV_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=TINY_WIDTH, pooled_projection_dim=TINY_WIDTH,
+                        axes_dims_rope=[4, 4, 8])  # in_channels 64 = 4 x the VAE's 16 latent channels (2x2 packing)
+FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                    up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                    latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+                    use_quant_conv=False, use_post_quant_conv=False)
+TINY_VAE = dict(FLUX_DEV_VAE, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8)
+
+
 def write_flux_pipeline(path, seed=0):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -70,32 +84,8 @@ def write_flux_pipeline(path, seed=0):
     torch.manual_seed(seed)
     clip_tokenizer = build_clip_tokenizer()
     t5_tokenizer = build_t5_tokenizer()
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,  # 4 x the VAE's 16 latent channels: FLUX packs 2x2 latent patches.
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TINY_WIDTH,
-        pooled_projection_dim=TINY_WIDTH,
-        guidance_embeds=True,
-        axes_dims_rope=[4, 4, 8],
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 16, 16, 16],
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER)
+    vae = AutoencoderKL(**TINY_VAE)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tokenizer),
@@ -159,9 +149,7 @@ def tiny_open_clip_config():
 def _tiny_open_clip_model(config):
     import open_clip
 
-    model = open_clip.CLIP(**config["model_cfg"])
-    # Random init leaves the logit scale at log(1/0.07); keep it, as CLIP does before training.
-    return model
+    return open_clip.CLIP(**config["model_cfg"])
 
 
 def write_hpsv2(path, seed=1):

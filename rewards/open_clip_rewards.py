@@ -27,9 +27,11 @@ class OpenClipReward(RewardModel):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         cfg = open_clip.get_model_preprocess_cfg(model)
-        size = cfg["size"]
+        size = cfg.get("size", model.visual.image_size)
         self.image_size = size if isinstance(size, int) else size[0]
-        self.mean, self.std = cfg["mean"], cfg["std"]
+        # open_clip's own defaults (OpenAI CLIP's) where a model carries no preprocess config.
+        self.mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        self.std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
 
     def preprocess(self, images):
         return clip_preprocess(images, self.image_size, self.mean, self.std)

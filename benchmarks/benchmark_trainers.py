@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Time one training step of each trainer on models with random weights.
+
+    # full size on one GPU (FLUX.1-dev-size transformer and VAE, HPSv2.1-size reward, bf16)
+    python benchmarks/benchmark_trainers.py --size full --resolutions 720,1024 --compile_modes eager,compiled
+
+    # the tiny models on the CPU (what the test suite runs)
+    python benchmarks/benchmark_trainers.py --size tiny --resolutions 64 --rollout_steps 3 --steps 1 --warmup 0
+
+Each trainer's own `training_step` runs on a `Run` assembled here from random-weight models
+(no weights to download: speed and memory do not depend on the weight values). Text embeddings
+are random tensors of FLUX's shapes (T5: 512 x 4096, CLIP pooled: 768), as the trainers cache
+them after the first step anyway. Prints a markdown table: median seconds per optimiser step,
+peak GPU memory, and achieved TFLOP/s (matmul FLOPs of one step counted with
+torch.utils.flop_counter in eager mode, divided by the median step time).
+"""
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train_direct_align  # noqa: E402
+import train_draft_baseline  # noqa: E402
+import train_refl_baseline  # noqa: E402
+import train_srpo_flux  # noqa: E402
+from flux_rl import data, latents, models, schedules, tiny_models, training  # noqa: E402
+from flux_rl.flux import Conditioning  # noqa: E402
+
+TRAINERS = {
+    "srpo": (train_srpo_flux, []),
+    "direct_align": (train_direct_align, []),
+    "refl": (train_refl_baseline, []),
+    "draft_lv": (train_draft_baseline, ["--draft_lv"]),
+}
+
+
+class RandomPromptEncoder:
+    """Stands in for FLUX's text encoders: random embeddings of the real shapes, fixed per prompt."""
+
+    def __init__(self, joint_dim, pooled_dim, sequence_length):
+        self.joint_dim, self.pooled_dim, self.sequence_length = joint_dim, pooled_dim, sequence_length
+
+    def __call__(self, prompts):
+        generator = torch.Generator().manual_seed(len(prompts))
+        return Conditioning(
+            torch.randn(len(prompts), self.sequence_length, self.joint_dim, generator=generator),
+            torch.randn(len(prompts), self.pooled_dim, generator=generator),
+            torch.zeros(self.sequence_length, 3),
+        )
+
+
+def build_reward(size, device, dtype):
+    import open_clip
+
+    from rewards import CombinedReward
+    from rewards.open_clip_rewards import OpenClipReward
+
+    if size == "full":
+        model = open_clip.create_model("ViT-H-14", pretrained=None, load_weights=False)  # HPSv2.1's architecture
+    else:
+        model = open_clip.CLIP(**tiny_models.tiny_open_clip_config()["model_cfg"])
+    reward = OpenClipReward(model.to(device=device, dtype=dtype), open_clip.get_tokenizer("ViT-H-14"), "hpsv2")
+    return CombinedReward({"hpsv2": reward}, {"hpsv2": 1.0})
+
+
+def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend="inductor"):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    flags = ["--pretrained_model_name_or_path", "random-weights", "--resolution", str(resolution),
+             "--num_inference_steps", str(rollout_steps), "--gradient_checkpointing", "--vae_gradient_checkpointing",
+             "--report_to", "none", *extra_flags]
+    if mode == "full":
+        flags += ["--full_finetune", "--use_8bit_adam"]
+    args = module.parse_args(flags)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer_config = tiny_models.FLUX_DEV_TRANSFORMER if size == "full" else tiny_models.TINY_TRANSFORMER
+    vae_config = tiny_models.FLUX_DEV_VAE if size == "full" else tiny_models.TINY_VAE
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in place on the device, in bf16: no 48 GB fp32 detour
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**transformer_config)
+            vae = AutoencoderKL(**vae_config).requires_grad_(False).eval()
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    vae.enable_gradient_checkpointing()
+    if mode == "full":
+        transformer.float().requires_grad_(True)  # fp32 master weights, as the trainers do
+    else:
+        models.add_lora(transformer, args.rank, args.lora_alpha, models.DEFAULT_LORA_TARGETS)
+    transformer.enable_gradient_checkpointing()
+    if compiled:
+        models.compile_blocks(transformer, backend)
+    params = models.trainable_parameters(transformer)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return training.Run(
+        args=args, method=module.__name__, accelerator=accelerator, transformer=transformer, vae=vae,
+        prompt_encoder=RandomPromptEncoder(transformer_config["joint_attention_dim"], transformer_config["pooled_projection_dim"],
+                                           512 if size == "full" else 32),
+        reward=build_reward(size, device, dtype), optimizer=optimizer, lr_scheduler=lr_scheduler,
+        batches=data.BatchSchedule([f"prompt {i}" for i in range(64)], args.train_batch_size, args.seed),
+        image_dataset=None, weight_dtype=dtype, vae_scale_factor=vae_scale_factor,
+        img_ids=latents.image_ids(resolution, resolution, vae_scale_factor, device, dtype),
+        rollout_sigmas=schedules.fixed_shift_sigmas(rollout_steps, 3.0),
+    )
+
+
+def one_step(module, run, step):
+    module.training_step(run, step, defaultdict(list))
+    run.optimizer_step()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(trainer, size, mode, resolution, rollout_steps, compiled, device, accelerator, steps, warmup, backend):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module, extra_flags = TRAINERS[trainer]
+    run = build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend)
+    flops = None
+    if not compiled:  # FLOPs do not depend on compilation; count them once, eagerly
+        with FlopCounterMode(display=False) as counter:
+            one_step(module, run, 0)
+        flops = counter.get_total_flops()
+    for step in range(warmup):
+        one_step(module, run, step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        one_step(module, run, warmup + step)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del run
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(times), peak, flops
+
+
+def main(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["full", "tiny"], default="full")
+    parser.add_argument("--trainers", default=",".join(TRAINERS))
+    parser.add_argument("--modes", default="lora,full")
+    parser.add_argument("--resolutions", default="720,1024")
+    parser.add_argument("--compile_modes", default="eager,compiled")
+    parser.add_argument("--rollout_steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps; the median is reported.")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile_backend", default="inductor")
+    parser.add_argument("--output", default=None, help="Also write the table to this markdown file.")
+    args = parser.parse_args(input_args)
+
+    from accelerate import Accelerator
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    header = ["trainer", "mode", "resolution", "compile", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s"]
+    lines = [f"Device: {card}; size: {args.size}; rollout {args.rollout_steps} steps; median of {args.steps} step(s)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    print("\n".join(lines), flush=True)
+    flops_seen = {}
+    for trainer in args.trainers.split(","):
+        for mode in args.modes.split(","):
+            for resolution in (int(r) for r in args.resolutions.split(",")):
+                for compile_mode in args.compile_modes.split(","):
+                    seconds, peak, flops = measure(trainer, args.size, mode, resolution, args.rollout_steps,
+                                                   compile_mode == "compiled", device, accelerator, args.steps, args.warmup,
+                                                   args.compile_backend)
+                    flops = flops_seen.setdefault((trainer, mode, resolution), flops)
+                    tflop = flops / 1e12 if flops else float("nan")
+                    row = [trainer, mode, str(resolution), compile_mode, f"{seconds:.3f}",
+                           "-" if peak != peak else f"{peak:.1f}", f"{tflop:.3g}", f"{tflop / seconds:.3g}"]
+                    lines.append("| " + " | ".join(row) + " |")
+                    print(lines[-1], flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
