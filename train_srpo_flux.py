@@ -109,19 +109,20 @@ def controls_for_step(args, step):
     return wanted, unwanted
 
 
-def relative_score(reward, images, prompts, wanted, unwanted, form, k, noise_std, generator):
+def relative_score(reward, images, prompts, positive, negative, form, k, noise_std, generator):
     """Weighted sum over the reward spec of each model's semantic-relative reward (Eq. 8-11), or
-    for image-only models the appendix S1 form. Returns (score, per-model details to log)."""
+    for image-only models the appendix S1 form. `positive` phrases go in the C1 slot,
+    `negative` ones in the C2 slot. Returns (score, per-model details to log)."""
     total, details = 0.0, {}
     for name, model in reward.models.items():
         if model.uses_text:
             features = model.encode_image(images) if model.scores_by_embedding else None  # encoded once
-            r_wanted = rewards.control_scores(model, images, prompts, wanted, features)
-            r_unwanted = rewards.control_scores(model, images, prompts, unwanted, features) if form != "sgp" else None
-            value = rewards.combine_scores(r_wanted, r_unwanted, form, k)
-            details[f"{name}/wanted"] = r_wanted.detach()
-            if r_unwanted is not None:
-                details[f"{name}/unwanted"] = r_unwanted.detach()
+            r_positive = rewards.control_scores(model, images, prompts, positive, features)
+            r_negative = rewards.control_scores(model, images, prompts, negative, features) if form != "sgp" else None
+            value = rewards.combine_scores(r_positive, r_negative, form, k)
+            details[f"{name}/positive"] = r_positive.detach()
+            if r_negative is not None:
+                details[f"{name}/negative"] = r_negative.detach()
         else:
             value = rewards.noised_relative_reward(model, images, prompts, noise_std, generator)  # appendix S1
         details[name] = value.detach()
@@ -178,8 +179,11 @@ def training_step(run, step, logs):
             score, details = relative_score(run.reward, images, prompts, positive, negative, args.reward_form, k,
                                             args.aesthetic_noise_std, generator)
             branch = "inversion" if swapped else "denoise"
+            # The inversion branch puts the unwanted phrase in the positive slot; log by phrase.
+            roles = {"positive": "unwanted", "negative": "wanted"} if swapped else {"positive": "wanted", "negative": "unwanted"}
             for key, value in details.items():
-                logs[f"{branch}/{key}"].append(value.mean().item())
+                name, _, slot = key.partition("/")
+                logs[f"{branch}/{name}/{roles[slot]}" if slot else f"{branch}/{name}"].append(value.mean().item())
             return score
 
         for injection in range(args.num_injections):

@@ -29,6 +29,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(temporary)
+    accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
     if accelerator.is_main_process:
         with open(os.path.join(temporary, "training_state.json"), "w") as f:
             json.dump({"global_step": step, "config": config}, f, indent=2, default=str)

@@ -49,8 +49,10 @@ class BatchSchedule:
         self.process_index = process_index
 
     def _order(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        return torch.randperm(len(self.items), generator=generator).tolist()
+        if getattr(self, "_cached_epoch", None) != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._cached_order, self._cached_epoch = torch.randperm(len(self.items), generator=generator).tolist(), epoch
+        return self._cached_order
 
     def batch(self, micro_step: int) -> list[str]:
         """Items of this process for global micro-step `micro_step`."""

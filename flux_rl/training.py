@@ -36,6 +36,7 @@ class Run:
     rollout_sigmas: torch.Tensor
     start_step: int = 0
     _step_started: float = field(default_factory=time.time)
+    _last_loss: float = 0.0
 
     @property
     def device(self):
@@ -113,8 +114,6 @@ class Run:
             self._step_started = time.time()
             yield step
             progress.set_postfix(loss=self._last_loss)
-
-    _last_loss: float = 0.0
 
     def log(self, step: int, values: dict):
         values = {k: float(v) for k, v in values.items()}
@@ -221,7 +220,12 @@ def setup(args, method: str) -> Run:
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps)
+    # accelerate steps a prepared scheduler once per process at each optimiser step, so its
+    # lengths are counted in process-steps (as diffusers' examples do).
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
     vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)

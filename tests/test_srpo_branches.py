@@ -82,7 +82,7 @@ def test_relative_score_hand_computation(tiny_rewards):
     r2 = hps(images, ["Anime. a cat", "Anime. a dog"])
     s1 = rewards.noised_relative_reward(aesthetic, images, prompts, 0.05, torch.Generator().manual_seed(1))
     assert torch.allclose(score, 1.2 * r1 - r2 + 0.5 * s1, atol=1e-5)
-    assert torch.allclose(details["hpsv2/wanted"], r1, atol=1e-6) and torch.allclose(details["hpsv2/unwanted"], r2, atol=1e-6)
+    assert torch.allclose(details["hpsv2/positive"], r1, atol=1e-6) and torch.allclose(details["hpsv2/negative"], r2, atol=1e-6)
 
 
 def test_relative_score_with_a_cross_attention_scorer(tiny_rewards):
@@ -93,7 +93,7 @@ def test_relative_score_with_a_cross_attention_scorer(tiny_rewards):
     r1 = (model(images, ["Real. a cat", "Real. a dog"]) + model(images, ["Detail. a cat", "Detail. a dog"])) / 2
     r2 = model(images, ["Anime. a cat", "Anime. a dog"])
     assert torch.allclose(score, 2.0 * (r1 - r2), atol=1e-6)
-    assert torch.allclose(details["imagereward/wanted"], r1, atol=1e-6)
+    assert torch.allclose(details["imagereward/positive"], r1, atol=1e-6)
 
 
 def test_controls_cycle_and_average():
