@@ -7,6 +7,9 @@
     # the tiny models on the CPU (what the test suite runs)
     python benchmarks/benchmark_trainers.py --size tiny --resolutions 64 --rollout_steps 3 --steps 1 --warmup 0
 
+Modes: `lora` (bf16 base, fp32 LoRA r=64, AdamW), `full` (fp32 master weights, 8-bit AdamW),
+`full_bf16` (bf16 weights, AdamW with stochastic rounding and bf16 moments).
+
 Each trainer's own `training_step` runs on a `Run` assembled here from random-weight models
 (no weights to download: speed and memory do not depend on the weight values). Text embeddings
 are random tensors of FLUX's shapes (T5: 512 x 4096, CLIP pooled: 768), as the trainers cache
@@ -79,6 +82,8 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
              "--report_to", "none", *extra_flags]
     if mode == "full":
         flags += ["--full_finetune", "--use_8bit_adam"]
+    elif mode == "full_bf16":
+        flags += ["--full_finetune", "--bf16_weights"]
     args = module.parse_args(flags)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer_config = tiny_models.FLUX_DEV_TRANSFORMER if size == "full" else tiny_models.TINY_TRANSFORMER
@@ -94,18 +99,14 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     vae.enable_gradient_checkpointing()
     if mode == "full":
         transformer.float().requires_grad_(True)  # fp32 master weights, as the trainers do
+    elif mode == "full_bf16":
+        transformer.to(dtype=torch.bfloat16).requires_grad_(True)
     else:
         models.add_lora(transformer, args.rank, args.lora_alpha, models.DEFAULT_LORA_TARGETS)
     transformer.enable_gradient_checkpointing()
     if compiled:
         models.compile_blocks(transformer, backend)
-    params = models.trainable_parameters(transformer)
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    optimizer = training.make_optimizer(args, models.trainable_parameters(transformer))
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     return training.Run(
@@ -163,7 +164,8 @@ def main(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["full", "tiny"], default="full")
     parser.add_argument("--trainers", default=",".join(TRAINERS))
-    parser.add_argument("--modes", default="lora,full")
+    parser.add_argument("--modes", default="lora,full,full_bf16",
+                        help="lora; full: fp32 master weights + 8-bit AdamW; full_bf16: bf16 weights + stochastic-rounding AdamW.")
     parser.add_argument("--resolutions", default="720,1024")
     parser.add_argument("--compile_modes", default="eager,compiled")
     parser.add_argument("--rollout_steps", type=int, default=25)
@@ -176,7 +178,7 @@ def main(input_args=None):
     from accelerate import Accelerator
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
+    accelerator = Accelerator(mixed_precision="bf16")  # bf16 autocast, as the trainers with --mixed_precision bf16
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -52,6 +52,7 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--adam_epsilon", type=float, default=1e-8)
     a("--max_grad_norm", type=float, default=0.1)
     a("--use_8bit_adam", action="store_true")
+    a("--bf16_weights", action="store_true", help="Full fine-tune with bf16 trainable weights and AdamW with stochastic rounding (fits FLUX on one GPU).")
     a("--allow_tf32", action="store_true")
     a("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     # Checkpoints, logging, validation, hub
@@ -122,6 +123,10 @@ def validate_common_args(args):
         fail(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.rank < 1:
         fail(f"--rank must be at least 1, got {args.rank}")
+    if args.bf16_weights and not args.full_finetune:
+        fail("--bf16_weights is for --full_finetune (LoRA weights are small and stay fp32)")
+    if args.bf16_weights and args.use_8bit_adam:
+        fail("--bf16_weights brings its own optimizer (AdamW with stochastic rounding); drop --use_8bit_adam")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         fail(f"--report_to {args.report_to}: choose tensorboard, wandb, all or none")
     if args.validation_steps is not None and args.validation_steps < 1:

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints, data, flux, hub, latents, models, schedules, validation
+from .optim import AdamWStochasticBF16
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,18 @@ class Run:
         return validation.log_validation(self.accelerator, images, self.args.validation_prompt, scores, step, self.args.output_dir)
 
 
+def make_optimizer(args, params):
+    """AdamW (fp32 states), bitsandbytes' AdamW8bit, or AdamW with stochastic rounding for bf16 weights."""
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.bf16_weights:
+        return AdamWStochasticBF16(params, seed=args.seed, **kwargs)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def _config(args) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items() if k != "hub_token"}
 
@@ -186,7 +199,9 @@ def setup(args, method: str) -> Run:
     for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
         module.requires_grad_(False).eval().to(accelerator.device)
     transformer = pipeline.transformer
-    if args.full_finetune:
+    if args.full_finetune and args.bf16_weights:
+        transformer.to(dtype=torch.bfloat16).requires_grad_(True)  # stochastic rounding keeps small updates
+    elif args.full_finetune:
         transformer.float().requires_grad_(True)  # fp32 master weights under autocast
     else:
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else models.DEFAULT_LORA_TARGETS
@@ -210,16 +225,7 @@ def setup(args, method: str) -> Run:
     schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
 
     params = models.trainable_parameters(transformer)
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(
-        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )
+    optimizer = make_optimizer(args, params)
     # accelerate steps a prepared scheduler once per process at each optimiser step, so its
     # lengths are counted in process-steps (as diffusers' examples do).
     lr_scheduler = get_scheduler(

@@ -12,7 +12,7 @@ def test_benchmark_table_on_tiny_models(tmp_path):
         "--compile_modes", "eager,compiled", "--compile_backend", "aot_eager", "--output", str(output),
     ])
     rows = [line.strip("|").split("|") for line in lines if line.startswith("| ") and "trainer" not in line]
-    assert len(rows) == len(benchmark_trainers.TRAINERS) * 2 * 2
+    assert len(rows) == len(benchmark_trainers.TRAINERS) * 3 * 2
     assert {row[0].strip() for row in rows} == set(benchmark_trainers.TRAINERS)
     for row in rows:
         seconds, tflop = float(row[4]), float(row[6])

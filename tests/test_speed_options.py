@@ -54,3 +54,20 @@ def test_trainer_with_every_speed_option(tiny_models, tmp_path):
     assert lora and all(v.dtype == torch.float32 for v in lora.values())
     tags = scalar_tags(output_dir)
     assert len(tags["loss"]) == 2 and all(g > 0 for g in tags["grad_norm"])
+
+
+def test_full_finetune_with_bf16_weights(tiny_models, tiny_flux, tmp_path):
+    """--bf16_weights: the trained transformer is saved in bf16 and has moved."""
+    from tests.launch import launch, tiny_args
+
+    output_dir = str(tmp_path / "bf16")
+    launch("train_srpo_flux.py", tiny_args(
+        tiny_models, output_dir, "--max_train_steps", "2", "--full_finetune", "--bf16_weights", "--mixed_precision", "bf16",
+        "--learning_rate", "1e-2", "--gradient_checkpointing",
+    ))
+    from safetensors.torch import load_file
+
+    trained = load_file(os.path.join(output_dir, "transformer", "diffusion_pytorch_model.safetensors"))
+    original = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer")).state_dict()
+    assert all(v.dtype == torch.bfloat16 for v in trained.values())
+    assert any(not torch.equal(v, original[k].to(torch.bfloat16)) for k, v in trained.items())
