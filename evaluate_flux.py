@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 import rewards
 from flux_rl import evaluation
+from flux_rl.args import run_cli
 
 
 def parse_args(input_args=None):
@@ -139,4 +140,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(parse_args, main)

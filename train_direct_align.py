@@ -71,12 +71,9 @@ def training_step(run, step, logs):
                 discount = linear_weight(args.discount, low)  # Eq. 6: lambda(t), read at the less noisy end
                 loss = discount * training.reward_loss(reward, args).mean()
                 accelerator.backward(loss / backward_passes)
-            logs["loss"].append(loss.item())
-            logs["reward"].append(reward.mean().item())
+            training.log_reward_terms(logs, loss, reward, components)
             logs["sigma"].append(sigma_high)
             logs["discount"].append(discount)
-            for name, value in components.items():
-                logs[f"reward/{name}"].append(value.mean().item())
 
 
 def main(args):
@@ -84,4 +81,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(parse_args, main)

@@ -96,10 +96,7 @@ def training_step(run, step, logs):
                 reward, components = run.reward(run.decode(term()), prompts)
                 loss = training.reward_loss(reward, args).mean()
                 accelerator.backward(loss / (len(terms) * args.gradient_accumulation_steps))
-            logs["loss"].append(loss.item())
-            logs["reward"].append(reward.mean().item())
-            for name, value in components.items():
-                logs[f"reward/{name}"].append(value.mean().item())
+            training.log_reward_terms(logs, loss, reward, components)
 
 
 def main(args):
@@ -107,4 +104,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(parse_args, main)

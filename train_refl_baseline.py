@@ -75,11 +75,8 @@ def training_step(run, step, logs):
             reward, components = run.reward(run.decode(x0_hat), prompts)
             loss = training.reward_loss(reward, args).mean()
             accelerator.backward(loss / args.gradient_accumulation_steps)
-        logs["loss"].append(loss.item())
-        logs["reward"].append(reward.mean().item())
+        training.log_reward_terms(logs, loss, reward, components)
         logs["sigma"].append(sigma)
-        for name, value in components.items():
-            logs[f"reward/{name}"].append(value.mean().item())
 
 
 def main(args):
@@ -87,4 +84,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(parse_args, main)

@@ -206,4 +206,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(parse_args, main)

@@ -102,6 +102,19 @@ def parse_pair(text, flag: str, cast=float) -> tuple:
     return first, second
 
 
+def run_cli(parse_args, main):
+    """`python script.py ...`: a configuration error prints one line and exits with status 2,
+    as argparse does, instead of a traceback."""
+    import sys
+
+    try:
+        args = parse_args()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    main(args)
+
+
 def fail(message: str):
     raise ValueError(message)
 

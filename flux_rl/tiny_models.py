@@ -74,6 +74,9 @@ FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncode
                     up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
                     latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
                     use_quant_conv=False, use_post_quant_conv=False)
+# A CLIP text tower with the real token ids (49406 start, 49407 end and padding).
+TINY_CLIP_TEXT = dict(hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 TINY_VAE = dict(FLUX_DEV_VAE, block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8)
 
 
@@ -87,18 +90,7 @@ def write_flux_pipeline(path, seed=0):
     transformer = FluxTransformer2DModel(**TINY_TRANSFORMER)
     vae = AutoencoderKL(**TINY_VAE)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
-            hidden_size=TINY_WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=TINY_WIDTH,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
+        CLIPTextConfig(**TINY_CLIP_TEXT, vocab_size=len(clip_tokenizer), projection_dim=TINY_WIDTH)
     )
     text_encoder_2 = T5EncoderModel(
         T5Config(
@@ -184,17 +176,7 @@ def write_pickscore(path, seed=3):
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=49408,
-            hidden_size=TINY_WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
+        text_config=dict(**TINY_CLIP_TEXT, vocab_size=49408),
         vision_config=dict(
             hidden_size=TINY_WIDTH,
             intermediate_size=64,

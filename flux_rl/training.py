@@ -308,5 +308,13 @@ def reward_loss(reward: torch.Tensor, args) -> torch.Tensor:
     raise ValueError(f"unknown --loss_type '{args.loss_type}'; choose relu or neg")
 
 
+def log_reward_terms(logs, loss, reward, components):
+    """Append one backward pass's loss, total reward and each reward component to `logs`."""
+    logs["loss"].append(loss.item())
+    logs["reward"].append(reward.mean().item())
+    for name, value in components.items():
+        logs[f"reward/{name}"].append(value.mean().item())
+
+
 def mean_or_nan(values):
     return sum(values) / len(values) if values else math.nan

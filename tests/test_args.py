@@ -37,3 +37,18 @@ def test_argument_validation(extra, message, tmp_path):
 def test_missing_model_path_fails():
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path is required"):
         train_direct_align.parse_args([])
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    for script in ["train_srpo_flux.py", "train_direct_align.py", "train_refl_baseline.py", "train_draft_baseline.py"]:
+        result = subprocess.run([sys.executable, script, "--pretrained_model_name_or_path", "x", "--resolution", "100"],
+                                cwd=REPO_ROOT, capture_output=True, text=True)
+        assert result.returncode == 2, script
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert errors == ["error: --resolution 100 must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)"], result.stderr
+        assert "Traceback" not in result.stderr
