@@ -15,6 +15,8 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--prompt_column", type=str, default="prompt")
     a("--dataset_split", type=str, default="train")
     a("--max_sequence_length", type=int, default=512, help="T5 tokens, as the release.")
+    a("--text_cache_size", type=int, default=2048, help="Prompts whose text embeddings stay cached (4 MB each at full size).")
+    a("--offload_text_encoders", action="store_true", help="Keep CLIP/T5 on the CPU between encodes (about 10 GB less GPU memory).")
     # Reward
     a("--reward", type=str, default="hpsv2:1.0", help='Weighted reward spec, e.g. "hpsv2:1.0,pickscore:0.05".')
     a("--reward_models_dir", type=str, default=None, help="Folder with <reward name>/ subfolders of local weights; missing ones come from the Hub.")

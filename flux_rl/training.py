@@ -196,8 +196,9 @@ def setup(args, method: str) -> Run:
 
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
     pipeline = models.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype=weight_dtype)
-    for module in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
-        module.requires_grad_(False).eval().to(accelerator.device)
+    pipeline.vae.requires_grad_(False).eval().to(accelerator.device)
+    for encoder in (pipeline.text_encoder, pipeline.text_encoder_2):
+        encoder.requires_grad_(False).eval().to("cpu" if args.offload_text_encoders else accelerator.device)
     transformer = pipeline.transformer
     if args.full_finetune and args.bf16_weights:
         transformer.to(dtype=torch.bfloat16).requires_grad_(True)  # stochastic rounding keeps small updates
@@ -239,7 +240,8 @@ def setup(args, method: str) -> Run:
     sigmas = schedules.rollout_sigmas(args.num_inference_steps, image_seq_len, pipeline.scheduler.config, args.rollout_shift or None)
     run = Run(
         args=args, method=method, accelerator=accelerator, transformer=transformer, vae=pipeline.vae,
-        prompt_encoder=flux.PromptEncoder(pipeline, args.max_sequence_length, accelerator.device),
+        prompt_encoder=flux.PromptEncoder(pipeline, args.max_sequence_length, accelerator.device, args.text_cache_size,
+                                          args.offload_text_encoders),
         reward=reward, optimizer=optimizer, lr_scheduler=lr_scheduler, batches=schedule, image_dataset=image_dataset, weight_dtype=weight_dtype,
         vae_scale_factor=vae_scale_factor, rollout_sigmas=sigmas,
         img_ids=latents.image_ids(args.resolution, args.resolution, vae_scale_factor, accelerator.device, weight_dtype),

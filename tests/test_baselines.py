@@ -89,7 +89,7 @@ def test_bad_baseline_flags(module, extra, message):
 @pytest.mark.parametrize(
     "script, extra",
     [
-        ("train_refl_baseline.py", ["--train_batch_size", "2"]),
+        ("train_refl_baseline.py", ["--train_batch_size", "2", "--offload_text_encoders", "--text_cache_size", "1"]),
         ("train_draft_baseline.py", ["--draft_k", "2"]),
         ("train_draft_baseline.py", ["--draft_lv", "--lv_samples", "2", "--lv_include_base", "--full_finetune"]),
     ],

@@ -51,6 +51,19 @@ def test_prompt_cache_encodes_each_prompt_once(tiny_flux):
     assert torch.equal(second.prompt_embeds[0], first.prompt_embeds[1])
 
 
+def test_prompt_cache_is_bounded_and_offload_returns_encoders(tiny_flux):
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    encoder = flux.PromptEncoder(pipe, max_sequence_length=32, cache_size=2, offload=True)
+    reference = flux.PromptEncoder(pipe, max_sequence_length=32)
+    got = encoder(["a", "b", "c"])
+    assert list(encoder.cache) == ["b", "c"]  # the oldest dropped
+    assert torch.allclose(got.prompt_embeds, reference(["a", "b", "c"]).prompt_embeds)
+    encoder(["b"])
+    encoder(["d"])
+    assert list(encoder.cache) == ["b", "d"]  # "b" was used last, so "c" went
+    assert next(pipe.text_encoder_2.parameters()).device.type == "cpu"
+
+
 def test_vae_encode_decode_shapes(tiny_flux):
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     images = torch.rand(1, 3, 64, 64)
