@@ -19,6 +19,7 @@ torch.utils.flop_counter in eager mode, divided by the median step time).
 """
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -60,7 +61,9 @@ class RandomPromptEncoder:
         )
 
 
+@functools.lru_cache(maxsize=None)
 def build_reward(size, device, dtype):
+    """One reward model for all measurements (ViT-H-14's random init takes a while on the CPU)."""
     import open_clip
 
     from rewards import CombinedReward
@@ -160,6 +163,10 @@ def measure(trainer, size, mode, resolution, rollout_steps, compiled, device, ac
     return statistics.median(times), peak, flops
 
 
+def _total_gib():
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
 def main(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["full", "tiny"], default="full")
@@ -191,9 +198,17 @@ def main(input_args=None):
         for mode in args.modes.split(","):
             for resolution in (int(r) for r in args.resolutions.split(",")):
                 for compile_mode in args.compile_modes.split(","):
-                    seconds, peak, flops = measure(trainer, args.size, mode, resolution, args.rollout_steps,
-                                                   compile_mode == "compiled", device, accelerator, args.steps, args.warmup,
-                                                   args.compile_backend)
+                    try:
+                        seconds, peak, flops = measure(trainer, args.size, mode, resolution, args.rollout_steps,
+                                                       compile_mode == "compiled", device, accelerator, args.steps,
+                                                       args.warmup, args.compile_backend)
+                    except torch.cuda.OutOfMemoryError:
+                        # One configuration that does not fit must not cost the rest of the table.
+                        lines.append(f"| {trainer} | {mode} | {resolution} | {compile_mode} | OOM | > {_total_gib():.0f} | - | - |")
+                        print(lines[-1], flush=True)
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                        continue
                     flops = flops_seen.setdefault((trainer, mode, resolution), flops)
                     tflop = flops / 1e12 if flops else float("nan")
                     row = [trainer, mode, str(resolution), compile_mode, f"{seconds:.3f}",
