@@ -13,7 +13,7 @@ def test_ddp_two_processes(tiny_models, tmp_path):
     output_dir = str(tmp_path / "ddp")
     launch("tests/ddp_probe.py", ["train_srpo_flux"] + tiny_args(
         tiny_models, output_dir, "--max_train_steps", "3", "--rank", "4", "--gradient_accumulation_steps", "2",
-        "--checkpointing_steps", "2",
+        "--checkpointing_steps", "2", "--gradient_checkpointing", "--validation_prompt", "a cat", "--validation_steps", "2",
     ), num_processes=2)
     ranks = [json.load(open(os.path.join(output_dir, f"rank{i}.json"))) for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -25,4 +25,5 @@ def test_ddp_two_processes(tiny_models, tmp_path):
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
     assert os.path.exists(os.path.join(output_dir, "checkpoint-2"))
+    assert sorted(os.listdir(os.path.join(output_dir, "validation"))) == ["step-000002.png", "step-000003.png"]
     assert os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
