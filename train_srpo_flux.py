@@ -2,7 +2,7 @@
 """SRPO: Semantic Relative Preference Optimization on Direct-Align (paper section 3.2, appendix S1).
 
 What it does, in five lines:
-  1. Roll out an image x0 from noise with the frozen sampler (no gradient, 25 Euler steps).
+  1. Roll out an image x0 from noise with the current model, without gradient (25 Euler steps).
   2. Inject the same noise again at a point of the training window and recover x0 in closed form
      after ONE model step (Direct-Align, Eq. 3-5), for a denoise branch and an inversion branch.
   3. Score the recovered image with the reward model against "<wanted>. <prompt>" and
