@@ -28,7 +28,15 @@ def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split:
         if extension == ".txt":
             prompt_column = "text"
     else:
-        dataset = load_dataset(path, split=split)
+        try:
+            dataset = load_dataset(path, split=split)
+        except RuntimeError as error:
+            if "scripts are no longer supported" in str(error):
+                raise ValueError(
+                    f"--dataset_name {path} needs a loading script, which datasets >= 4 no longer runs; download its "
+                    "data files and pass one (HPDv2: see README, Prompts)"
+                ) from None
+            raise
     if prompt_column not in dataset.column_names:
         raise ValueError(f"--prompt_column '{prompt_column}' not in {path}; its columns are {dataset.column_names}")
     prompts = [p.strip() for p in dataset[prompt_column] if isinstance(p, str) and p.strip()]

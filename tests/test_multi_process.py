@@ -27,3 +27,23 @@ def test_ddp_two_processes(tiny_models, tmp_path):
     assert os.path.exists(os.path.join(output_dir, "checkpoint-2"))
     assert sorted(os.listdir(os.path.join(output_dir, "validation"))) == ["step-000002.png", "step-000003.png"]
     assert os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+
+
+def test_ddp_resume_matches_uninterrupted(tiny_models, tmp_path):
+    """Two processes, interrupted after a checkpoint and resumed, end where an uninterrupted run ends."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    common = ["--rank", "4", "--checkpointing_steps", "2", "--train_batch_size", "1"]
+    full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
+    launch("train_direct_align.py", tiny_args(tiny_models, full_dir, "--max_train_steps", "4", *common), num_processes=2)
+    os.makedirs(resumed_dir)
+    shutil.copytree(os.path.join(full_dir, "checkpoint-2"), os.path.join(resumed_dir, "checkpoint-2"))
+    launch("train_direct_align.py", tiny_args(tiny_models, resumed_dir, "--max_train_steps", "4", "--resume_from_checkpoint",
+                                              "latest", *common), num_processes=2)
+    expected = load_file(os.path.join(full_dir, "pytorch_lora_weights.safetensors"))
+    got = load_file(os.path.join(resumed_dir, "pytorch_lora_weights.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], got[key], atol=1e-7), key
