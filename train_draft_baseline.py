@@ -88,7 +88,7 @@ def training_step(run, step, logs):
             if args.lv_include_base:
                 terms.append(lambda: ode_sample(velocity_fn, x_last, sigmas[-2:]))
         else:
-            terms = [lambda: draft_k_sample(velocity_fn, noise, sigmas, args.draft_k, checkpoint=args.gradient_checkpointing or args.draft_k > 1)]
+            terms = [lambda: draft_k_sample(velocity_fn, noise, sigmas, args.draft_k)]  # steps checkpointed when K > 1
         # One backward per term keeps one graph in memory at a time; the gradient is the
         # same as the mean loss over the terms.
         for i, term in enumerate(terms):
