@@ -78,6 +78,8 @@ def parse_args(input_args=None):
 
 
 def validate_args(args):
+    if args.train_data_dir and args.dataset_name:
+        raise ValueError("give either --train_data_dir (offline SRPO on images) or --dataset_name (prompts), not both")
     common.validate_common_args(args)
     common.validate_window_args(args)
     args.denoise_weights = common.parse_pair(args.denoise_weights, "denoise_weights")
@@ -96,8 +98,6 @@ def validate_args(args):
         raise ValueError("--wanted_controls and --unwanted_controls need at least one phrase each")
     if args.reward_form == "sgp" and not args.no_inversion:
         raise ValueError("--reward_form sgp has no unwanted phrase to swap in the inversion branch; add --no_inversion")
-    if args.train_data_dir and args.dataset_name:
-        raise ValueError("give either --train_data_dir (offline SRPO on images) or --dataset_name (prompts), not both")
 
 
 def controls_for_step(args, step):

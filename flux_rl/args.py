@@ -150,6 +150,15 @@ def validate_common_args(args):
         fail("--push_to_hub needs --hub_model_id (e.g. your-name/flux-srpo-lora)")
     if args.hub_token and args.report_to in ("wandb", "all"):
         fail("--hub_token would be logged to wandb; run `huggingface-cli login` instead of passing the token")
+    for flag in ("pretrained_model_name_or_path", "reward_models_dir", "train_data_dir"):
+        value = getattr(args, flag, None)
+        if value and (value.startswith((".", "/")) or flag != "pretrained_model_name_or_path") and not os.path.exists(value):
+            fail(f"--{flag} {value}: no such folder")
+    if args.report_to in ("wandb", "all"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            fail(f"--report_to {args.report_to} needs wandb: pip install wandb (or use --report_to tensorboard)")
     looks_local = args.dataset_name and (args.dataset_name.startswith((".", "/")) or os.path.splitext(args.dataset_name)[1])
     if looks_local and not os.path.exists(args.dataset_name):
         fail(f"--dataset_name {args.dataset_name}: no such file or folder")

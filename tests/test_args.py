@@ -22,6 +22,7 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--dataset_name", "./missing.json"], "no such file"),
         (["--resume_from_checkpoint", "checkpoint-9"], "no such checkpoint"),
         (["--num_injections", "0"], "--num_injections"),
+        (["--reward_models_dir", "/no/such/rewards"], "--reward_models_dir /no/such/rewards: no such folder"),
     ],
 )
 def test_argument_validation(extra, message, tmp_path):
@@ -34,9 +35,20 @@ def test_argument_validation(extra, message, tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_wandb_missing_fails_early(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match="--report_to wandb needs wandb"):
+        train_direct_align.parse_args(BASE + ["--report_to", "wandb"])
+
+
 def test_missing_model_path_fails():
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path is required"):
         train_direct_align.parse_args([])
+    with pytest.raises(ValueError, match="no such folder"):
+        train_direct_align.parse_args(["--pretrained_model_name_or_path", "./tiny-models/nope"])
 
 
 def test_command_line_error_is_one_line(tmp_path):
