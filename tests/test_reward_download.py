@@ -1,0 +1,52 @@
+"""rewards.download puts each model where its loader looks (the Hub replaced by the tiny models)."""
+
+import os
+import shutil
+
+import huggingface_hub
+import torch
+
+import rewards
+from rewards import download
+
+
+def test_download_layout_loads_offline(tiny_rewards, tmp_path, monkeypatch):
+    """Each Hub file is served from the tiny folder of the same layout; the result must load."""
+    sources = {
+        "xswu/HPSv2": os.path.join(tiny_rewards, "hpsv2"),
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": os.path.join(tiny_rewards, "clip"),
+        "THUDM/ImageReward": os.path.join(tiny_rewards, "imagereward"),
+    }
+
+    def fake_hf_hub_download(repo_id, filename, local_dir, **kwargs):
+        os.makedirs(local_dir, exist_ok=True)
+        return shutil.copy(os.path.join(sources[repo_id], filename), os.path.join(local_dir, filename))
+
+    def fake_snapshot_download(repo_id, local_dir, allow_patterns, **kwargs):
+        import fnmatch
+
+        for name in os.listdir(sources[repo_id]):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                os.makedirs(local_dir, exist_ok=True)
+                shutil.copy(os.path.join(sources[repo_id], name), local_dir)
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    # The real HPSv2.1 folder holds only the .pt (architecture: ViT-H-14); keep the tiny config so it loads here.
+    out = tmp_path / "weights"
+    download.main(["--output_dir", str(out), "--names", "hpsv2,clip"])
+    assert sorted(os.listdir(out / "hpsv2")) == ["HPS_v2.1_compressed.pt"]
+    assert sorted(os.listdir(out / "clip")) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    shutil.copy(os.path.join(tiny_rewards, "hpsv2", "open_clip_config.json"), out / "hpsv2")
+    for name in ("hpsv2", "clip"):
+        model = rewards.load_reward_model(name, str(out))
+        assert model(torch.rand(1, 3, 64, 64), ["a cat"]).shape == (1,)
+
+
+def test_unknown_name_fails(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        download.main(["--names", "hpsv9"])
+    assert "unknown reward 'hpsv9'" in capsys.readouterr().err
