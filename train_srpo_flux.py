@@ -119,7 +119,7 @@ def relative_score(reward, images, prompts, positive, negative, form, k, noise_s
             features = model.encode_image(images) if model.scores_by_embedding else None  # encoded once
             r_positive = rewards.control_scores(model, images, prompts, positive, features)
             r_negative = rewards.control_scores(model, images, prompts, negative, features) if form != "sgp" else None
-            value = rewards.combine_scores(r_positive, r_negative, form, k)
+            value = rewards.combine_scores(r_positive, r_negative, form, k)  # Eq. 8 / 9-10 / 11 / release form
             details[f"{name}/positive"] = r_positive.detach()
             if r_negative is not None:
                 details[f"{name}/negative"] = r_negative.detach()
