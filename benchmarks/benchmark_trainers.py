@@ -83,6 +83,8 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     flags = ["--pretrained_model_name_or_path", "random-weights", "--resolution", str(resolution),
              "--num_inference_steps", str(rollout_steps), "--gradient_checkpointing", "--vae_gradient_checkpointing",
              "--report_to", "none", *extra_flags]
+    if compiled:
+        flags += ["--compile", "--compile_backend", backend]
     if mode == "full":
         flags += ["--full_finetune", "--use_8bit_adam"]
     elif mode == "full_bf16":
@@ -100,15 +102,7 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     finally:
         torch.set_default_dtype(previous_dtype)
     vae.enable_gradient_checkpointing()
-    if mode == "full":
-        transformer.float().requires_grad_(True)  # fp32 master weights, as the trainers do
-    elif mode == "full_bf16":
-        transformer.to(dtype=torch.bfloat16).requires_grad_(True)
-    else:
-        models.add_lora(transformer, args.rank, args.lora_alpha, models.DEFAULT_LORA_TARGETS)
-    transformer.enable_gradient_checkpointing()
-    if compiled:
-        models.compile_blocks(transformer, backend)
+    models.prepare_for_training(transformer, args)  # exactly what the trainers do with these flags
     optimizer = training.make_optimizer(args, models.trainable_parameters(transformer))
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)

@@ -22,10 +22,14 @@ def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], dr
     transformer.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=target_modules)
     transformer.add_adapter(config)
-    for parameter in transformer.parameters():
+    _trainable_to_fp32(transformer)
+    return transformer
+
+
+def _trainable_to_fp32(model):
+    for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
-    return transformer
 
 
 def compile_blocks(transformer, backend: str = "inductor", mode: str | None = None):
@@ -34,6 +38,24 @@ def compile_blocks(transformer, backend: str = "inductor", mode: str | None = No
     checkpointing and FSDP act) stays eager."""
     for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
         block.compile(backend=backend, mode=mode, dynamic=False)
+    return transformer
+
+
+def prepare_for_training(transformer, args):
+    """What is trained and how, from the trainer flags: LoRA (bf16 base, fp32 adapters), full
+    fine-tune with fp32 master weights, or full fine-tune with bf16 weights (--bf16_weights);
+    then gradient checkpointing and per-block compilation."""
+    if args.full_finetune and args.bf16_weights:
+        transformer.to(dtype=torch.bfloat16).requires_grad_(True)  # stochastic rounding keeps small updates
+    elif args.full_finetune:
+        transformer.float().requires_grad_(True)  # fp32 master weights under autocast
+    else:
+        targets = args.lora_target_modules.split(",") if args.lora_target_modules else DEFAULT_LORA_TARGETS
+        add_lora(transformer, args.rank, args.lora_alpha, targets)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if args.compile:
+        compile_blocks(transformer, args.compile_backend, args.compile_mode)
     return transformer
 
 
@@ -61,9 +83,7 @@ def load_lora_into(transformer, input_dir: str):
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"LoRA checkpoint in {input_dir} has keys this model lacks, e.g. {unexpected[:3]}")
-    for parameter in transformer.parameters():
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+    _trainable_to_fp32(transformer)
 
 
 def register_save_load_hooks(accelerator, use_lora: bool):

@@ -200,20 +200,9 @@ def setup(args, method: str) -> Run:
     for encoder in (pipeline.text_encoder, pipeline.text_encoder_2):
         encoder.requires_grad_(False).eval().to("cpu" if args.offload_text_encoders else accelerator.device)
     transformer = pipeline.transformer
-    if args.full_finetune and args.bf16_weights:
-        transformer.to(dtype=torch.bfloat16).requires_grad_(True)  # stochastic rounding keeps small updates
-    elif args.full_finetune:
-        transformer.float().requires_grad_(True)  # fp32 master weights under autocast
-    else:
-        targets = args.lora_target_modules.split(",") if args.lora_target_modules else models.DEFAULT_LORA_TARGETS
-        models.add_lora(transformer, args.rank, args.lora_alpha, targets)
-    transformer.to(accelerator.device)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    models.prepare_for_training(transformer, args).to(accelerator.device)
     if args.vae_gradient_checkpointing:
         pipeline.vae.enable_gradient_checkpointing()
-    if args.compile:
-        models.compile_blocks(transformer, args.compile_backend, args.compile_mode)
     models.register_save_load_hooks(accelerator, use_lora=not args.full_finetune)
 
     reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)

@@ -66,8 +66,11 @@ class RewardModel(nn.Module):
         """Eq. 7: logit_scale * f_img(x)^T f_txt(p), row by row."""
         return self.logit_scale * (image_features.float() * text_features.to(image_features.device)).sum(-1)
 
-    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+    def check_prompts(self, images: torch.Tensor, prompts) -> None:
         if prompts is None or len(prompts) != images.shape[0]:
             count = 0 if prompts is None else len(prompts)
             raise ValueError(f"reward '{self.name}' got {images.shape[0]} images but {count} prompts; pass one prompt per image")
+
+    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        self.check_prompts(images, prompts)
         return self.score_features(self.encode_image(images), self.encode_text(prompts))

@@ -125,9 +125,7 @@ class ImageRewardModel(RewardModel):
         return tokens.input_ids.to(device), tokens.attention_mask.to(device)
 
     def forward(self, images, prompts=None):
-        if prompts is None or len(prompts) != images.shape[0]:
-            count = 0 if prompts is None else len(prompts)
-            raise ValueError(f"reward '{self.name}' got {images.shape[0]} images but {count} prompts; pass one prompt per image")
+        self.check_prompts(images, prompts)
         dtype = next(self.vision_model.parameters()).dtype
         image_embeds = self.vision_model(pixel_values=self.preprocess(images).to(dtype)).last_hidden_state
         input_ids, attention_mask = self._tokens(prompts, image_embeds.device)
