@@ -67,9 +67,36 @@ def save_lora(output_dir: str, transformer, state_dict=None):
     """Writes pytorch_lora_weights.safetensors, which FluxPipeline.load_lora_weights(output_dir) reads.
     `state_dict`: the full model state when it had to be gathered first (FSDP)."""
     from diffusers import FluxPipeline
-    from peft.utils import get_peft_model_state_dict
 
-    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=state_dict))
+    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state_dict(transformer, state_dict))
+
+
+def lora_state_dict(transformer, state_dict=None, adapter_name: str = "default") -> dict:
+    """The adapter's lora_A/lora_B weights with the adapter name dropped from the keys, as peft's
+    get_peft_model_state_dict returns them. Selected by key here because peft finds LoRA layers
+    by module path, and under FSDP those paths carry `_fsdp_wrapped_module` while the gathered
+    state's keys do not, so peft would return nothing."""
+    state_dict = transformer.state_dict() if state_dict is None else state_dict
+    tag = f".{adapter_name}."
+    return {
+        key.replace(tag, "."): value for key, value in state_dict.items()
+        if (".lora_A" + tag in key or ".lora_B" + tag in key)
+    }
+
+
+def save_full_model(output_dir: str, transformer, state_dict=None):
+    """Writes a diffusers model folder (config.json + safetensors shards) that
+    FluxTransformer2DModel.from_pretrained reads. `state_dict`: the gathered state (FSDP);
+    diffusers' save_pretrained ignores one passed in and calls state_dict() itself, which under
+    FSDP is a collective that only the main process would enter."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(output_dir, exist_ok=True)
+    transformer.save_config(output_dir)
+    state_dict = transformer.state_dict() if state_dict is None else state_dict
+    pattern = SAFETENSORS_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
+    save_torch_state_dict(state_dict, output_dir, filename_pattern=pattern, max_shard_size="10GB")
 
 
 def load_lora_into(transformer, input_dir: str):
@@ -104,7 +131,7 @@ def register_save_load_hooks(accelerator, use_lora: bool):
             if use_lora:
                 save_lora(output_dir, model)
             else:
-                model.save_pretrained(os.path.join(output_dir, "transformer"))
+                save_full_model(os.path.join(output_dir, "transformer"), model)
             if weights:
                 weights.pop()  # saved here; stop accelerate from saving it again
 

@@ -277,7 +277,7 @@ def finish(run: Run):
     if accelerator.is_main_process:
         transformer = run.unwrapped()
         if args.full_finetune:
-            transformer.save_pretrained(os.path.join(args.output_dir, "transformer"), state_dict=state)
+            models.save_full_model(os.path.join(args.output_dir, "transformer"), transformer, state_dict=state)
         else:
             models.save_lora(args.output_dir, transformer, state_dict=state)
     run.validate(args.max_train_steps)

@@ -1,8 +1,9 @@
-"""Run a trainer's main() as it is, recording what each rank saw and ended with.
+"""Run a trainer's main() as it is, recording what each rank saw and ended with (DDP or FSDP).
 
     accelerate launch ... tests/ddp_probe.py train_srpo_flux <trainer flags>
 
-Writes rank<i>.json (world size, prompts drawn) and rank<i>_weights.pt (trainable weights)."""
+Writes rank<i>.json (world size, prompts drawn) and rank<i>_weights.pt (trainable weights, the
+whole tensors: under FSDP each rank gathers the shards)."""
 
 import importlib
 import json
@@ -28,7 +29,12 @@ def recording_batch(self, micro_step):
 
 def recording_finish(run):
     rank = run.accelerator.process_index
-    weights = {k: v.detach().cpu().clone() for k, v in run.unwrapped().named_parameters() if v.requires_grad}
+    weights = {}
+    for name, parameter in run.unwrapped().named_parameters():
+        if parameter.requires_grad:
+            # FSDP2 parameters are DTensor shards; full_tensor() gathers them (every rank calls it, same order).
+            tensor = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+            weights[name] = tensor.detach().cpu().clone()
     torch.save(weights, os.path.join(run.args.output_dir, f"rank{rank}_weights.pt"))
     with open(os.path.join(run.args.output_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": run.accelerator.num_processes, "prompts": seen_prompts}, f)

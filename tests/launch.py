@@ -7,9 +7,16 @@ import sys
 from tests.conftest import REPO_ROOT
 
 
-def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 300, fsdp: bool = False) -> subprocess.CompletedProcess:
+    """`fsdp`: launch with configs/accelerate/fsdp.yaml as shipped (bar the process count and
+    precision), through tests/fsdp_on_cpu.py, which lets accelerate use FSDP without a GPU."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    if num_processes == 1:
+    if fsdp:
+        env["ACCELERATE_USE_CPU"] = "1"
+        launcher = ["--config_file", os.path.join(REPO_ROOT, "configs", "accelerate", "fsdp.yaml"), "--num_processes", str(num_processes)]
+        args = [os.path.join(REPO_ROOT, script), *args]
+        script = os.path.join("tests", "fsdp_on_cpu.py")
+    elif num_processes == 1:
         launcher = ["--cpu", "--num_processes", "1"]
     else:
         # `--cpu --num_processes 2` silently runs one process; this runs two over gloo.

@@ -44,6 +44,12 @@ def test_wandb_missing_fails_early(monkeypatch):
         train_direct_align.parse_args(BASE + ["--report_to", "wandb"])
 
 
+def test_bf16_weights_refused_under_fsdp(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    with pytest.raises(ValueError, match="under FSDP the sharded weights are fp32"):
+        train_direct_align.parse_args(BASE + ["--full_finetune", "--bf16_weights"])
+
+
 def test_missing_model_path_fails():
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path is required"):
         train_direct_align.parse_args([])

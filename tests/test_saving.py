@@ -1,0 +1,30 @@
+"""Final weights: the LoRA file and the full-model folder hold exactly the state they are given
+(under FSDP that is the gathered state, not what the sharded module would report)."""
+
+import os
+
+import torch
+from diffusers import FluxTransformer2DModel
+from peft.utils import get_peft_model_state_dict
+
+from flux_rl import models
+
+
+def test_lora_state_dict_matches_peft(tiny_flux):
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
+    models.add_lora(transformer, 4, 4, models.DEFAULT_LORA_TARGETS)
+    ours, peft = models.lora_state_dict(transformer), get_peft_model_state_dict(transformer)
+    assert ours.keys() == peft.keys() and len(ours) > 0
+    for key in ours:
+        assert torch.equal(ours[key], peft[key]), key
+
+
+def test_save_full_model_writes_the_given_state(tiny_flux, tmp_path):
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
+    state = {k: v.clone() for k, v in transformer.state_dict().items()}
+    state["proj_out.bias"] = torch.full_like(state["proj_out.bias"], 0.25)  # differs from the module's own state
+    models.save_full_model(str(tmp_path / "transformer"), transformer, state_dict=state)
+    reloaded = FluxTransformer2DModel.from_pretrained(str(tmp_path / "transformer")).state_dict()
+    assert reloaded.keys() == state.keys()
+    for key in state:
+        assert torch.equal(reloaded[key], state[key]), key
