@@ -142,9 +142,13 @@ def validate_common_args(args):
         fail("--bf16_weights is for --full_finetune (LoRA weights are small and stay fp32)")
     if args.bf16_weights and args.use_8bit_adam:
         fail("--bf16_weights brings its own optimizer (AdamW with stochastic rounding); drop --use_8bit_adam")
-    if args.bf16_weights and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # accelerate upcasts trainable weights to fp32 under FSDP with mixed precision: the flag would silently do nothing.
-        fail("--bf16_weights is for a single GPU; under FSDP the sharded weights are fp32 master copies, so drop --bf16_weights")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by `accelerate launch` for an FSDP config
+        if args.bf16_weights:
+            # accelerate upcasts trainable weights to fp32 under FSDP with mixed precision: the flag would do nothing.
+            fail("--bf16_weights is for a single GPU; under FSDP the sharded weights are fp32 master copies, so drop --bf16_weights")
+        if args.use_8bit_adam:
+            # bitsandbytes' 8-bit update refuses FSDP2's DTensor parameters (bitsandbytes 0.50).
+            fail("--use_8bit_adam does not run on FSDP's sharded parameters; the optimizer state is already sharded across GPUs, so drop --use_8bit_adam")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         fail(f"--report_to {args.report_to}: choose tensorboard, wandb, all or none")
     if args.validation_steps is not None and args.validation_steps < 1:

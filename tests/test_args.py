@@ -44,10 +44,14 @@ def test_wandb_missing_fails_early(monkeypatch):
         train_direct_align.parse_args(BASE + ["--report_to", "wandb"])
 
 
-def test_bf16_weights_refused_under_fsdp(monkeypatch):
+@pytest.mark.parametrize("flag, message", [("--bf16_weights", "under FSDP the sharded weights are fp32"),
+                                           ("--use_8bit_adam", "does not run on FSDP's sharded parameters")])
+def test_single_gpu_memory_flags_refused_under_fsdp(flag, message, monkeypatch, tmp_path):
+    args = BASE + ["--output_dir", str(tmp_path), "--full_finetune", flag]
+    assert train_direct_align.parse_args(args)  # fine on one GPU or under DDP
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
-    with pytest.raises(ValueError, match="under FSDP the sharded weights are fp32"):
-        train_direct_align.parse_args(BASE + ["--full_finetune", "--bf16_weights"])
+    with pytest.raises(ValueError, match=message):
+        train_direct_align.parse_args(args)
 
 
 def test_missing_model_path_fails():
