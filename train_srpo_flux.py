@@ -183,7 +183,7 @@ def training_step(run, step, logs):
             roles = {"positive": "unwanted", "negative": "wanted"} if swapped else {"positive": "wanted", "negative": "unwanted"}
             for key, value in details.items():
                 name, _, slot = key.partition("/")
-                logs[f"{branch}/{name}/{roles[slot]}" if slot else f"{branch}/{name}"].append(value.mean().item())
+                logs[f"{branch}/{name}/{roles[slot]}" if slot else f"{branch}/{name}"].append(value.mean())
             return score
 
         for injection in range(args.num_injections):
@@ -195,8 +195,8 @@ def training_step(run, step, logs):
                     loss, score, k, sigma = branch_loss(x0, noise, window, index, direction, run.velocity_fn(cond),
                                                         score_fn, schedules[direction], loss_fn)
                     accelerator.backward(loss / backward_passes)
-                logs["loss"].append(loss.item())
-                logs[f"{direction}/score"].append(score.mean().item())
+                logs["loss"].append(loss.detach())  # read back once per step, in Run.log
+                logs[f"{direction}/score"].append(score.detach().mean())
                 logs[f"{direction}/k"].append(k)
                 logs[f"{direction}/sigma"].append(sigma)
 

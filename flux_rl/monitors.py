@@ -5,8 +5,8 @@ import torch
 
 
 @torch.no_grad()
-def image_statistics(images: torch.Tensor) -> dict[str, float]:
-    """images: B x 3 x H x W in [0, 1]."""
+def image_statistics(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """images: B x 3 x H x W in [0, 1]. Scalars stay on the device (read back once per step)."""
     images = images.float()
     high, low = images.max(1).values, images.min(1).values
     saturation = ((high - low) / high.clamp_min(1e-6)).mean()  # HSV saturation
@@ -18,7 +18,7 @@ def image_statistics(images: torch.Tensor) -> dict[str, float]:
     high_band = (fy**2 + fx**2).sqrt() > 0.25  # above half the Nyquist frequency
     high_frequency = (spectrum * high_band).sum((-2, -1)) / spectrum.sum((-2, -1)).clamp_min(1e-12)
     return {
-        "drift/saturation": float(saturation),
-        "drift/brightness": float(luma.mean()),
-        "drift/high_frequency": float(high_frequency.mean()),
+        "drift/saturation": saturation,
+        "drift/brightness": luma.mean(),
+        "drift/high_frequency": high_frequency.mean(),
     }

@@ -98,12 +98,13 @@ class Run:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.transformer)
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self):
+        """Clip, step, zero; returns the gradient norm, still on the device."""
         grad_norm = self.accelerator.clip_grad_norm_(models.trainable_parameters(self.transformer), self.args.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
 
     def steps(self):
         """Yields the step indices still to run, with a progress bar."""
@@ -117,6 +118,8 @@ class Run:
             progress.set_postfix(loss=self._last_loss)
 
     def log(self, step: int, values: dict):
+        """`values` may be device tensors: the step's logs are read back here, once, after the
+        optimiser step, not with an .item() per branch that would stall the GPU mid-step."""
         values = {k: float(v) for k, v in values.items()}
         values["lr"] = self.lr_scheduler.get_last_lr()[0]
         values["step_time"] = time.time() - self._step_started
@@ -300,11 +303,12 @@ def reward_loss(reward: torch.Tensor, args) -> torch.Tensor:
 
 
 def log_reward_terms(logs, loss, reward, components):
-    """Append one backward pass's loss, total reward and each reward component to `logs`."""
-    logs["loss"].append(loss.item())
-    logs["reward"].append(reward.mean().item())
+    """Append one backward pass's loss, total reward and each reward component to `logs`
+    (as device tensors: Run.log reads them back once per step)."""
+    logs["loss"].append(loss.detach())
+    logs["reward"].append(reward.detach().mean())
     for name, value in components.items():
-        logs[f"reward/{name}"].append(value.mean().item())
+        logs[f"reward/{name}"].append(value.detach().mean())
 
 
 def mean_or_nan(values):
