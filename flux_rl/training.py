@@ -90,8 +90,13 @@ class Run:
             return latents.decode(self.vae, packed, self.args.resolution, self.args.resolution, self.vae_scale_factor)
 
     def sync_gradients(self, last: bool):
-        """DDP all-reduce only on the last backward of an optimiser step."""
-        if last or self.accelerator.num_processes == 1:
+        """DDP all-reduce only on the last backward of an optimiser step. Under FSDP every
+        backward reduce-scatters: skipping it would keep whole unsharded gradients on every GPU
+        until the last backward (48 GB for FLUX's 12B parameters in fp32), the memory FSDP is
+        there to save."""
+        from accelerate.utils import DistributedType
+
+        if last or self.accelerator.num_processes == 1 or self.accelerator.distributed_type == DistributedType.FSDP:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.transformer)
 

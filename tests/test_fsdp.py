@@ -55,3 +55,21 @@ def test_fsdp_lora_resume_matches_uninterrupted(tiny_models, tmp_path):
     assert expected.keys() == got.keys() and len(expected) > 0
     for key in expected:
         assert torch.allclose(expected[key], got[key], atol=1e-7), key
+
+
+def test_fsdp_reduces_every_backward():
+    """Gradient accumulation skips DDP's all-reduce until the last backward, but never FSDP's
+    reduce-scatter (that would hold unsharded gradients)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from flux_rl.training import Run
+
+    skipped = []
+    for kind in (DistributedType.MULTI_GPU, DistributedType.FSDP):
+        accelerator = SimpleNamespace(num_processes=2, distributed_type=kind, no_sync=lambda model, kind=kind: skipped.append(kind))
+        run = SimpleNamespace(accelerator=accelerator, transformer=None)
+        Run.sync_gradients(run, last=False)
+        Run.sync_gradients(run, last=True)
+    assert skipped == [DistributedType.MULTI_GPU]
