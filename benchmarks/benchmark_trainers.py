@@ -7,6 +7,10 @@
     # the tiny models on the CPU (what the test suite runs)
     python benchmarks/benchmark_trainers.py --size tiny --resolutions 64 --rollout_steps 3 --steps 1 --warmup 0
 
+    # no GPU: FLOPs of one full-size step, counted on the meta device (shapes only, no memory, a
+    # minute per configuration on a CPU), and the least time a card with that matmul peak needs
+    python benchmarks/benchmark_trainers.py --device meta --modes lora,full --compile_modes eager --peak_tflops 805
+
 Modes: `lora` (bf16 base, fp32 LoRA r=64, AdamW), `full` (fp32 master weights, 8-bit AdamW),
 `full_bf16` (bf16 weights, AdamW with stochastic rounding and bf16 moments).
 
@@ -77,6 +81,15 @@ def build_reward(size, device, dtype):
     return CombinedReward({"hpsv2": reward}, {"hpsv2": 1.0})
 
 
+class MetaRun(training.Run):
+    """A Run whose tensors live on the meta device: shapes without storage, so a full-size step
+    runs on any CPU and FlopCounterMode can count it."""
+
+    @property
+    def device(self):
+        return torch.device("meta")
+
+
 def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend="inductor"):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
@@ -86,11 +99,12 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     if compiled:
         flags += ["--compile", "--compile_backend", backend]
     if mode == "full":
-        flags += ["--full_finetune", "--use_8bit_adam"]
+        # bitsandbytes has no meta kernels; the optimiser does no matmuls, so the count is the same.
+        flags += ["--full_finetune"] + (["--use_8bit_adam"] if device.type != "meta" else [])
     elif mode == "full_bf16":
         flags += ["--full_finetune", "--bf16_weights"]
     args = module.parse_args(flags)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type in ("cuda", "meta") else torch.float32
     transformer_config = tiny_models.FLUX_DEV_TRANSFORMER if size == "full" else tiny_models.TINY_TRANSFORMER
     vae_config = tiny_models.FLUX_DEV_VAE if size == "full" else tiny_models.TINY_VAE
     previous_dtype = torch.get_default_dtype()
@@ -106,7 +120,7 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     optimizer = training.make_optimizer(args, models.trainable_parameters(transformer))
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    return training.Run(
+    return (MetaRun if device.type == "meta" else training.Run)(
         args=args, method=module.__name__, accelerator=accelerator, transformer=transformer, vae=vae,
         prompt_encoder=RandomPromptEncoder(transformer_config["joint_attention_dim"], transformer_config["pooled_projection_dim"],
                                            512 if size == "full" else 32),
@@ -138,6 +152,8 @@ def measure(trainer, size, mode, resolution, rollout_steps, compiled, device, ac
         with FlopCounterMode(display=False) as counter:
             one_step(module, run, 0)
         flops = counter.get_total_flops()
+    if device.type == "meta":  # nothing ran: there is no time or memory to measure
+        return float("nan"), float("nan"), flops
     for step in range(warmup):
         one_step(module, run, step)
     if device.type == "cuda":
@@ -174,17 +190,27 @@ def main(input_args=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compile_backend", default="inductor")
     parser.add_argument("--output", default=None, help="Also write the table to this markdown file.")
+    parser.add_argument("--device", choices=["auto", "meta"], default="auto",
+                        help="auto: the GPU if there is one, else the CPU. meta: count FLOPs only (no GPU needed).")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="A card's bf16 matmul peak: adds the least s/step it allows (TFLOP/step / peak).")
     args = parser.parse_args(input_args)
+    if args.device == "meta" and "compiled" in args.compile_modes.split(","):
+        parser.error("--device meta counts FLOPs, which compilation does not change: use --compile_modes eager")
 
     from accelerate import Accelerator
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("meta" if args.device == "meta" else "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(mixed_precision="bf16")  # bf16 autocast, as the trainers with --mixed_precision bf16
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    card = {"cuda": torch.cuda.get_device_name() if device.type == "cuda" else "", "cpu": "CPU",
+            "meta": "meta (FLOPs counted, nothing timed)"}[device.type]
     header = ["trainer", "mode", "resolution", "compile", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s"]
-    lines = [f"Device: {card}; size: {args.size}; rollout {args.rollout_steps} steps; median of {args.steps} step(s)", "",
+    if args.peak_tflops:
+        header.append(f"s/step at {args.peak_tflops:g} TFLOP/s")
+    timing = "" if device.type == "meta" else f"; median of {args.steps} step(s)"
+    lines = [f"Device: {card}; size: {args.size}; rollout {args.rollout_steps} steps{timing}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print("\n".join(lines), flush=True)
     flops_seen = {}
@@ -198,15 +224,19 @@ def main(input_args=None):
                                                        args.warmup, args.compile_backend)
                     except torch.cuda.OutOfMemoryError:
                         # One configuration that does not fit must not cost the rest of the table.
-                        lines.append(f"| {trainer} | {mode} | {resolution} | {compile_mode} | OOM | > {_total_gib():.0f} | - | - |")
+                        lines.append(f"| {trainer} | {mode} | {resolution} | {compile_mode} | OOM | > {_total_gib():.0f} | - | - |"
+                                     + (" - |" if args.peak_tflops else ""))
                         print(lines[-1], flush=True)
                         gc.collect()
                         torch.cuda.empty_cache()
                         continue
                     flops = flops_seen.setdefault((trainer, mode, resolution), flops)
                     tflop = flops / 1e12 if flops else float("nan")
-                    row = [trainer, mode, str(resolution), compile_mode, f"{seconds:.3f}",
-                           "-" if peak != peak else f"{peak:.1f}", f"{tflop:.3g}", f"{tflop / seconds:.3g}"]
+                    timed = seconds == seconds  # NaN on the meta device
+                    row = [trainer, mode, str(resolution), compile_mode, f"{seconds:.3f}" if timed else "-",
+                           "-" if peak != peak else f"{peak:.1f}", f"{tflop:.4g}", f"{tflop / seconds:.3g}" if timed else "-"]
+                    if args.peak_tflops:
+                        row.append(f"{tflop / args.peak_tflops:.2f}")
                     lines.append("| " + " | ".join(row) + " |")
                     print(lines[-1], flush=True)
     if args.output:
