@@ -84,7 +84,7 @@ def lora_state_dict(transformer, state_dict=None, adapter_name: str = "default")
     }
 
 
-def save_full_model(output_dir: str, transformer, state_dict=None):
+def save_full_model(output_dir: str, transformer, state_dict=None, max_shard_size: str = "10GB"):
     """Writes a diffusers model folder (config.json + safetensors shards) that
     FluxTransformer2DModel.from_pretrained reads. `state_dict`: the gathered state (FSDP);
     diffusers' save_pretrained ignores one passed in and calls state_dict() itself, which under
@@ -96,7 +96,7 @@ def save_full_model(output_dir: str, transformer, state_dict=None):
     transformer.save_config(output_dir)
     state_dict = transformer.state_dict() if state_dict is None else state_dict
     pattern = SAFETENSORS_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
-    save_torch_state_dict(state_dict, output_dir, filename_pattern=pattern, max_shard_size="10GB")
+    save_torch_state_dict(state_dict, output_dir, filename_pattern=pattern, max_shard_size=max_shard_size)  # + index when sharded
 
 
 def load_lora_into(transformer, input_dir: str):

@@ -28,3 +28,14 @@ def test_save_full_model_writes_the_given_state(tiny_flux, tmp_path):
     assert reloaded.keys() == state.keys()
     for key in state:
         assert torch.equal(reloaded[key], state[key]), key
+
+
+def test_save_full_model_shards_load_back(tiny_flux, tmp_path):
+    """A 12B model is written in several shards with an index; from_pretrained reads them back."""
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
+    models.save_full_model(str(tmp_path), transformer, max_shard_size="50KB")
+    shards = [name for name in os.listdir(tmp_path) if name.endswith(".safetensors")]
+    assert len(shards) > 1 and "diffusion_pytorch_model.safetensors.index.json" in os.listdir(tmp_path)
+    reloaded = FluxTransformer2DModel.from_pretrained(str(tmp_path)).state_dict()
+    for key, value in transformer.state_dict().items():
+        assert torch.equal(reloaded[key], value), key
