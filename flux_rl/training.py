@@ -179,6 +179,24 @@ def _weight_dtype(mixed_precision):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
+def _fsdp_plugin(mixed_precision: str):
+    """Under FSDP with bf16/fp16: weights gathered and used in the low precision, as accelerate
+    sets them, but gradients reduced in fp32. accelerate reduces in the low precision by default;
+    the release (autocast over fp32 FSDP weights) reduces fp32 gradients, and so does DDP here.
+    None (accelerate's own plugin from the launcher's settings) otherwise."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or mixed_precision not in ("bf16", "fp16"):
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP settings from the environment
+    policy = {"param_dtype": low, "reduce_dtype": torch.float32}
+    policy["output_dtype" if plugin.fsdp_version == 2 else "buffer_dtype"] = low
+    plugin.mixed_precision_policy = policy
+    plugin.set_mixed_precision(low)  # turns the dict into torch's policy object, keeping our dtypes
+    return plugin
+
+
 def setup(args, method: str) -> Run:
     """Everything up to the first training step, including resume."""
     from accelerate import Accelerator
@@ -190,6 +208,7 @@ def setup(args, method: str) -> Run:
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
+        fsdp_plugin=_fsdp_plugin(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")),
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )

@@ -37,7 +37,11 @@ def recording_finish(run):
             weights[name] = tensor.detach().cpu().clone()
     torch.save(weights, os.path.join(run.args.output_dir, f"rank{rank}_weights.pt"))
     with open(os.path.join(run.args.output_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"world_size": run.accelerator.num_processes, "prompts": seen_prompts}, f)
+        plugin = getattr(run.accelerator.state, "fsdp_plugin", None)
+        policy = getattr(plugin, "mixed_precision_policy", None)
+        json.dump({"world_size": run.accelerator.num_processes, "prompts": seen_prompts,
+                   "fsdp_reduce_dtype": str(getattr(policy, "reduce_dtype", None)),
+                   "fsdp_param_dtype": str(getattr(policy, "param_dtype", None))}, f)
     original_finish(run)
 
 

@@ -25,6 +25,8 @@ def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
         for shared in (state.PartialState._shared_state, state.AcceleratorState._shared_state):
             shared["distributed_type"] = DistributedType.FSDP
             shared["device"] = torch.device("cpu")  # FSDP compares devices without the index
+        if self.mixed_precision != "no":  # what accelerate does for FSDP on a GPU
+            fsdp_plugin.set_mixed_precision(self.mixed_precision)
         self.fsdp_plugin = fsdp_plugin
 
 

@@ -43,9 +43,12 @@ def test_fsdp_full_finetune_matches_ddp(tiny_models, tmp_path):
 
 
 def test_fsdp_lora_resume_matches_uninterrupted(tiny_models, tmp_path):
-    common = ["--rank", "4", "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    """In bf16, as on GPUs: weights gathered in bf16, gradients reduced in fp32."""
+    common = ["--rank", "4", "--max_train_steps", "4", "--checkpointing_steps", "2", "--mixed_precision", "bf16"]
     full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
-    launch("train_srpo_flux.py", tiny_args(tiny_models, full_dir, *common), num_processes=2, fsdp=True)
+    launch("tests/ddp_probe.py", ["train_srpo_flux"] + tiny_args(tiny_models, full_dir, *common), num_processes=2, fsdp=True)
+    rank = json.load(open(os.path.join(full_dir, "rank0.json")))
+    assert (rank["fsdp_param_dtype"], rank["fsdp_reduce_dtype"]) == ("torch.bfloat16", "torch.float32")
     os.makedirs(resumed_dir)
     shutil.copytree(os.path.join(full_dir, "checkpoint-2"), os.path.join(resumed_dir, "checkpoint-2"))
     launch("train_srpo_flux.py", tiny_args(tiny_models, resumed_dir, *common, "--resume_from_checkpoint", "latest"),
