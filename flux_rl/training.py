@@ -188,7 +188,7 @@ def _fsdp_plugin(mixed_precision: str):
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    low = _weight_dtype(mixed_precision)
     plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP settings from the environment
     policy = {"param_dtype": low, "reduce_dtype": torch.float32}
     policy["output_dtype" if plugin.fsdp_version == 2 else "buffer_dtype"] = low
