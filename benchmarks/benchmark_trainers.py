@@ -204,8 +204,7 @@ def main(input_args=None):
     accelerator = Accelerator(mixed_precision="bf16")  # bf16 autocast, as the trainers with --mixed_precision bf16
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    card = {"cuda": torch.cuda.get_device_name() if device.type == "cuda" else "", "cpu": "CPU",
-            "meta": "meta (FLOPs counted, nothing timed)"}[device.type]
+    card = {"cpu": "CPU", "meta": "meta (FLOPs counted, nothing timed)"}.get(device.type) or torch.cuda.get_device_name()
     header = ["trainer", "mode", "resolution", "compile", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s"]
     if args.peak_tflops:
         header.append(f"s/step at {args.peak_tflops:g} TFLOP/s")

@@ -117,6 +117,12 @@ def run_cli(parse_args, main):
     main(args)
 
 
+def launched_with_fsdp() -> bool:
+    """`accelerate launch` with an FSDP config sets this before the script starts, so it is
+    known before any model loads (accelerate's own state exists only later)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def fail(message: str):
     raise ValueError(message)
 
@@ -142,7 +148,7 @@ def validate_common_args(args):
         fail("--bf16_weights is for --full_finetune (LoRA weights are small and stay fp32)")
     if args.bf16_weights and args.use_8bit_adam:
         fail("--bf16_weights brings its own optimizer (AdamW with stochastic rounding); drop --use_8bit_adam")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by `accelerate launch` for an FSDP config
+    if launched_with_fsdp():
         if args.bf16_weights:
             # accelerate upcasts trainable weights to fp32 under FSDP with mixed precision: the flag would do nothing.
             fail("--bf16_weights is for a single GPU; under FSDP the sharded weights are fp32 master copies, so drop --bf16_weights")

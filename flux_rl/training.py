@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints, data, flux, hub, latents, models, schedules, validation
+from .args import launched_with_fsdp
 from .optim import AdamWStochasticBF16
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def _fsdp_plugin(mixed_precision: str):
     sets them, but gradients reduced in fp32. accelerate reduces in the low precision by default;
     the release (autocast over fp32 FSDP weights) reduces fp32 gradients, and so does DDP here.
     None (accelerate's own plugin from the launcher's settings) otherwise."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or mixed_precision not in ("bf16", "fp16"):
+    if not launched_with_fsdp() or mixed_precision not in ("bf16", "fp16"):
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
 
