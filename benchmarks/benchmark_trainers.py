@@ -19,10 +19,13 @@ Each trainer's own `training_step` runs on a `Run` assembled here from random-we
 are random tensors of FLUX's shapes (T5: 512 x 4096, CLIP pooled: 768), as the trainers cache
 them after the first step anyway. Prints a markdown table: median seconds per optimiser step,
 peak GPU memory, and achieved TFLOP/s (matmul FLOPs of one step counted with
-torch.utils.flop_counter in eager mode, divided by the median step time).
+torch.utils.flop_counter in eager mode, divided by the median step time); then the rollout alone
+(the no-grad sampling every step starts with) and its TFLOP/s. On a GPU the header also gives the
+card's measured bf16 matmul rate (8192^3 products), the ceiling to read TFLOP/s against.
 """
 
 import argparse
+import contextlib
 import functools
 import gc
 import os
@@ -90,12 +93,14 @@ class MetaRun(training.Run):
         return torch.device("meta")
 
 
-def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend="inductor"):
+def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend="inductor",
+              checkpointing=True):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     flags = ["--pretrained_model_name_or_path", "random-weights", "--resolution", str(resolution),
-             "--num_inference_steps", str(rollout_steps), "--gradient_checkpointing", "--vae_gradient_checkpointing",
-             "--report_to", "none", *extra_flags]
+             "--num_inference_steps", str(rollout_steps), "--report_to", "none", *extra_flags]
+    if checkpointing:
+        flags += ["--gradient_checkpointing", "--vae_gradient_checkpointing"]
     if compiled:
         flags += ["--compile", "--compile_backend", backend]
     if mode == "full":
@@ -115,7 +120,8 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
             vae = AutoencoderKL(**vae_config).requires_grad_(False).eval()
     finally:
         torch.set_default_dtype(previous_dtype)
-    vae.enable_gradient_checkpointing()
+    if args.vae_gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
     models.prepare_for_training(transformer, args)  # exactly what the trainers do with these flags
     optimizer = training.make_optimizer(args, models.trainable_parameters(transformer))
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
@@ -142,35 +148,86 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def measure(trainer, size, mode, resolution, rollout_steps, compiled, device, accelerator, steps, warmup, backend):
+def rollout(run):
+    """The step's sampling part alone: one no-grad ODE solve over the whole schedule."""
+    prompts = [f"prompt {i}" for i in range(run.args.train_batch_size)]
+    run.rollout(prompts, torch.Generator().manual_seed(0))
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def profile_step(module, run, step, device, path, title):
+    """Appends to `path` the op table of one step, most device time first, under `title`. Named
+    ranges (rollout, vae_decode, reward_image_features_*) give the forward phases' totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        one_step(module, run, step)
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"## {title}\n\n{profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70)}\n")
+
+
+def measure(trainer, mode, resolution, compiled, device, accelerator, options):
+    """(median s/step, peak GiB, FLOPs/step, rollout s, rollout FLOPs) of one configuration;
+    `options` carries the command line's size, rollout_steps, steps, warmup, compile_backend,
+    no_checkpointing and profile."""
     from torch.utils.flop_counter import FlopCounterMode
 
     module, extra_flags = TRAINERS[trainer]
-    run = build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend)
-    flops = None
-    if not compiled:  # FLOPs do not depend on compilation; count them once, eagerly
+    run = build_run(module, extra_flags, options.size, mode, resolution, options.rollout_steps, compiled, device,
+                    accelerator, options.compile_backend, checkpointing=not options.no_checkpointing)
+    warmup, steps = options.warmup, options.steps
+    for reward in run.reward.models.values():  # shared between configurations: each starts, as a run does,
+        reward.clear_text_cache()              # encoding its first prompts (counted and timed alike)
+    # FLOPs do not depend on compilation: count them on an eager step (compiled blocks run their
+    # Python code under force_eager), so a compiled configuration gets its TFLOP/s on its own.
+    with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
         with FlopCounterMode(display=False) as counter:
             one_step(module, run, 0)
         flops = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            rollout(run)
+        rollout_flops = counter.get_total_flops()
     if device.type == "meta":  # nothing ran: there is no time or memory to measure
-        return float("nan"), float("nan"), flops
+        return float("nan"), float("nan"), flops, float("nan"), rollout_flops
     for step in range(warmup):
         one_step(module, run, step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        one_step(module, run, warmup + step)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [timed(functools.partial(one_step, module, run, warmup + step), device) for step in range(steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    rollout_seconds = timed(functools.partial(rollout, run), device)  # warm: every step above rolled out
+    if options.profile:
+        title = f"{trainer} {mode} {resolution} {'compiled' if compiled else 'eager'}"
+        profile_step(module, run, warmup + steps, device, options.profile, title)
     del run
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return statistics.median(times), peak, flops
+    return statistics.median(times), peak, flops, rollout_seconds, rollout_flops
+
+
+def matmul_peak_tflops(size=8192, repeats=20):
+    """The card's bf16 matmul rate on random data, as achieved through torch: the ceiling."""
+    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
 
 
 def _total_gib():
@@ -188,6 +245,10 @@ def main(input_args=None):
     parser.add_argument("--rollout_steps", type=int, default=25)
     parser.add_argument("--steps", type=int, default=3, help="Timed steps; the median is reported.")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no_checkpointing", action="store_true",
+                        help="Train without gradient checkpointing (transformer and VAE): faster, more memory.")
+    parser.add_argument("--profile", default=None,
+                        help="Append each configuration's torch.profiler op table (one more step) to this file.")
     parser.add_argument("--compile_backend", default="inductor")
     parser.add_argument("--output", default=None, help="Also write the table to this markdown file.")
     parser.add_argument("--device", choices=["auto", "meta"], default="auto",
@@ -205,35 +266,39 @@ def main(input_args=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     card = {"cpu": "CPU", "meta": "meta (FLOPs counted, nothing timed)"}.get(device.type) or torch.cuda.get_device_name()
-    header = ["trainer", "mode", "resolution", "compile", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s"]
+    header = ["trainer", "mode", "resolution", "compile", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s",
+              "rollout s", "rollout TFLOP/s"]
     if args.peak_tflops:
         header.append(f"s/step at {args.peak_tflops:g} TFLOP/s")
     timing = "" if device.type == "meta" else f"; median of {args.steps} step(s)"
-    lines = [f"Device: {card}; size: {args.size}; rollout {args.rollout_steps} steps{timing}", "",
+    if device.type == "cuda":
+        timing += f"; bf16 matmul measured at {matmul_peak_tflops():.0f} TFLOP/s; torch {torch.__version__}"
+    checkpointing = "off" if args.no_checkpointing else "on (transformer and VAE)"
+    lines = [f"Device: {card}; size: {args.size}; rollout {args.rollout_steps} steps; gradient checkpointing "
+             f"{checkpointing}{timing}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print("\n".join(lines), flush=True)
-    flops_seen = {}
     for trainer in args.trainers.split(","):
         for mode in args.modes.split(","):
             for resolution in (int(r) for r in args.resolutions.split(",")):
                 for compile_mode in args.compile_modes.split(","):
                     try:
-                        seconds, peak, flops = measure(trainer, args.size, mode, resolution, args.rollout_steps,
-                                                       compile_mode == "compiled", device, accelerator, args.steps,
-                                                       args.warmup, args.compile_backend)
+                        seconds, peak, flops, rollout_seconds, rollout_flops = measure(
+                            trainer, mode, resolution, compile_mode == "compiled", device, accelerator, args)
                     except torch.cuda.OutOfMemoryError:
                         # One configuration that does not fit must not cost the rest of the table.
-                        lines.append(f"| {trainer} | {mode} | {resolution} | {compile_mode} | OOM | > {_total_gib():.0f} | - | - |"
+                        lines.append(f"| {trainer} | {mode} | {resolution} | {compile_mode} | OOM | > {_total_gib():.0f} | - | - | - | - |"
                                      + (" - |" if args.peak_tflops else ""))
                         print(lines[-1], flush=True)
                         gc.collect()
                         torch.cuda.empty_cache()
                         continue
-                    flops = flops_seen.setdefault((trainer, mode, resolution), flops)
                     tflop = flops / 1e12 if flops else float("nan")
-                    timed = seconds == seconds  # NaN on the meta device
-                    row = [trainer, mode, str(resolution), compile_mode, f"{seconds:.3f}" if timed else "-",
-                           "-" if peak != peak else f"{peak:.1f}", f"{tflop:.4g}", f"{tflop / seconds:.3g}" if timed else "-"]
+                    ran = seconds == seconds  # NaN on the meta device
+                    row = [trainer, mode, str(resolution), compile_mode, f"{seconds:.3f}" if ran else "-",
+                           "-" if peak != peak else f"{peak:.1f}", f"{tflop:.4g}", f"{tflop / seconds:.3g}" if ran else "-",
+                           f"{rollout_seconds:.3f}" if ran else "-",
+                           f"{rollout_flops / 1e12 / rollout_seconds:.3g}" if ran and rollout_flops else "-"]
                     if args.peak_tflops:
                         row.append(f"{tflop / args.peak_tflops:.2f}")
                     lines.append("| " + " | ".join(row) + " |")

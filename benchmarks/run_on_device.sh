@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
-# On a GPU machine (carry .whl): install the missing packages, check the GPU path on the tiny
-# models, then time every trainer at full size. Results land in $OUT (or benchmarks/results/).
-set -euo pipefail
+# On a GPU machine (carry .whl): install the packages its image lacks, then time the trainers at
+# full size. With no arguments it runs, most important first, the groups that the last recorded run
+# (benchmarks/RESULTS.md) left unmeasured, each under its own time limit, so that a short lease
+# still returns every group that finished. With arguments it runs one group with them, e.g.
+#   NAME=srpo_1024 LIMIT=150 bash benchmarks/run_on_device.sh --trainers srpo --modes lora --resolutions 1024
+# Logs (each ends with its markdown table) land in $OUT, or benchmarks/results/ where that is unset.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"; mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-python3 benchmarks/benchmark_trainers.py --size full --trainers "${TRAINERS:-srpo,direct_align,refl,draft_lv}" \
-  --modes "${MODES:-lora,full}" --resolutions "${RESOLUTIONS:-720,1024}" --compile_modes "${COMPILE_MODES:-eager,compiled}" \
-  --steps "${STEPS:-3}" --output "$out/benchmark.md" 2>&1 | tee "$out/benchmark.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, diffusers, transformers, peft, accelerate, open_clip
+print(*(f'{m.__name__} {m.__version__}' for m in (torch, diffusers, transformers, peft, accelerate, open_clip)), sep=', ')" \
+  | tee -a "$out/gpu.txt"
+
+bench() {  # NAME SECONDS ARGS...: one group of configurations, stopped after SECONDS
+  local name=$1 seconds=$2; shift 2
+  timeout "$seconds" python3 benchmarks/benchmark_trainers.py --size full "$@" 2>&1 | tee "$out/$name.log"
+}
+
+if [ $# -gt 0 ]; then
+  bench "${NAME:-custom}" "${LIMIT:-540}" "$@"
+  exit
+fi
+bench srpo_compiled 240 --trainers srpo --modes lora,full_bf16 --resolutions 720 --compile_modes compiled \
+  --profile "$out/profile.txt"
+bench srpo_no_checkpointing 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_checkpointing
+bench srpo_1024 170 --trainers srpo --modes lora --resolutions 1024 --compile_modes eager,compiled

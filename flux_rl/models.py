@@ -45,6 +45,10 @@ def prepare_for_training(transformer, args):
     """What is trained and how, from the trainer flags: LoRA (bf16 base, fp32 adapters), full
     fine-tune with fp32 master weights, or full fine-tune with bf16 weights (--bf16_weights);
     then gradient checkpointing and per-block compilation."""
+    # torch 2.11 picks cuDNN's attention first on Hopper, and its backward fails ("mha_graph.execute
+    # ... is_good()", then an illegal memory access) on FLUX's strided q/k/v at 720 px (2537
+    # tokens), seen on an H200. Flash attention takes the same inputs and trains fine.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     if args.full_finetune and args.bf16_weights:
         transformer.to(dtype=torch.bfloat16).requires_grad_(True)  # stochastic rounding keeps small updates
     elif args.full_finetune:

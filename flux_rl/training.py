@@ -69,7 +69,7 @@ class Run:
         cond = self.condition(prompts)
         noise = self.initial_noise(len(prompts), generator)
         sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), torch.profiler.record_function("rollout"):  # a named range in profiles
             x = flux.sample(self.transformer, noise, sigmas, self.args.rollout_guidance, cond, self.img_ids)
         return x, noise, cond
 
@@ -87,7 +87,7 @@ class Run:
         return x0, self.initial_noise(len(rows), generator), self.condition(prompts), prompts
 
     def decode(self, packed):
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), torch.profiler.record_function("vae_decode"):
             return latents.decode(self.vae, packed, self.args.resolution, self.args.resolution, self.vae_scale_factor)
 
     def sync_gradients(self, last: bool):

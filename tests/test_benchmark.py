@@ -5,18 +5,31 @@ import math
 from benchmarks import benchmark_trainers
 
 
+def table(lines):
+    """The markdown table's rows as dicts keyed by its header."""
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    return [dict(zip(cells[0], row)) for row in cells[1:]]
+
+
 def test_benchmark_table_on_tiny_models(tmp_path):
     output = tmp_path / "results.md"
     lines = benchmark_trainers.main([
         "--size", "tiny", "--resolutions", "64", "--rollout_steps", "3", "--steps", "1", "--warmup", "0",
         "--compile_modes", "eager,compiled", "--compile_backend", "aot_eager", "--output", str(output),
     ])
-    rows = [line.strip("|").split("|") for line in lines if line.startswith("| ") and "trainer" not in line]
+    rows = table(lines)
     assert len(rows) == len(benchmark_trainers.TRAINERS) * 3 * 2
-    assert {row[0].strip() for row in rows} == set(benchmark_trainers.TRAINERS)
+    assert {row["trainer"] for row in rows} == set(benchmark_trainers.TRAINERS)
     for row in rows:
-        seconds, tflop = float(row[4]), float(row[6])
+        seconds, tflop, rollout = float(row["s/step"]), float(row["TFLOP/step"]), float(row["rollout s"])
         assert seconds > 0 and math.isfinite(tflop) and tflop > 0
+        assert 0 < rollout < seconds  # the rollout is part of the step
+        assert float(row["rollout TFLOP/s"]) > 0
+    # Compiled configurations count their FLOPs on their own (an eager step under force_eager):
+    # the same count as the eager configuration's.
+    eager = {(row["trainer"], row["mode"]): row["TFLOP/step"] for row in rows if row["compile"] == "eager"}
+    compiled = {(row["trainer"], row["mode"]): row["TFLOP/step"] for row in rows if row["compile"] == "compiled"}
+    assert compiled == eager
     assert output.read_text().count("\n") == len(lines)
 
 
@@ -47,8 +60,36 @@ def test_meta_device_table(tmp_path):
         "--size", "tiny", "--resolutions", "64", "--rollout_steps", "3", "--trainers", "srpo", "--modes", "lora,full",
         "--compile_modes", "eager", "--device", "meta", "--peak_tflops", "100",
     ])
-    rows = [line.strip("|").split("|") for line in lines if line.startswith("| ") and "trainer" not in line]
+    rows = table(lines)
     assert len(rows) == 2
     for row in rows:
-        assert row[4].strip() == "-" and row[5].strip() == "-" and row[7].strip() == "-"  # nothing timed
-        assert float(row[6]) > 0 and math.isclose(float(row[8]), float(row[6]) / 100, rel_tol=0.01, abs_tol=0.006)
+        assert {row[k] for k in ("s/step", "peak GiB", "TFLOP/s", "rollout s", "rollout TFLOP/s")} == {"-"}  # nothing timed
+        tflop = float(row["TFLOP/step"])
+        assert tflop > 0 and math.isclose(float(row["s/step at 100 TFLOP/s"]), tflop / 100, rel_tol=0.01, abs_tol=0.006)
+
+
+def test_profile_and_no_checkpointing(tmp_path):
+    """--profile appends one op table per configuration with the forward phases as named ranges;
+    --no_checkpointing builds the models without gradient checkpointing."""
+    import torch
+    from accelerate import Accelerator
+
+    profile = tmp_path / "profile.txt"
+    lines = benchmark_trainers.main([
+        "--size", "tiny", "--resolutions", "64", "--rollout_steps", "2", "--steps", "1", "--warmup", "0",
+        "--trainers", "srpo", "--modes", "lora,full", "--compile_modes", "eager", "--no_checkpointing",
+        "--profile", str(profile),
+    ])
+    assert "gradient checkpointing off" in lines[0] and len(table(lines)) == 2
+    text = profile.read_text()
+    assert text.count("## srpo ") == 2 and "## srpo lora 64 eager" in text and "## srpo full 64 eager" in text
+    for phase in ("rollout", "vae_decode", "reward_image_features_hpsv2"):
+        assert text.count(phase) >= 2, phase
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    module, flags = benchmark_trainers.TRAINERS["srpo"]
+    for checkpointing in (True, False):
+        run = benchmark_trainers.build_run(module, flags, "tiny", "lora", 64, 2, False, torch.device("cpu"), accelerator,
+                                           checkpointing=checkpointing)
+        assert run.transformer.is_gradient_checkpointing == checkpointing
+        assert run.vae.is_gradient_checkpointing == checkpointing

@@ -71,3 +71,21 @@ def test_full_finetune_with_bf16_weights(tiny_models, tiny_flux, tmp_path):
     original = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer")).state_dict()
     assert all(v.dtype == torch.bfloat16 for v in trained.values())
     assert any(not torch.equal(v, original[k].to(torch.bfloat16)) for k, v in trained.items())
+
+
+def test_training_turns_cudnn_attention_off(tiny_models, tiny_flux, tmp_path):
+    """torch 2.11's cuDNN attention backward crashed on FLUX's q/k/v at 720 px on an H200
+    ("mha_graph.execute ... is_good()", then an illegal memory access); every trainer runs
+    prepare_for_training, which leaves attention to flash / memory-efficient kernels."""
+    import train_srpo_flux
+    from tests.launch import tiny_args
+
+    args = train_srpo_flux.parse_args(tiny_args(tiny_models, str(tmp_path)))
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        models.prepare_for_training(transformer, args)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
