@@ -29,6 +29,7 @@ import contextlib
 import functools
 import gc
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -179,11 +180,11 @@ def profile_step(module, run, step, device, path, title):
 def measure(trainer, mode, resolution, compiled, device, accelerator, options):
     """(median s/step, peak GiB, FLOPs/step, rollout s, rollout FLOPs) of one configuration;
     `options` carries the command line's size, rollout_steps, steps, warmup, compile_backend,
-    no_checkpointing and profile."""
+    no_checkpointing, trainer_flags and profile."""
     from torch.utils.flop_counter import FlopCounterMode
 
     module, extra_flags = TRAINERS[trainer]
-    run = build_run(module, extra_flags, options.size, mode, resolution, options.rollout_steps, compiled, device,
+    run = build_run(module, extra_flags + shlex.split(options.trainer_flags), options.size, mode, resolution, options.rollout_steps, compiled, device,
                     accelerator, options.compile_backend, checkpointing=not options.no_checkpointing)
     warmup, steps = options.warmup, options.steps
     for reward in run.reward.models.values():  # shared between configurations: each starts, as a run does,
@@ -247,6 +248,8 @@ def main(input_args=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no_checkpointing", action="store_true",
                         help="Train without gradient checkpointing (transformer and VAE): faster, more memory.")
+    parser.add_argument("--trainer_flags", default="",
+                        help="More trainer flags for every configuration; write it with '=', e.g. --trainer_flags=--merge_lora_in_rollout.")
     parser.add_argument("--profile", default=None,
                         help="Append each configuration's torch.profiler op table (one more step) to this file.")
     parser.add_argument("--compile_backend", default="inductor")
@@ -274,8 +277,9 @@ def main(input_args=None):
     if device.type == "cuda":
         timing += f"; bf16 matmul measured at {matmul_peak_tflops():.0f} TFLOP/s; torch {torch.__version__}"
     checkpointing = "off" if args.no_checkpointing else "on (transformer and VAE)"
+    extra = f"; trainer flags: {args.trainer_flags}" if args.trainer_flags else ""
     lines = [f"Device: {card}; size: {args.size}; rollout {args.rollout_steps} steps; gradient checkpointing "
-             f"{checkpointing}{timing}", "",
+             f"{checkpointing}{extra}{timing}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print("\n".join(lines), flush=True)
     for trainer in args.trainers.split(","):

@@ -17,14 +17,17 @@ print(*(f'{m.__name__} {m.__version__}' for m in (torch, diffusers, transformers
 
 bench() {  # NAME SECONDS ARGS...: one group of configurations, stopped after SECONDS
   local name=$1 seconds=$2; shift 2
-  timeout "$seconds" python3 benchmarks/benchmark_trainers.py --size full "$@" 2>&1 | tee "$out/$name.log"
+  # EXTRA (word-split) goes last, e.g. EXTRA="--size tiny --resolutions 64" to try the groups on a CPU
+  timeout "$seconds" python3 benchmarks/benchmark_trainers.py --size full "$@" ${EXTRA:-} 2>&1 | tee "$out/$name.log"
 }
 
 if [ $# -gt 0 ]; then
   bench "${NAME:-custom}" "${LIMIT:-540}" "$@"
   exit
 fi
-bench srpo_compiled 240 --trainers srpo --modes lora,full_bf16 --resolutions 720 --compile_modes compiled \
+bench srpo_compiled 220 --trainers srpo --modes lora,full_bf16 --resolutions 720 --compile_modes compiled \
   --profile "$out/profile.txt"
-bench srpo_no_checkpointing 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_checkpointing
-bench srpo_1024 170 --trainers srpo --modes lora --resolutions 1024 --compile_modes eager,compiled
+bench srpo_merged_rollout 150 --trainers srpo --modes lora --resolutions 720 --compile_modes eager,compiled \
+  --trainer_flags=--merge_lora_in_rollout
+bench srpo_no_checkpointing 100 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_checkpointing
+bench srpo_1024 100 --trainers srpo --modes lora --resolutions 1024 --compile_modes eager

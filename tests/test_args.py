@@ -23,6 +23,7 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--resume_from_checkpoint", "checkpoint-9"], "no such checkpoint"),
         (["--num_injections", "0"], "--num_injections"),
         (["--reward_models_dir", "/no/such/rewards"], "--reward_models_dir /no/such/rewards: no such folder"),
+        (["--full_finetune", "--merge_lora_in_rollout"], "--merge_lora_in_rollout is for LoRA training"),
     ],
 )
 def test_argument_validation(extra, message, tmp_path):
@@ -44,10 +45,11 @@ def test_wandb_missing_fails_early(monkeypatch):
         train_direct_align.parse_args(BASE + ["--report_to", "wandb"])
 
 
-@pytest.mark.parametrize("flag, message", [("--bf16_weights", "under FSDP the sharded weights are fp32"),
-                                           ("--use_8bit_adam", "does not run on FSDP's sharded parameters")])
-def test_single_gpu_memory_flags_refused_under_fsdp(flag, message, monkeypatch, tmp_path):
-    args = BASE + ["--output_dir", str(tmp_path), "--full_finetune", flag]
+@pytest.mark.parametrize("flags, message", [(["--full_finetune", "--bf16_weights"], "under FSDP the sharded weights are fp32"),
+                                            (["--full_finetune", "--use_8bit_adam"], "does not run on FSDP's sharded parameters"),
+                                            (["--merge_lora_in_rollout"], "does not run on FSDP's sharded weights")])
+def test_single_gpu_memory_flags_refused_under_fsdp(flags, message, monkeypatch, tmp_path):
+    args = BASE + ["--output_dir", str(tmp_path), *flags]
     assert train_direct_align.parse_args(args)  # fine on one GPU or under DDP
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
     with pytest.raises(ValueError, match=message):

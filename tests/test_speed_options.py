@@ -38,7 +38,7 @@ def test_compiled_blocks_match_eager(tiny_flux):
 
 def test_trainer_with_every_speed_option(tiny_models, tmp_path):
     """bf16 base weights with fp32 LoRA, per-block compile, 8-bit AdamW, both checkpointings,
-    two injections per rollout: one SRPO run through accelerate launch."""
+    two injections per rollout, LoRA merged for the rollout: one SRPO run through accelerate launch."""
     from safetensors.torch import load_file
 
     from tests.launch import launch, tiny_args
@@ -48,7 +48,7 @@ def test_trainer_with_every_speed_option(tiny_models, tmp_path):
     launch("train_srpo_flux.py", tiny_args(
         tiny_models, output_dir, "--max_train_steps", "2", "--rank", "4", "--mixed_precision", "bf16", "--compile",
         "--compile_backend", "aot_eager", "--use_8bit_adam", "--gradient_checkpointing", "--vae_gradient_checkpointing",
-        "--num_injections", "2",
+        "--num_injections", "2", "--merge_lora_in_rollout",
     ))
     lora = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
     assert lora and all(v.dtype == torch.float32 for v in lora.values())
@@ -89,3 +89,80 @@ def test_training_turns_cudnn_attention_off(tiny_models, tiny_flux, tmp_path):
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+def _lora_transformer(tiny_flux, dtype):
+    """The tiny transformer with LoRA whose B is not zero (peft starts B at zero: a merge would add nothing)."""
+    from peft.tuners.lora import LoraLayer
+
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer")).to(dtype)
+    models.add_lora(transformer, 4, 4, models.DEFAULT_LORA_TARGETS)
+    generator = torch.Generator().manual_seed(1)
+    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.lora_B["default"].weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
+    return transformer, layers
+
+
+def _transformer_inputs(dtype):
+    generator = torch.Generator().manual_seed(2)
+    return dict(
+        hidden_states=torch.randn(1, 16, 64, generator=generator, dtype=dtype), timestep=torch.tensor([0.5], dtype=dtype),
+        guidance=torch.tensor([3.5], dtype=dtype), pooled_projections=torch.randn(1, 32, generator=generator, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=generator, dtype=dtype), txt_ids=torch.zeros(8, 3),
+        img_ids=latents.image_ids(64, 64, 8, "cpu", torch.float32), return_dict=False,
+    )
+
+
+def test_lora_merged_computes_the_same_and_restores_the_weights(tiny_flux):
+    transformer, layers = _lora_transformer(tiny_flux, torch.float32)
+    inputs = _transformer_inputs(torch.float32)
+    before = {name: tensor.clone() for name, tensor in transformer.state_dict().items()}
+    with torch.no_grad():
+        plain = transformer(**inputs)[0]
+        with models.lora_merged(transformer):
+            assert all(layer.merged for layer in layers)  # the adapters are skipped: their work is in W
+            changed = [name for name, tensor in transformer.state_dict().items() if not torch.equal(tensor, before[name])]
+            assert len(changed) == len(layers) and all(name.endswith("base_layer.weight") for name in changed)
+            merged = transformer(**inputs)[0]
+        after = transformer(**inputs)[0]
+    assert torch.allclose(merged, plain, atol=1e-5, rtol=1e-4) and not torch.equal(merged, plain)
+    assert torch.equal(after, plain) and not any(layer.merged for layer in layers)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in transformer.state_dict().items())
+
+
+def test_lora_merged_restores_bf16_weights_exactly_where_unmerge_would_not(tiny_flux):
+    transformer, layers = _lora_transformer(tiny_flux, torch.bfloat16)
+    originals = [layer.get_base_layer().weight.clone() for layer in layers]
+    with models.lora_merged(transformer):
+        pass
+    assert all(torch.equal(layer.get_base_layer().weight, w) for layer, w in zip(layers, originals))
+    for layer in layers:  # peft's own way back: W + d - d, rounded twice in bf16
+        layer.merge()
+        layer.unmerge()
+    assert not all(torch.equal(layer.get_base_layer().weight, w) for layer, w in zip(layers, originals))
+
+
+def test_rollout_with_merged_lora_matches_the_adapters(tiny_models):
+    """Run.rollout with --merge_lora_in_rollout gives the image the adapters give, and leaves the
+    model as it found it."""
+    from accelerate import Accelerator
+    from peft.tuners.lora import LoraLayer
+
+    from benchmarks import benchmark_trainers
+
+    accelerator = Accelerator(cpu=True)
+    module, flags = benchmark_trainers.TRAINERS["srpo"]
+    run = benchmark_trainers.build_run(module, flags + ["--merge_lora_in_rollout"], "tiny", "lora", 64, 3, False,
+                                       torch.device("cpu"), accelerator)
+    with torch.no_grad():
+        for layer in (m for m in run.transformer.modules() if isinstance(m, LoraLayer)):
+            layer.lora_B["default"].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    before = {name: tensor.clone() for name, tensor in run.transformer.state_dict().items()}
+    merged = run.rollout(["a cat"], torch.Generator().manual_seed(0))[0]
+    run.args.merge_lora_in_rollout = False
+    plain = run.rollout(["a cat"], torch.Generator().manual_seed(0))[0]
+    assert torch.allclose(merged, plain, atol=1e-4, rtol=1e-4) and not torch.equal(merged, plain)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in run.transformer.state_dict().items())
