@@ -153,16 +153,25 @@ def test_rollout_with_merged_lora_matches_the_adapters(tiny_models):
 
     from benchmarks import benchmark_trainers
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)  # one AcceleratorState per process: as the other tests
     module, flags = benchmark_trainers.TRAINERS["srpo"]
     run = benchmark_trainers.build_run(module, flags + ["--merge_lora_in_rollout"], "tiny", "lora", 64, 3, False,
                                        torch.device("cpu"), accelerator)
     with torch.no_grad():
         for layer in (m for m in run.transformer.modules() if isinstance(m, LoraLayer)):
-            layer.lora_B["default"].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+            layer.lora_B["default"].weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(3))
     before = {name: tensor.clone() for name, tensor in run.transformer.state_dict().items()}
     merged = run.rollout(["a cat"], torch.Generator().manual_seed(0))[0]
     run.args.merge_lora_in_rollout = False
     plain = run.rollout(["a cat"], torch.Generator().manual_seed(0))[0]
-    assert torch.allclose(merged, plain, atol=1e-4, rtol=1e-4) and not torch.equal(merged, plain)
     assert all(torch.equal(tensor, before[name]) for name, tensor in run.transformer.state_dict().items())
+    run.transformer.disable_adapters()
+    without_lora = run.rollout(["a cat"], torch.Generator().manual_seed(0))[0]
+    run.transformer.enable_adapters()
+
+    def relative_error(x):
+        return ((x - plain).norm() / plain.norm()).item()
+
+    # bf16 autocast rounds W + BA once where the adapters round x W and x A B apart: close, not equal;
+    # dropping the adapters (a merge that folded nothing) is far off.
+    assert 0 < relative_error(merged) < 0.01 and relative_error(without_lora) > 20 * relative_error(merged)
