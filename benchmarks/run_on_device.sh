@@ -25,9 +25,17 @@ if [ $# -gt 0 ]; then
   bench "${NAME:-custom}" "${LIMIT:-540}" "$@"
   exit
 fi
-bench srpo_compiled 220 --trainers srpo --modes lora,full_bf16 --resolutions 720 --compile_modes compiled \
+# First the trainer itself on the GPU, on the tiny models (the groups below time Run objects built here):
+# bf16, checkpointing, LoRA merged for the rollout, validation; what it wrote is listed at the end.
+timeout 60 bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp/tiny-models && accelerate launch --num_processes 1 \
+  train_srpo_flux.py --pretrained_model_name_or_path /tmp/tiny-models/flux --reward_models_dir /tmp/tiny-models/rewards \
+  --resolution 64 --num_inference_steps 4 --max_train_steps 4 --mixed_precision bf16 --gradient_checkpointing \
+  --vae_gradient_checkpointing --merge_lora_in_rollout --validation_prompt 'a photo of a cat' --validation_steps 4 \
+  --output_dir /tmp/srpo-smoke && ls -R /tmp/srpo-smoke" > "$out/smoke.log" 2>&1
+echo "smoke run: exit $? (log: smoke.log)"
+bench srpo_compiled 200 --trainers srpo --modes lora,full_bf16 --resolutions 720 --compile_modes compiled \
   --profile "$out/profile.txt"
-bench srpo_merged_rollout 150 --trainers srpo --modes lora --resolutions 720 --compile_modes eager,compiled \
+bench srpo_merged_rollout 140 --trainers srpo --modes lora --resolutions 720 --compile_modes eager,compiled \
   --trainer_flags=--merge_lora_in_rollout
-bench srpo_no_checkpointing 100 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_checkpointing
-bench srpo_1024 100 --trainers srpo --modes lora --resolutions 1024 --compile_modes eager
+bench srpo_no_checkpointing 90 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_checkpointing
+bench srpo_1024 90 --trainers srpo --modes lora --resolutions 1024 --compile_modes eager
