@@ -20,12 +20,15 @@ are random tensors of FLUX's shapes (T5: 512 x 4096, CLIP pooled: 768), as the t
 them after the first step anyway. Prints a markdown table: median seconds per optimiser step,
 peak GPU memory, and achieved TFLOP/s (matmul FLOPs of one step counted with
 torch.utils.flop_counter in eager mode, divided by the median step time); then the rollout alone
-(the no-grad sampling every step starts with) and its TFLOP/s. On a GPU the header also gives the
+(the no-grad sampling every step starts with) and its TFLOP/s, and the first warm-up step's time
+(with --compile: compilation plus one step, for the first compiled configuration of a process;
+later ones reuse its graphs, as they are the same blocks). On a GPU the header also gives the
 card's measured bf16 matmul rate (8192^3 products), the ceiling to read TFLOP/s against.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -177,9 +180,18 @@ def profile_step(module, run, step, device, path, title):
         f.write(f"## {title}\n\n{profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70)}\n")
 
 
+@dataclasses.dataclass
+class Measurement:
+    seconds: float  # median per optimiser step; NaN where nothing ran (meta)
+    peak_gib: float  # NaN off the GPU
+    flops: int  # of one step
+    rollout_seconds: float
+    rollout_flops: int
+    first_step_seconds: float  # the first warm-up step (compilation + one step in a process's first compiled run)
+
+
 def measure(trainer, mode, resolution, compiled, device, accelerator, options):
-    """(median s/step, peak GiB, FLOPs/step, rollout s, rollout FLOPs) of one configuration;
-    `options` carries the command line's size, rollout_steps, steps, warmup, compile_backend,
+    """One configuration's Measurement; `options` carries the command line's size, rollout_steps, steps, warmup, compile_backend,
     no_checkpointing, trainer_flags and profile."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -198,10 +210,10 @@ def measure(trainer, mode, resolution, compiled, device, accelerator, options):
         with FlopCounterMode(display=False) as counter:
             rollout(run)
         rollout_flops = counter.get_total_flops()
+    nan = float("nan")
     if device.type == "meta":  # nothing ran: there is no time or memory to measure
-        return float("nan"), float("nan"), flops, float("nan"), rollout_flops
-    for step in range(warmup):
-        one_step(module, run, step)
+        return Measurement(nan, nan, flops, nan, rollout_flops, nan)
+    warmup_times = [timed(functools.partial(one_step, module, run, step), device) for step in range(warmup)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [timed(functools.partial(one_step, module, run, warmup + step), device) for step in range(steps)]
@@ -214,7 +226,8 @@ def measure(trainer, mode, resolution, compiled, device, accelerator, options):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return statistics.median(times), peak, flops, rollout_seconds, rollout_flops
+    return Measurement(statistics.median(times), peak, flops, rollout_seconds, rollout_flops,
+                       warmup_times[0] if warmup_times else nan)
 
 
 def matmul_peak_tflops(size=8192, repeats=20):
@@ -270,7 +283,7 @@ def main(input_args=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     card = {"cpu": "CPU", "meta": "meta (FLOPs counted, nothing timed)"}.get(device.type) or torch.cuda.get_device_name()
     header = ["trainer", "mode", "resolution", "compile", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s",
-              "rollout s", "rollout TFLOP/s"]
+              "rollout s", "rollout TFLOP/s", "first step s"]
     if args.peak_tflops:
         header.append(f"s/step at {args.peak_tflops:g} TFLOP/s")
     timing = "" if device.type == "meta" else f"; median of {args.steps} step(s)"
@@ -287,22 +300,23 @@ def main(input_args=None):
             for resolution in (int(r) for r in args.resolutions.split(",")):
                 for compile_mode in args.compile_modes.split(","):
                     try:
-                        seconds, peak, flops, rollout_seconds, rollout_flops = measure(
-                            trainer, mode, resolution, compile_mode == "compiled", device, accelerator, args)
+                        result = measure(trainer, mode, resolution, compile_mode == "compiled", device, accelerator, args)
                     except torch.cuda.OutOfMemoryError:
                         # One configuration that does not fit must not cost the rest of the table.
-                        lines.append(f"| {trainer} | {mode} | {resolution} | {compile_mode} | OOM | > {_total_gib():.0f} | - | - | - | - |"
+                        lines.append(f"| {trainer} | {mode} | {resolution} | {compile_mode} | OOM | > {_total_gib():.0f} | - | - | - | - | - |"
                                      + (" - |" if args.peak_tflops else ""))
                         print(lines[-1], flush=True)
                         gc.collect()
                         torch.cuda.empty_cache()
                         continue
-                    tflop = flops / 1e12 if flops else float("nan")
-                    ran = seconds == seconds  # NaN on the meta device
-                    row = [trainer, mode, str(resolution), compile_mode, f"{seconds:.3f}" if ran else "-",
-                           "-" if peak != peak else f"{peak:.1f}", f"{tflop:.4g}", f"{tflop / seconds:.3g}" if ran else "-",
-                           f"{rollout_seconds:.3f}" if ran else "-",
-                           f"{rollout_flops / 1e12 / rollout_seconds:.3g}" if ran and rollout_flops else "-"]
+                    tflop = result.flops / 1e12 if result.flops else float("nan")
+                    ran = result.seconds == result.seconds  # NaN on the meta device
+                    row = [trainer, mode, str(resolution), compile_mode, f"{result.seconds:.3f}" if ran else "-",
+                           "-" if result.peak_gib != result.peak_gib else f"{result.peak_gib:.1f}", f"{tflop:.4g}",
+                           f"{tflop / result.seconds:.3g}" if ran else "-",
+                           f"{result.rollout_seconds:.3f}" if ran else "-",
+                           f"{result.rollout_flops / 1e12 / result.rollout_seconds:.3g}" if ran and result.rollout_flops else "-",
+                           "-" if result.first_step_seconds != result.first_step_seconds else f"{result.first_step_seconds:.1f}"]
                     if args.peak_tflops:
                         row.append(f"{tflop / args.peak_tflops:.2f}")
                     lines.append("| " + " | ".join(row) + " |")

@@ -14,7 +14,7 @@ def table(lines):
 def test_benchmark_table_on_tiny_models(tmp_path):
     output = tmp_path / "results.md"
     lines = benchmark_trainers.main([
-        "--size", "tiny", "--resolutions", "64", "--rollout_steps", "3", "--steps", "1", "--warmup", "0",
+        "--size", "tiny", "--resolutions", "64", "--rollout_steps", "3", "--steps", "1", "--warmup", "1",
         "--compile_modes", "eager,compiled", "--compile_backend", "aot_eager", "--output", str(output),
     ])
     rows = table(lines)
@@ -25,6 +25,10 @@ def test_benchmark_table_on_tiny_models(tmp_path):
         assert seconds > 0 and math.isfinite(tflop) and tflop > 0
         assert 0 < rollout < seconds  # the rollout is part of the step
         assert float(row["rollout TFLOP/s"]) > 0
+        assert float(row["first step s"]) > 0
+    # the first compiled configuration's first step compiles the blocks (later ones reuse the graphs)
+    first_compiled = next(row for row in rows if row["compile"] == "compiled")
+    assert float(first_compiled["first step s"]) > 5 * float(first_compiled["s/step"])
     # Compiled configurations count their FLOPs on their own (an eager step under force_eager):
     # the same count as the eager configuration's.
     eager = {(row["trainer"], row["mode"]): row["TFLOP/step"] for row in rows if row["compile"] == "eager"}
@@ -63,7 +67,7 @@ def test_meta_device_table(tmp_path):
     rows = table(lines)
     assert len(rows) == 2
     for row in rows:
-        assert {row[k] for k in ("s/step", "peak GiB", "TFLOP/s", "rollout s", "rollout TFLOP/s")} == {"-"}  # nothing timed
+        assert {row[k] for k in ("s/step", "peak GiB", "TFLOP/s", "rollout s", "rollout TFLOP/s", "first step s")} == {"-"}
         tflop = float(row["TFLOP/step"])
         assert tflop > 0 and math.isclose(float(row["s/step at 100 TFLOP/s"]), tflop / 100, rel_tol=0.01, abs_tol=0.006)
 
