@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import math
 import os
 import shlex
 import statistics
@@ -48,6 +49,8 @@ import train_refl_baseline  # noqa: E402
 import train_srpo_flux  # noqa: E402
 from flux_rl import data, latents, models, schedules, tiny_models, training  # noqa: E402
 from flux_rl.flux import Conditioning  # noqa: E402
+
+nan = float("nan")
 
 TRAINERS = {
     "srpo": (train_srpo_flux, []),
@@ -210,14 +213,13 @@ def measure(trainer, mode, resolution, compiled, device, accelerator, options):
         with FlopCounterMode(display=False) as counter:
             rollout(run)
         rollout_flops = counter.get_total_flops()
-    nan = float("nan")
     if device.type == "meta":  # nothing ran: there is no time or memory to measure
         return Measurement(nan, nan, flops, nan, rollout_flops, nan)
     warmup_times = [timed(functools.partial(one_step, module, run, step), device) for step in range(warmup)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [timed(functools.partial(one_step, module, run, warmup + step), device) for step in range(steps)]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else nan
     rollout_seconds = timed(functools.partial(rollout, run), device)  # warm: every step above rolled out
     if options.profile:
         title = f"{trainer} {mode} {resolution} {'compiled' if compiled else 'eager'}"
@@ -242,6 +244,11 @@ def matmul_peak_tflops(size=8192, repeats=20):
     end.record()
     torch.cuda.synchronize()
     return 2 * size**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def cell(value: float, spec: str) -> str:
+    """A table cell: '-' where nothing was measured (NaN)."""
+    return "-" if math.isnan(value) else format(value, spec)
 
 
 def _total_gib():
@@ -309,14 +316,12 @@ def main(input_args=None):
                         gc.collect()
                         torch.cuda.empty_cache()
                         continue
-                    tflop = result.flops / 1e12 if result.flops else float("nan")
-                    ran = result.seconds == result.seconds  # NaN on the meta device
-                    row = [trainer, mode, str(resolution), compile_mode, f"{result.seconds:.3f}" if ran else "-",
-                           "-" if result.peak_gib != result.peak_gib else f"{result.peak_gib:.1f}", f"{tflop:.4g}",
-                           f"{tflop / result.seconds:.3g}" if ran else "-",
-                           f"{result.rollout_seconds:.3f}" if ran else "-",
-                           f"{result.rollout_flops / 1e12 / result.rollout_seconds:.3g}" if ran and result.rollout_flops else "-",
-                           "-" if result.first_step_seconds != result.first_step_seconds else f"{result.first_step_seconds:.1f}"]
+                    tflop = result.flops / 1e12 if result.flops else nan
+                    row = [trainer, mode, str(resolution), compile_mode, cell(result.seconds, ".3f"),
+                           cell(result.peak_gib, ".1f"), cell(tflop, ".4g"), cell(tflop / result.seconds, ".3g"),
+                           cell(result.rollout_seconds, ".3f"),
+                           cell(result.rollout_flops / 1e12 / result.rollout_seconds if result.rollout_flops else nan, ".3g"),
+                           cell(result.first_step_seconds, ".1f")]
                     if args.peak_tflops:
                         row.append(f"{tflop / args.peak_tflops:.2f}")
                     lines.append("| " + " | ".join(row) + " |")

@@ -23,11 +23,7 @@ def test_vae_gradient_checkpointing_same_gradient(tiny_flux):
 def test_compiled_blocks_match_eager(tiny_flux):
     transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
     models.add_lora(transformer, 4, 4, models.DEFAULT_LORA_TARGETS)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, 64), timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
-        pooled_projections=torch.randn(1, 32), encoder_hidden_states=torch.randn(1, 8, 32),
-        txt_ids=torch.zeros(8, 3), img_ids=latents.image_ids(64, 64, 8, "cpu", torch.float32), return_dict=False,
-    )
+    inputs = _transformer_inputs(torch.float32)
     eager = transformer(**inputs)[0]
     models.compile_blocks(transformer, backend="aot_eager")
     compiled = transformer(**inputs)[0]
@@ -91,19 +87,23 @@ def test_training_turns_cudnn_attention_off(tiny_models, tiny_flux, tmp_path):
         torch.backends.cuda.enable_cudnn_sdp(True)
 
 
-def _lora_transformer(tiny_flux, dtype):
-    """The tiny transformer with LoRA whose B is not zero (peft starts B at zero: a merge would add nothing)."""
+def _randomize_lora_b(model, std, seed):
+    """LoRA layers of `model` with B drawn at random (peft starts B at zero: a merge would add nothing)."""
     from peft.tuners.lora import LoraLayer
 
-    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer")).to(dtype)
-    models.add_lora(transformer, 4, 4, models.DEFAULT_LORA_TARGETS)
-    generator = torch.Generator().manual_seed(1)
-    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    generator = torch.Generator().manual_seed(seed)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     with torch.no_grad():
         for layer in layers:
             weight = layer.lora_B["default"].weight
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
-    return transformer, layers
+            weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+    return layers
+
+
+def _lora_transformer(tiny_flux, dtype):
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer")).to(dtype)
+    models.add_lora(transformer, 4, 4, models.DEFAULT_LORA_TARGETS)
+    return transformer, _randomize_lora_b(transformer, 0.5, seed=1)
 
 
 def _transformer_inputs(dtype):
@@ -149,7 +149,6 @@ def test_rollout_with_merged_lora_matches_the_adapters(tiny_models):
     """Run.rollout with --merge_lora_in_rollout gives the image the adapters give, and leaves the
     model as it found it."""
     from accelerate import Accelerator
-    from peft.tuners.lora import LoraLayer
 
     from benchmarks import benchmark_trainers
 
@@ -157,9 +156,7 @@ def test_rollout_with_merged_lora_matches_the_adapters(tiny_models):
     module, flags = benchmark_trainers.TRAINERS["srpo"]
     run = benchmark_trainers.build_run(module, flags + ["--merge_lora_in_rollout"], "tiny", "lora", 64, 3, False,
                                        torch.device("cpu"), accelerator)
-    with torch.no_grad():
-        for layer in (m for m in run.transformer.modules() if isinstance(m, LoraLayer)):
-            layer.lora_B["default"].weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(3))
+    _randomize_lora_b(run.transformer, 2.0, seed=3)
     before = {name: tensor.clone() for name, tensor in run.transformer.state_dict().items()}
     merged = run.rollout(["a cat"], torch.Generator().manual_seed(0))[0]
     run.args.merge_lora_in_rollout = False
