@@ -191,16 +191,18 @@ class Measurement:
     rollout_seconds: float
     rollout_flops: int
     first_step_seconds: float  # the first warm-up step (compilation + one step in a process's first compiled run)
+    optimizer_seconds: float  # clip + optimizer.step + zero_grad of one step, timed on its own
 
 
-def measure(trainer, mode, resolution, compiled, device, accelerator, options):
-    """One configuration's Measurement; `options` carries the command line's size, rollout_steps, steps, warmup, compile_backend,
-    no_checkpointing, trainer_flags and profile."""
+def measure(trainer, mode, resolution, compiled, checkpointing, variant, device, accelerator, options):
+    """One configuration's Measurement; `variant` is a string of more trainer flags; `options` carries the command line's
+    size, rollout_steps, steps, warmup, compile_backend, trainer_flags and profile."""
     from torch.utils.flop_counter import FlopCounterMode
 
     module, extra_flags = TRAINERS[trainer]
-    run = build_run(module, extra_flags + shlex.split(options.trainer_flags), options.size, mode, resolution, options.rollout_steps, compiled, device,
-                    accelerator, options.compile_backend, checkpointing=not options.no_checkpointing)
+    flags = extra_flags + shlex.split(options.trainer_flags) + shlex.split(variant)
+    run = build_run(module, flags, options.size, mode, resolution, options.rollout_steps, compiled, device,
+                    accelerator, options.compile_backend, checkpointing=checkpointing)
     warmup, steps = options.warmup, options.steps
     for reward in run.reward.models.values():  # shared between configurations: each starts, as a run does,
         reward.clear_text_cache()              # encoding its first prompts (counted and timed alike)
@@ -214,22 +216,24 @@ def measure(trainer, mode, resolution, compiled, device, accelerator, options):
             rollout(run)
         rollout_flops = counter.get_total_flops()
     if device.type == "meta":  # nothing ran: there is no time or memory to measure
-        return Measurement(nan, nan, flops, nan, rollout_flops, nan)
+        return Measurement(nan, nan, flops, nan, rollout_flops, nan, nan)
     warmup_times = [timed(functools.partial(one_step, module, run, step), device) for step in range(warmup)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [timed(functools.partial(one_step, module, run, warmup + step), device) for step in range(steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else nan
+    module.training_step(run, warmup + steps, defaultdict(list))  # gradients for the optimizer's own timing
+    optimizer_seconds = timed(run.optimizer_step, device)
     rollout_seconds = timed(functools.partial(rollout, run), device)  # warm: every step above rolled out
     if options.profile:
-        title = f"{trainer} {mode} {resolution} {'compiled' if compiled else 'eager'}"
-        profile_step(module, run, warmup + steps, device, options.profile, title)
+        title = f"{trainer} {mode} {resolution} {'compiled' if compiled else 'eager'}" + ("" if checkpointing else " no-checkpointing")
+        profile_step(module, run, warmup + steps + 1, device, options.profile, title + (f" {variant}" if variant else ""))
     del run
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Measurement(statistics.median(times), peak, flops, rollout_seconds, rollout_flops,
-                       warmup_times[0] if warmup_times else nan)
+                       warmup_times[0] if warmup_times else nan, optimizer_seconds)
 
 
 def matmul_peak_tflops(size=8192, repeats=20):
@@ -266,10 +270,14 @@ def main(input_args=None):
     parser.add_argument("--rollout_steps", type=int, default=25)
     parser.add_argument("--steps", type=int, default=3, help="Timed steps; the median is reported.")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--no_checkpointing", action="store_true",
-                        help="Train without gradient checkpointing (transformer and VAE): faster, more memory.")
+    parser.add_argument("--checkpointing", default="on",
+                        help="Gradient checkpointing of the transformer and VAE: on, off (faster, more memory) or on,off (both).")
+    parser.add_argument("--no_checkpointing", dest="checkpointing", action="store_const", const="off", help="= --checkpointing off")
     parser.add_argument("--trainer_flags", default="",
                         help="More trainer flags for every configuration; write it with '=', e.g. --trainer_flags=--merge_lora_in_rollout.")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="Repeatable: each configuration runs once per variant, a string of more trainer flags ('' for none), "
+                             "e.g. --variant= --variant=--merge_lora_in_rollout.")
     parser.add_argument("--profile", default=None,
                         help="Append each configuration's torch.profiler op table (one more step) to this file.")
     parser.add_argument("--compile_backend", default="inductor")
@@ -281,6 +289,10 @@ def main(input_args=None):
     args = parser.parse_args(input_args)
     if args.device == "meta" and "compiled" in args.compile_modes.split(","):
         parser.error("--device meta counts FLOPs, which compilation does not change: use --compile_modes eager")
+    checkpointing_modes = args.checkpointing.split(",")
+    if not set(checkpointing_modes) <= {"on", "off"}:
+        parser.error(f"--checkpointing takes on, off or on,off, not {args.checkpointing}")
+    variants = args.variant or [""]
 
     from accelerate import Accelerator
 
@@ -289,43 +301,42 @@ def main(input_args=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     card = {"cpu": "CPU", "meta": "meta (FLOPs counted, nothing timed)"}.get(device.type) or torch.cuda.get_device_name()
-    header = ["trainer", "mode", "resolution", "compile", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s",
-              "rollout s", "rollout TFLOP/s", "first step s"]
+    header = ["trainer", "mode", "resolution", "compile", "checkpointing", "variant", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s",
+              "rollout s", "rollout TFLOP/s", "optimizer s", "first step s"]
     if args.peak_tflops:
         header.append(f"s/step at {args.peak_tflops:g} TFLOP/s")
     timing = "" if device.type == "meta" else f"; median of {args.steps} step(s)"
     if device.type == "cuda":
         timing += f"; bf16 matmul measured at {matmul_peak_tflops():.0f} TFLOP/s; torch {torch.__version__}"
-    checkpointing = "off" if args.no_checkpointing else "on (transformer and VAE)"
     extra = f"; trainer flags: {args.trainer_flags}" if args.trainer_flags else ""
-    lines = [f"Device: {card}; size: {args.size}; rollout {args.rollout_steps} steps; gradient checkpointing "
-             f"{checkpointing}{extra}{timing}", "",
+    lines = [f"Device: {card}; size: {args.size}; rollout {args.rollout_steps} steps; gradient checkpointing (transformer and VAE) "
+             f"{args.checkpointing}{extra}{timing}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print("\n".join(lines), flush=True)
-    for trainer in args.trainers.split(","):
-        for mode in args.modes.split(","):
-            for resolution in (int(r) for r in args.resolutions.split(",")):
-                for compile_mode in args.compile_modes.split(","):
-                    try:
-                        result = measure(trainer, mode, resolution, compile_mode == "compiled", device, accelerator, args)
-                    except torch.cuda.OutOfMemoryError:
-                        # One configuration that does not fit must not cost the rest of the table.
-                        lines.append(f"| {trainer} | {mode} | {resolution} | {compile_mode} | OOM | > {_total_gib():.0f} | - | - | - | - | - |"
-                                     + (" - |" if args.peak_tflops else ""))
-                        print(lines[-1], flush=True)
-                        gc.collect()
-                        torch.cuda.empty_cache()
-                        continue
-                    tflop = result.flops / 1e12 if result.flops else nan
-                    row = [trainer, mode, str(resolution), compile_mode, cell(result.seconds, ".3f"),
-                           cell(result.peak_gib, ".1f"), cell(tflop, ".4g"), cell(tflop / result.seconds, ".3g"),
-                           cell(result.rollout_seconds, ".3f"),
-                           cell(result.rollout_flops / 1e12 / result.rollout_seconds if result.rollout_flops else nan, ".3g"),
-                           cell(result.first_step_seconds, ".1f")]
-                    if args.peak_tflops:
-                        row.append(f"{tflop / args.peak_tflops:.2f}")
-                    lines.append("| " + " | ".join(row) + " |")
-                    print(lines[-1], flush=True)
+    configurations = [(trainer, mode, int(resolution), compile_mode, checkpointing, variant)
+                      for trainer in args.trainers.split(",") for mode in args.modes.split(",")
+                      for resolution in args.resolutions.split(",") for compile_mode in args.compile_modes.split(",")
+                      for checkpointing in checkpointing_modes for variant in variants]
+    for trainer, mode, resolution, compile_mode, checkpointing, variant in configurations:
+        names, out_of_memory = [trainer, mode, str(resolution), compile_mode, checkpointing, variant or "-"], False
+        try:
+            result = measure(trainer, mode, resolution, compile_mode == "compiled", checkpointing == "on", variant, device, accelerator, args)
+        except torch.cuda.OutOfMemoryError:  # one configuration that does not fit must not cost the rest of the table
+            result, out_of_memory = Measurement(nan, nan, 0, nan, 0, nan, nan), True
+        if out_of_memory:  # here, once the exception (whose traceback holds the run) is gone
+            gc.collect()
+            torch.cuda.empty_cache()
+        tflop = result.flops / 1e12 if result.flops else nan
+        row = names + [cell(result.seconds, ".3f"), cell(result.peak_gib, ".1f"), cell(tflop, ".4g"), cell(tflop / result.seconds, ".3g"),
+                       cell(result.rollout_seconds, ".3f"),
+                       cell(result.rollout_flops / 1e12 / result.rollout_seconds if result.rollout_flops else nan, ".3g"),
+                       cell(result.optimizer_seconds, ".3f"), cell(result.first_step_seconds, ".1f")]
+        if out_of_memory:
+            row[len(names):len(names) + 2] = ["OOM", f"> {_total_gib():.0f}"]
+        if args.peak_tflops:
+            row.append(cell(tflop / args.peak_tflops, ".2f"))
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
     if args.output:
         with open(args.output, "w") as f:
             f.write("\n".join(lines) + "\n")

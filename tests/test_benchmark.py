@@ -72,26 +72,32 @@ def test_meta_device_table(tmp_path):
         assert tflop > 0 and math.isclose(float(row["s/step at 100 TFLOP/s"]), tflop / 100, rel_tol=0.01, abs_tol=0.006)
 
 
-def test_profile_and_no_checkpointing(tmp_path):
+def test_profile_checkpointing_and_variants(tmp_path):
     """--profile appends one op table per configuration with the forward phases as named ranges;
-    --no_checkpointing builds the models without gradient checkpointing."""
+    --checkpointing on,off and --variant multiply the configurations; off builds the models
+    without gradient checkpointing."""
     import torch
     from accelerate import Accelerator
 
     profile = tmp_path / "profile.txt"
     lines = benchmark_trainers.main([
         "--size", "tiny", "--resolutions", "64", "--rollout_steps", "2", "--steps", "1", "--warmup", "0",
-        "--trainers", "srpo", "--modes", "lora", "--compile_modes", "eager", "--no_checkpointing",
-        "--trainer_flags", "--merge_lora_in_rollout --num_injections 2", "--profile", str(profile),
+        "--trainers", "srpo", "--modes", "lora", "--compile_modes", "eager", "--checkpointing", "on,off",
+        "--trainer_flags=--merge_lora_in_rollout", "--variant=", "--variant=--num_injections 2", "--profile", str(profile),
     ])
-    assert "gradient checkpointing off" in lines[0] and "--merge_lora_in_rollout" in lines[0] and len(table(lines)) == 1
+    assert "gradient checkpointing (transformer and VAE) on,off" in lines[0] and "--merge_lora_in_rollout" in lines[0]
+    rows = table(lines)
+    assert [(row["checkpointing"], row["variant"]) for row in rows] == [
+        ("on", "-"), ("on", "--num_injections 2"), ("off", "-"), ("off", "--num_injections 2")]
+    for row in rows:
+        assert 0 < float(row["optimizer s"]) < float(row["s/step"])
     text = profile.read_text()
-    assert text.count("## srpo ") == 1 and "## srpo lora 64 eager" in text
+    assert text.count("## srpo ") == 4 and "## srpo lora 64 eager no-checkpointing --num_injections 2" in text
     for phase in ("rollout", "vae_decode", "reward_image_features_hpsv2"):
         assert phase in text, phase
-    # the trainer flags reached the run: with 2 injections SRPO decodes 4 branch images + 1 monitor image
+    # the variant's flags reached the run: SRPO decodes 1 monitor image + 2 branch images per injection
     decode_calls = [line.split()[-1] for line in text.splitlines() if line.split()[:1] == ["vae_decode"]]
-    assert decode_calls == ["5"]
+    assert decode_calls == ["3", "5", "3", "5"]
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     module, flags = benchmark_trainers.TRAINERS["srpo"]
