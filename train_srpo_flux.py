@@ -34,7 +34,7 @@ import rewards
 from flux_rl import args as common
 from flux_rl import training
 from flux_rl.data import step_generator
-from flux_rl.direct_align import direct_align_recover
+from flux_rl.direct_align import direct_align_recover, direct_align_recover_batched
 from flux_rl.monitors import image_statistics
 from flux_rl.schedules import TrainingWindow, linear_weight
 
@@ -63,6 +63,9 @@ def add_srpo_args(parser):
     a("--aesthetic_noise_std", type=float, default=0.05, help="Noise of the appendix S1 relative form for image-only rewards.")
     a("--train_data_dir", type=str, default=None, help="Offline SRPO: an image folder with metadata.jsonl replaces the rollout.")
     a("--monitor_steps", type=int, default=1, help="Log drift monitors of the rollout images every N steps (0: never).")
+    a("--batch_branches", action="store_true",
+      help="Run the denoise and inversion branches of a start point as one batch-2 model call and one backward pass "
+           "(same gradient, same FLOPs, half the kernel launches; both branches' activations held at once).")
     return common.add_window_args(parser)
 
 
@@ -130,26 +133,43 @@ def relative_score(reward, images, prompts, positive, negative, form, k, noise_s
     return total, details
 
 
-def branch_loss(x0, noise, window, index, direction, velocity_fn, score_fn, weight_schedule, loss_fn):
-    """One SRPO training branch, from the clean latent to a loss.
+def branch_span(window, index, direction, weight_schedule):
+    """Where an SRPO branch runs: (sigma_high, sigma_low, k, sigma_start).
 
     denoise:   start at grid index m + g, one model step down to m, reward (wanted, unwanted).
     inversion: start at m - g, one model step UP to m, reward with the phrases swapped (Eq. 13).
     Both end on grid point m. The branch's k is read at its less noisy end (m for denoise,
-    m - g for inversion), as the release does. `score_fn(x0_hat, k, swapped)` -> B scores.
-    Returns (loss, score, k, sigma_start).
+    m - g for inversion), as the release does.
     """
     if direction == "denoise":
         start, end = window.denoise_span(index)
-        k = linear_weight(weight_schedule, end)
-        sigma_high, sigma_low = window.sigma(start), window.sigma(end)
-    else:
-        start, end = window.inversion_span(index)
-        k = linear_weight(weight_schedule, start)
-        sigma_high, sigma_low = window.sigma(end), window.sigma(start)
+        return window.sigma(start), window.sigma(end), linear_weight(weight_schedule, end), window.sigma(start)
+    start, end = window.inversion_span(index)
+    return window.sigma(end), window.sigma(start), linear_weight(weight_schedule, start), window.sigma(start)
+
+
+def branch_loss(x0, noise, window, index, direction, velocity_fn, score_fn, weight_schedule, loss_fn):
+    """One SRPO training branch, from the clean latent to a loss. `score_fn(x0_hat, k, swapped)` -> B scores.
+    Returns (loss, score, k, sigma_start)."""
+    sigma_high, sigma_low, k, sigma_start = branch_span(window, index, direction, weight_schedule)
     x0_hat = direct_align_recover(x0, noise, sigma_high, sigma_low, velocity_fn, direction)  # Eq. 12 / Eq. 13
     score = score_fn(x0_hat, k, direction == "inversion")
-    return loss_fn(score).mean(), score, k, window.sigma(start)
+    return loss_fn(score).mean(), score, k, sigma_start
+
+
+def branch_losses_batched(x0, noise, window, index, directions, velocity_fn, score_fn, weight_schedules, loss_fn):
+    """branch_loss for each of `directions` from the same start point m, with the model steps of all
+    branches in one call on their stacked batch (`velocity_fn` takes len(directions) * B samples and a
+    sigma per sample). Returns [(loss, score, k, sigma_start)] in the order of `directions`."""
+    spans = [branch_span(window, index, direction, weight_schedules[direction]) for direction in directions]
+    x0_hats = direct_align_recover_batched(
+        x0, noise, [(direction, high, low) for direction, (high, low, _, _) in zip(directions, spans)], velocity_fn
+    )  # Eq. 12 and Eq. 13 in one model call
+    results = []
+    for direction, x0_hat, (_, _, k, sigma_start) in zip(directions, x0_hats, spans):
+        score = score_fn(x0_hat, k, direction == "inversion")
+        results.append((loss_fn(score).mean(), score, k, sigma_start))
+    return results
 
 
 def training_step(run, step, logs):
@@ -186,19 +206,29 @@ def training_step(run, step, logs):
                 logs[f"{branch}/{name}/{roles[slot]}" if slot else f"{branch}/{name}"].append(value.mean())
             return score
 
+        def log_branch(direction, loss, score, k, sigma):
+            logs["loss"].append(loss.detach())  # read back once per step, in Run.log
+            logs[f"{direction}/score"].append(score.detach().mean())
+            logs[f"{direction}/k"].append(k)
+            logs[f"{direction}/sigma"].append(sigma)
+
         for injection in range(args.num_injections):
             index = window.sample_index(generator)
+            last_injection = micro == args.gradient_accumulation_steps - 1 and injection == args.num_injections - 1
+            if args.batch_branches:  # both branches in one model call and one backward: the same gradient
+                with run.sync_gradients(last_injection):
+                    results = branch_losses_batched(x0, noise, window, index, directions, run.velocity_fn(cond.repeat(len(directions))),
+                                                    score_fn, schedules, loss_fn)
+                    accelerator.backward(sum(loss for loss, *_ in results) / backward_passes)
+                for direction, result in zip(directions, results):
+                    log_branch(direction, *result)
+                continue
             for direction in directions:
-                last = (micro == args.gradient_accumulation_steps - 1 and injection == args.num_injections - 1
-                        and direction == directions[-1])
-                with run.sync_gradients(last):
+                with run.sync_gradients(last_injection and direction == directions[-1]):
                     loss, score, k, sigma = branch_loss(x0, noise, window, index, direction, run.velocity_fn(cond),
                                                         score_fn, schedules[direction], loss_fn)
                     accelerator.backward(loss / backward_passes)
-                logs["loss"].append(loss.detach())  # read back once per step, in Run.log
-                logs[f"{direction}/score"].append(score.detach().mean())
-                logs[f"{direction}/k"].append(k)
-                logs[f"{direction}/sigma"].append(sigma)
+                log_branch(direction, loss, score, k, sigma)
 
 
 def main(args):

@@ -194,15 +194,22 @@ class Measurement:
     optimizer_seconds: float  # clip + optimizer.step + zero_grad of one step, timed on its own
 
 
-def measure(trainer, mode, resolution, compiled, checkpointing, variant, device, accelerator, options):
+def measure(trainer, mode, resolution, compiled, checkpointing, variant, device, accelerator, options, report=None):
     """One configuration's Measurement; `variant` is a string of more trainer flags; `options` carries the command line's
-    size, rollout_steps, steps, warmup, compile_backend, trainer_flags and profile."""
+    size, rollout_steps, steps, warmup, compile_backend, trainer_flags and profile. `report(measurement)` is called
+    before the profiled step, so that a run stopped while profiling still has its numbers."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    started = time.perf_counter()
+
+    def progress(phase):  # to stderr: where a configuration's time goes when a time limit cuts it short
+        print(f"  {trainer} {mode} {resolution}: {phase} at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
     module, extra_flags = TRAINERS[trainer]
     flags = extra_flags + shlex.split(options.trainer_flags) + shlex.split(variant)
     run = build_run(module, flags, options.size, mode, resolution, options.rollout_steps, compiled, device,
                     accelerator, options.compile_backend, checkpointing=checkpointing)
+    progress("built")
     warmup, steps = options.warmup, options.steps
     for reward in run.reward.models.values():  # shared between configurations: each starts, as a run does,
         reward.clear_text_cache()              # encoding its first prompts (counted and timed alike)
@@ -215,9 +222,11 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
         with FlopCounterMode(display=False) as counter:
             rollout(run)
         rollout_flops = counter.get_total_flops()
+    progress("FLOPs counted")
     if device.type == "meta":  # nothing ran: there is no time or memory to measure
         return Measurement(nan, nan, flops, nan, rollout_flops, nan, nan)
     warmup_times = [timed(functools.partial(one_step, module, run, step), device) for step in range(warmup)]
+    progress("warmed up")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [timed(functools.partial(one_step, module, run, warmup + step), device) for step in range(steps)]
@@ -225,6 +234,10 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
     module.training_step(run, warmup + steps, defaultdict(list))  # gradients for the optimizer's own timing
     optimizer_seconds = timed(run.optimizer_step, device)
     rollout_seconds = timed(functools.partial(rollout, run), device)  # warm: every step above rolled out
+    result = Measurement(statistics.median(times), peak, flops, rollout_seconds, rollout_flops,
+                         warmup_times[0] if warmup_times else nan, optimizer_seconds)
+    if report:
+        report(result)
     if options.profile:
         title = f"{trainer} {mode} {resolution} {'compiled' if compiled else 'eager'}" + ("" if checkpointing else " no-checkpointing")
         profile_step(module, run, warmup + steps + 1, device, options.profile, title + (f" {variant}" if variant else ""))
@@ -232,8 +245,7 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Measurement(statistics.median(times), peak, flops, rollout_seconds, rollout_flops,
-                       warmup_times[0] if warmup_times else nan, optimizer_seconds)
+    return result
 
 
 def matmul_peak_tflops(size=8192, repeats=20):
@@ -318,25 +330,33 @@ def main(input_args=None):
                       for resolution in args.resolutions.split(",") for compile_mode in args.compile_modes.split(",")
                       for checkpointing in checkpointing_modes for variant in variants]
     for trainer, mode, resolution, compile_mode, checkpointing, variant in configurations:
-        names, out_of_memory = [trainer, mode, str(resolution), compile_mode, checkpointing, variant or "-"], False
+        names = [trainer, mode, str(resolution), compile_mode, checkpointing, variant or "-"]
+
+        def report(result, out_of_memory=False):
+            tflop = result.flops / 1e12 if result.flops else nan
+            row = names + [cell(result.seconds, ".3f"), cell(result.peak_gib, ".1f"), cell(tflop, ".4g"), cell(tflop / result.seconds, ".3g"),
+                           cell(result.rollout_seconds, ".3f"),
+                           cell(result.rollout_flops / 1e12 / result.rollout_seconds if result.rollout_flops else nan, ".3g"),
+                           cell(result.optimizer_seconds, ".3f"), cell(result.first_step_seconds, ".1f")]
+            if out_of_memory:
+                row[len(names):len(names) + 2] = ["OOM", f"> {_total_gib():.0f}"]
+            if args.peak_tflops:
+                row.append(cell(tflop / args.peak_tflops, ".2f"))
+            lines.append("| " + " | ".join(row) + " |")
+            print(lines[-1], flush=True)
+
+        out_of_memory = False
         try:
-            result = measure(trainer, mode, resolution, compile_mode == "compiled", checkpointing == "on", variant, device, accelerator, args)
+            result = measure(trainer, mode, resolution, compile_mode == "compiled", checkpointing == "on", variant, device, accelerator,
+                             args, report=report)
+            if device.type == "meta":
+                report(result)
         except torch.cuda.OutOfMemoryError:  # one configuration that does not fit must not cost the rest of the table
-            result, out_of_memory = Measurement(nan, nan, 0, nan, 0, nan, nan), True
+            out_of_memory = True
         if out_of_memory:  # here, once the exception (whose traceback holds the run) is gone
             gc.collect()
             torch.cuda.empty_cache()
-        tflop = result.flops / 1e12 if result.flops else nan
-        row = names + [cell(result.seconds, ".3f"), cell(result.peak_gib, ".1f"), cell(tflop, ".4g"), cell(tflop / result.seconds, ".3g"),
-                       cell(result.rollout_seconds, ".3f"),
-                       cell(result.rollout_flops / 1e12 / result.rollout_seconds if result.rollout_flops else nan, ".3g"),
-                       cell(result.optimizer_seconds, ".3f"), cell(result.first_step_seconds, ".1f")]
-        if out_of_memory:
-            row[len(names):len(names) + 2] = ["OOM", f"> {_total_gib():.0f}"]
-        if args.peak_tflops:
-            row.append(cell(tflop / args.peak_tflops, ".2f"))
-        lines.append("| " + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
+            report(Measurement(nan, nan, 0, nan, 0, nan, nan), out_of_memory=True)
     if args.output:
         with open(args.output, "w") as f:
             f.write("\n".join(lines) + "\n")

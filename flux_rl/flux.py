@@ -19,6 +19,10 @@ class Conditioning:
             self.prompt_embeds.to(device, dtype), self.pooled_embeds.to(device, dtype), self.text_ids.to(device)
         )
 
+    def repeat(self, times: int):
+        """The batch repeated `times` times (sample i of copy c is sample i): for stacked branches."""
+        return Conditioning(self.prompt_embeds.repeat(times, 1, 1), self.pooled_embeds.repeat(times, 1), self.text_ids)
+
 
 class PromptEncoder:
     """Encodes prompts with FLUX's CLIP + T5, keeping the embeddings in CPU memory.

@@ -56,6 +56,16 @@ def test_single_gpu_memory_flags_refused_under_fsdp(flags, message, monkeypatch,
         train_direct_align.parse_args(args)
 
 
+def test_lora_merged_in_the_rollout_by_default_where_it_can_be(monkeypatch, tmp_path):
+    """On for LoRA on one GPU or DDP; off for a full fine-tune and under FSDP; --no_merge_lora_in_rollout turns it off."""
+    base = BASE + ["--output_dir", str(tmp_path)]
+    assert train_direct_align.parse_args(base).merge_lora_in_rollout is True
+    assert train_direct_align.parse_args(base + ["--no_merge_lora_in_rollout"]).merge_lora_in_rollout is False
+    assert train_direct_align.parse_args(base + ["--full_finetune"]).merge_lora_in_rollout is False
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert train_direct_align.parse_args(base).merge_lora_in_rollout is False
+
+
 def test_missing_model_path_fails():
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path is required"):
         train_direct_align.parse_args([])

@@ -84,3 +84,35 @@ def test_bad_window_fails():
         TrainingWindow(25, 5)
     with pytest.raises(ValueError, match="--gt_ratio 1.0"):
         TrainingWindow(5, 25, gt_ratio=1.0)
+
+
+def test_batched_branches_equal_one_call_per_branch():
+    """direct_align_recover_batched: the x0_hat and the gradient of separate calls, from one model call."""
+    from flux_rl.direct_align import direct_align_recover_batched
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, 16, generator=g)
+    branches = [("denoise", 0.7, 0.6), ("inversion", 0.6, 0.5)]
+    results, calls = {}, {}
+    for batched in (False, True):
+        weight = torch.tensor(0.3, requires_grad=True)
+        calls[batched] = []
+
+        def velocity(x, sigma, weight=weight, log=calls[batched]):  # depends on x and on the per-sample sigma
+            log.append(x.shape[0])
+            sigma = torch.as_tensor(sigma).expand(x.shape[0]).view(-1, 1, 1)
+            return weight * x.tanh() * (1 + sigma)
+
+        if batched:
+            recovered = direct_align_recover_batched(x0, noise, branches, velocity)
+        else:
+            recovered = [direct_align_recover(x0, noise, high, low, velocity, d) for d, high, low in branches]
+        sum(r.pow(2).sum() * (i + 1) for i, r in enumerate(recovered)).backward()
+        results[batched] = (recovered, weight.grad)
+    assert calls == {False: [2, 2], True: [4]}
+    for separate, together in zip(results[False][0], results[True][0]):
+        assert torch.allclose(separate, together, atol=1e-6)
+    assert torch.allclose(results[False][1], results[True][1], rtol=1e-5)
+    # and with the true velocity both branches return x0 (Eq. 5 / 13)
+    for recovered in direct_align_recover_batched(x0, noise, branches, lambda x, sigma: (noise - x0).repeat(2, 1, 1)):
+        assert torch.allclose(recovered, x0, atol=1e-5)

@@ -1,7 +1,10 @@
 """Speed and memory options give the same numbers as the plain path."""
 
+import contextlib
 import os
+from collections import defaultdict
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 
@@ -34,7 +37,8 @@ def test_compiled_blocks_match_eager(tiny_flux):
 
 def test_trainer_with_every_speed_option(tiny_models, tmp_path):
     """bf16 base weights with fp32 LoRA, per-block compile, 8-bit AdamW, both checkpointings,
-    two injections per rollout, LoRA merged for the rollout: one SRPO run through accelerate launch."""
+    two injections per rollout, LoRA merged for the rollout, both branches in one batch: one SRPO run
+    through accelerate launch."""
     from safetensors.torch import load_file
 
     from tests.launch import launch, tiny_args
@@ -44,7 +48,7 @@ def test_trainer_with_every_speed_option(tiny_models, tmp_path):
     launch("train_srpo_flux.py", tiny_args(
         tiny_models, output_dir, "--max_train_steps", "2", "--rank", "4", "--mixed_precision", "bf16", "--compile",
         "--compile_backend", "aot_eager", "--use_8bit_adam", "--gradient_checkpointing", "--vae_gradient_checkpointing",
-        "--num_injections", "2", "--merge_lora_in_rollout",
+        "--num_injections", "2", "--merge_lora_in_rollout", "--batch_branches",
     ))
     lora = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
     assert lora and all(v.dtype == torch.float32 for v in lora.values())
@@ -172,3 +176,49 @@ def test_rollout_with_merged_lora_matches_the_adapters(tiny_models):
     # bf16 autocast rounds W + BA once where the adapters round x W and x A B apart: close, not equal;
     # dropping the adapters (a merge that folded nothing) is far off.
     assert 0 < relative_error(merged) < 0.01 and relative_error(without_lora) > 20 * relative_error(merged)
+
+
+def test_batched_branches_give_the_gradient_of_separate_ones(tiny_models):
+    """SRPO --batch_branches: one batch-2 transformer call and one backward per start point,
+    the same loss, scores and LoRA gradient as two calls and two backward passes."""
+    from accelerate import Accelerator
+
+    from benchmarks import benchmark_trainers
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    module, flags = benchmark_trainers.TRAINERS["srpo"]
+    results = {}
+    for batched in (False, True):
+        torch.manual_seed(0)  # the same random models both times
+        run = benchmark_trainers.build_run(module, flags + ["--num_injections", "2"] + (["--batch_branches"] if batched else []),
+                                           "tiny", "lora", 64, 2, False, torch.device("cpu"), accelerator)
+        _randomize_lora_b(run.transformer, 0.5, seed=3)
+        batch_sizes = []
+        run.transformer.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]),
+                                                  with_kwargs=True)
+        run.accelerator = _WithoutAutocast(accelerator)  # fp32 throughout: bf16 rounding would hide a real difference
+        logs = defaultdict(list)
+        module.training_step(run, 0, logs)
+        grads = torch.cat([p.grad.flatten() for p in models.trainable_parameters(run.transformer)])
+        results[batched] = grads, {k: [float(v) for v in values] for k, values in logs.items()}, batch_sizes
+    (separate, separate_logs, separate_calls), (together, together_logs, together_calls) = results[False], results[True]
+    rollout_calls = [1, 1]  # 2 rollout steps of batch 1
+    assert separate_calls == rollout_calls + [1, 1, 1, 1] and together_calls == rollout_calls + [2, 2]
+    assert separate.abs().sum() > 0
+    assert torch.allclose(separate, together, rtol=1e-4, atol=1e-7)
+    assert separate_logs.keys() == together_logs.keys()
+    for key in separate_logs:
+        assert separate_logs[key] == pytest.approx(together_logs[key], rel=1e-4, abs=1e-6), key
+
+
+class _WithoutAutocast:
+    """The test process's Accelerator (bf16: one AcceleratorState per process) with autocast turned off."""
+
+    def __init__(self, accelerator):
+        self._accelerator = accelerator
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+    def autocast(self):
+        return contextlib.nullcontext()
