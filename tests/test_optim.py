@@ -106,3 +106,31 @@ def test_bf16_updates_repeat_exactly():
     first, _ = _bf16_steps(compile=False)
     second, _ = _bf16_steps(compile=False)
     assert torch.equal(first, second)
+
+
+def test_resume_from_state_dict_rounds_as_the_uninterrupted_run():
+    """What a checkpoint keeps (weights + optimizer.state_dict()) is all the update needs: no
+    generator state, so a resumed run ends bit-identical to an uninterrupted one."""
+    import copy
+
+    def grad(step):
+        return torch.randn(300, 70, generator=torch.Generator().manual_seed(100 + step)).to(torch.bfloat16)
+
+    def new_run(weight):
+        parameter = torch.nn.Parameter(weight.clone())
+        return parameter, AdamWStochasticBF16([parameter], lr=1e-3, compile=False)
+
+    start = torch.randn(300, 70, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    parameter, optimizer = new_run(start)
+    for step in range(4):
+        if step == 2:
+            saved_weight, saved_state = parameter.detach().clone(), copy.deepcopy(optimizer.state_dict())
+        parameter.grad = grad(step)
+        optimizer.step()
+    resumed, resumed_optimizer = new_run(saved_weight)
+    resumed_optimizer.load_state_dict(saved_state)
+    for step in range(2, 4):
+        resumed.grad = grad(step)
+        resumed_optimizer.step()
+    assert not torch.equal(saved_weight, parameter)
+    assert torch.equal(resumed, parameter)
