@@ -14,6 +14,8 @@ write them once: 14 bytes per parameter). Eager, the same update took about 25 p
 memory, which for FLUX's 12B parameters costs more than a second per step.
 """
 
+import warnings
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -103,8 +105,21 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
                         [1 - beta1, beta2, 1 - beta2, 1 - group["lr"] * group["weight_decay"], 1 - beta2**step, group["eps"],
                          group["lr"] / (1 - beta1**step)], dtype=torch.float32).to(device)
                     seed_by_device[key] = torch.tensor(self.seed + 1_000_003 * step, dtype=torch.int64).to(device)
-                self._update_fn(device)(
-                    parameter.view(-1), parameter.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
+                self._update(
+                    device, parameter.view(-1), parameter.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
                     hyper_by_device[key], seed_by_device[key] + parameter.numel(),
                 )
         return loss
+
+    def _update(self, device, *tensors):
+        update = self._update_fn(device)
+        if update is adamw_update:
+            return update(*tensors)
+        try:
+            return update(*tensors)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            # e.g. no working Triton for this GPU. Compilation fails before anything is written, and the
+            # eager update is the same math (more memory traffic): train on rather than stop.
+            warnings.warn(f"AdamWStochasticBF16: compiling the update failed ({str(error).splitlines()[0]}); using the eager update")
+            self.compile = False
+            return adamw_update(*tensors)

@@ -134,3 +134,17 @@ def test_resume_from_state_dict_rounds_as_the_uninterrupted_run():
         resumed_optimizer.step()
     assert not torch.equal(saved_weight, parameter)
     assert torch.equal(resumed, parameter)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_update():
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("Cannot find a working triton installation")
+
+    expected, _ = _bf16_steps(compile=False)
+    parameter = torch.nn.Parameter(torch.randn(300, 70, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16))
+    optimizer = AdamWStochasticBF16([parameter], lr=1e-3, compile=True, compile_backend=broken_backend)
+    with pytest.warns(UserWarning, match="compiling the update failed"):
+        for step in range(3):
+            parameter.grad = torch.randn(300, 70, generator=torch.Generator().manual_seed(step + 1)).to(torch.bfloat16)
+            optimizer.step()
+    assert torch.equal(parameter.detach(), expected) and optimizer.compile is False
