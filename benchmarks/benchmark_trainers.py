@@ -20,10 +20,12 @@ are random tensors of FLUX's shapes (T5: 512 x 4096, CLIP pooled: 768), as the t
 them after the first step anyway. Prints a markdown table: median seconds per optimiser step,
 peak GPU memory, and achieved TFLOP/s (matmul FLOPs of one step counted with
 torch.utils.flop_counter in eager mode, divided by the median step time); then the rollout alone
-(the no-grad sampling every step starts with) and its TFLOP/s, and the first warm-up step's time
+(the no-grad sampling every step starts with) and its TFLOP/s, the optimizer's part of a step
+(clip + step + zero_grad, timed alone), and the first warm-up step's time
 (with --compile: compilation plus one step, for the first compiled configuration of a process;
 later ones reuse its graphs, as they are the same blocks). On a GPU the header also gives the
 card's measured bf16 matmul rate (8192^3 products), the ceiling to read TFLOP/s against.
+`--checkpointing on,off` and repeatable `--variant=FLAGS` multiply the configurations.
 """
 
 import argparse
