@@ -25,6 +25,15 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma_from: float, sigma
     return x + (sigma_to - sigma_from) * velocity
 
 
+def branch_sigmas(direction: str, sigma_high: float, sigma_low: float) -> tuple[float, float]:
+    """(sigma the branch starts at, sigma its one model step ends at): down for denoise, up for inversion."""
+    if not 0.0 <= sigma_low < sigma_high < 1.0:
+        raise ValueError(f"need 0 <= sigma_low < sigma_high < 1, got {sigma_low}, {sigma_high}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction '{direction}'; choose from {', '.join(DIRECTIONS)}")
+    return (sigma_high, sigma_low) if direction == "denoise" else (sigma_low, sigma_high)
+
+
 def direct_align_recover(
     x0: torch.Tensor,
     noise: torch.Tensor,
@@ -43,25 +52,11 @@ def direct_align_recover(
     image descends the denoising direction: the penalty of Eq. 12-13.
     `velocity_fn(x, sigma)` runs the model at (x, sigma).
     """
-    if not 0.0 <= sigma_low < sigma_high < 1.0:
-        raise ValueError(f"need 0 <= sigma_low < sigma_high < 1, got {sigma_low}, {sigma_high}")
+    start, end = branch_sigmas(direction, sigma_high, sigma_low)
     x0, noise = x0.float(), noise.float()
-    if direction == "denoise":
-        x = inject_noise(x0, noise, sigma_high)
-        x = euler_step(x, velocity_fn(x, sigma_high).float(), sigma_high, sigma_low)
-        return recover_x0(x, noise, sigma_low)
-    if direction == "inversion":
-        x = inject_noise(x0, noise, sigma_low)
-        x = euler_step(x, velocity_fn(x, sigma_low).float(), sigma_low, sigma_high)
-        return recover_x0(x, noise, sigma_high)
-    raise ValueError(f"unknown direction '{direction}'; choose from {', '.join(DIRECTIONS)}")
-
-
-def branch_sigmas(direction: str, sigma_high: float, sigma_low: float) -> tuple[float, float]:
-    """(sigma the branch starts at, sigma its model step ends at): down for denoise, up for inversion."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction '{direction}'; choose from {', '.join(DIRECTIONS)}")
-    return (sigma_high, sigma_low) if direction == "denoise" else (sigma_low, sigma_high)
+    x = inject_noise(x0, noise, start)
+    x = euler_step(x, velocity_fn(x, start).float(), start, end)
+    return recover_x0(x, noise, end)
 
 
 def direct_align_recover_batched(
@@ -76,13 +71,8 @@ def direct_align_recover_batched(
     `velocity_fn(x, sigmas)` gets len(branches) * B samples and a per-sample sigma vector."""
     x0, noise = x0.float(), noise.float()
     spans = [branch_sigmas(direction, high, low) for direction, high, low in branches]
-    for direction, high, low in branches:
-        if not 0.0 <= low < high < 1.0:
-            raise ValueError(f"need 0 <= sigma_low < sigma_high < 1, got {low}, {high}")
     starts = torch.cat([inject_noise(x0, noise, start) for start, _ in spans])  # Eq. 3, per branch
     sigmas = torch.tensor([start for start, _ in spans], device=x0.device).repeat_interleave(x0.shape[0])
     velocities = velocity_fn(starts, sigmas).float().chunk(len(branches))
-    recovered = []
-    for x_start, v, (start, end) in zip(starts.chunk(len(branches)), velocities, spans):
-        recovered.append(recover_x0(euler_step(x_start, v, start, end), noise, end))  # Eq. 4 after one model step
-    return recovered
+    return [recover_x0(euler_step(x_start, v, start, end), noise, end)  # Eq. 4 after one model step
+            for x_start, v, (start, end) in zip(starts.chunk(len(branches)), velocities, spans)]

@@ -46,11 +46,13 @@ def stochastic_round_to_bf16(x: torch.Tensor, seed=0) -> torch.Tensor:
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, seed):
+def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, step_seed):
     """torch.optim.AdamW's update of one flat parameter, in place, computed in fp32. `hyper` holds
     [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, bias correction 2, eps, lr / bias correction 1]
     (fp32, on the parameter's device: a tensor, so new values do not recompile the compiled
-    version); `seed` an int64 tensor. bf16 targets are written with stochastic rounding."""
+    version); `step_seed` an int64 tensor, offset here by the parameter's size. bf16 targets are
+    written with stochastic rounding."""
+    seed = step_seed + weight.numel()  # inside the fused kernel: no extra launch per parameter
     one_minus_beta1, beta2, one_minus_beta2, decay, bias_correction2, eps, step_size = hyper.unbind()
     grad = grad.float()
     new_exp_avg = exp_avg.float().lerp(grad, one_minus_beta1)
@@ -107,16 +109,13 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
                     seed_by_device[key] = torch.tensor(self.seed + 1_000_003 * step, dtype=torch.int64).to(device)
                 self._update(
                     device, parameter.view(-1), parameter.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
-                    hyper_by_device[key], seed_by_device[key] + parameter.numel(),
+                    hyper_by_device[key], seed_by_device[key],
                 )
         return loss
 
     def _update(self, device, *tensors):
-        update = self._update_fn(device)
-        if update is adamw_update:
-            return update(*tensors)
         try:
-            return update(*tensors)
+            return self._update_fn(device)(*tensors)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             # e.g. no working Triton for this GPU. Compilation fails before anything is written, and the
             # eager update is the same math (more memory traffic): train on rather than stop.
