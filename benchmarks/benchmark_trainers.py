@@ -196,10 +196,10 @@ class Measurement:
     optimizer_seconds: float  # clip + optimizer.step + zero_grad of one step, timed on its own
 
 
-def measure(trainer, mode, resolution, compiled, checkpointing, variant, device, accelerator, options, report=None):
+def measure(trainer, mode, resolution, compiled, checkpointing, variant, device, accelerator, options, report=lambda result: None):
     """One configuration's Measurement; `variant` is a string of more trainer flags; `options` carries the command line's
     size, rollout_steps, steps, warmup, compile_backend, trainer_flags and profile. `report(measurement)` is called
-    before the profiled step, so that a run stopped while profiling still has its numbers."""
+    once the numbers are in, before the profiled step, so that a run stopped while profiling still has them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     started = time.perf_counter()
@@ -226,7 +226,9 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
         rollout_flops = counter.get_total_flops()
     progress("FLOPs counted")
     if device.type == "meta":  # nothing ran: there is no time or memory to measure
-        return Measurement(nan, nan, flops, nan, rollout_flops, nan, nan)
+        result = Measurement(nan, nan, flops, nan, rollout_flops, nan, nan)
+        report(result)
+        return result
     warmup_times = [timed(functools.partial(one_step, module, run, step), device) for step in range(warmup)]
     progress("warmed up")
     if device.type == "cuda":
@@ -238,8 +240,7 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
     rollout_seconds = timed(functools.partial(rollout, run), device)  # warm: every step above rolled out
     result = Measurement(statistics.median(times), peak, flops, rollout_seconds, rollout_flops,
                          warmup_times[0] if warmup_times else nan, optimizer_seconds)
-    if report:
-        report(result)
+    report(result)
     if options.profile:
         title = f"{trainer} {mode} {resolution} {'compiled' if compiled else 'eager'}" + ("" if checkpointing else " no-checkpointing")
         profile_step(module, run, warmup + steps + 1, device, options.profile, title + (f" {variant}" if variant else ""))
@@ -347,18 +348,17 @@ def main(input_args=None):
             lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
 
-        out_of_memory = False
+        rows_before, out_of_memory = len(lines), False
         try:
-            result = measure(trainer, mode, resolution, compile_mode == "compiled", checkpointing == "on", variant, device, accelerator,
-                             args, report=report)
-            if device.type == "meta":
-                report(result)
+            measure(trainer, mode, resolution, compile_mode == "compiled", checkpointing == "on", variant, device, accelerator,
+                    args, report=report)
         except torch.cuda.OutOfMemoryError:  # one configuration that does not fit must not cost the rest of the table
             out_of_memory = True
         if out_of_memory:  # here, once the exception (whose traceback holds the run) is gone
             gc.collect()
             torch.cuda.empty_cache()
-            report(Measurement(nan, nan, 0, nan, 0, nan, nan), out_of_memory=True)
+            if len(lines) == rows_before:  # not already reported (an OOM in the profiled step keeps its row)
+                report(Measurement(nan, nan, 0, nan, 0, nan, nan), out_of_memory=True)
     if args.output:
         with open(args.output, "w") as f:
             f.write("\n".join(lines) + "\n")

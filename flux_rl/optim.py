@@ -90,7 +90,7 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            hyper_by_device, seed_by_device = {}, {}
+            step_inputs = {}  # (device, step) -> (hyper, step seed): built once, shared by the group's parameters
             for parameter in group["params"]:
                 if parameter.grad is None:
                     continue
@@ -102,14 +102,15 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
                 state["step"] += 1
                 step, device = state["step"], parameter.device
                 key = (device, step)  # parameters of one group normally share the step count
-                if key not in hyper_by_device:
-                    hyper_by_device[key] = torch.tensor(
-                        [1 - beta1, beta2, 1 - beta2, 1 - group["lr"] * group["weight_decay"], 1 - beta2**step, group["eps"],
-                         group["lr"] / (1 - beta1**step)], dtype=torch.float32).to(device)
-                    seed_by_device[key] = torch.tensor(self.seed + 1_000_003 * step, dtype=torch.int64).to(device)
+                if key not in step_inputs:
+                    step_inputs[key] = (
+                        torch.tensor([1 - beta1, beta2, 1 - beta2, 1 - group["lr"] * group["weight_decay"], 1 - beta2**step,
+                                      group["eps"], group["lr"] / (1 - beta1**step)], dtype=torch.float32).to(device),
+                        torch.tensor(self.seed + 1_000_003 * step, dtype=torch.int64).to(device),
+                    )
                 self._update(
                     device, parameter.view(-1), parameter.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
-                    hyper_by_device[key], seed_by_device[key],
+                    *step_inputs[key],
                 )
         return loss
 
