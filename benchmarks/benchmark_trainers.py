@@ -126,12 +126,11 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     try:
         with torch.device(device):
             transformer = FluxTransformer2DModel(**transformer_config)
-            vae = AutoencoderKL(**vae_config).requires_grad_(False).eval()
+            vae = AutoencoderKL(**vae_config)
     finally:
         torch.set_default_dtype(previous_dtype)
-    if args.vae_gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
-    models.prepare_for_training(transformer, args)  # exactly what the trainers do with these flags
+    models.prepare_vae(vae, args)  # exactly what the trainers do with these flags
+    models.prepare_for_training(transformer, args)
     optimizer = training.make_optimizer(args, models.trainable_parameters(transformer))
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)

@@ -225,13 +225,11 @@ def setup(args, method: str) -> Run:
 
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
     pipeline = models.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype=weight_dtype)
-    pipeline.vae.requires_grad_(False).eval().to(accelerator.device)
+    models.prepare_vae(pipeline.vae, args).to(accelerator.device)
     for encoder in (pipeline.text_encoder, pipeline.text_encoder_2):
         encoder.requires_grad_(False).eval().to("cpu" if args.offload_text_encoders else accelerator.device)
     transformer = pipeline.transformer
     models.prepare_for_training(transformer, args).to(accelerator.device)
-    if args.vae_gradient_checkpointing:
-        pipeline.vae.enable_gradient_checkpointing()
     models.register_save_load_hooks(accelerator, use_lora=not args.full_finetune)
 
     reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)

@@ -24,6 +24,7 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--num_injections", "0"], "--num_injections"),
         (["--reward_models_dir", "/no/such/rewards"], "--reward_models_dir /no/such/rewards: no such folder"),
         (["--full_finetune", "--merge_lora_in_rollout"], "--merge_lora_in_rollout is for LoRA training"),
+        (["--attention_backend", "cudnn"], "--attention_backend cudnn: choose one of diffusers' backends: .*_native_cudnn"),
     ],
 )
 def test_argument_validation(extra, message, tmp_path):

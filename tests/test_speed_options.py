@@ -3,6 +3,7 @@
 import contextlib
 import os
 from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,50 @@ def test_vae_gradient_checkpointing_same_gradient(tiny_flux):
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def _decode_with_gradient(vae, seed=0):
+    packed = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+    images = latents.decode(vae, packed, 64, 64, 8)
+    images.pow(2).sum().backward()
+    return images.detach(), packed.grad
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_vae_decoder_matches_eager(tiny_flux, checkpointing):
+    """--compile_vae: the decoder's blocks run compiled (under its checkpointing too) with the
+    eager decode's images and gradient."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(tiny_flux, "vae"))
+    args = SimpleNamespace(vae_gradient_checkpointing=checkpointing, compile_vae=False, compile_backend=None, compile_mode=None)
+    models.prepare_vae(vae, args)
+    eager_images, eager_grad = _decode_with_gradient(vae)
+    counter = CompileCounterWithBackend("aot_eager")
+    models.prepare_vae(vae, SimpleNamespace(**{**vars(args), "compile_vae": True, "compile_backend": counter}))
+    compiled_images, compiled_grad = _decode_with_gradient(vae)
+    # one graph per compiled module: the middle block, each up block, the output norm
+    assert counter.frame_count == 2 + len(vae.decoder.up_blocks)
+    assert torch.allclose(eager_images, compiled_images, atol=1e-5)
+    assert torch.allclose(eager_grad, compiled_grad, atol=1e-5)
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_attention_backend_is_set_on_every_attention_and_computes_the_same(tiny_flux):
+    """--attention_backend goes to diffusers' dispatcher for every FLUX attention; here a backend
+    that runs on the CPU (the math kernel) gives the default path's output."""
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
+    inputs = _transformer_inputs(torch.float32)
+    with torch.no_grad():
+        default = transformer(**inputs)[0]
+    args = SimpleNamespace(full_finetune=True, bf16_weights=False, attention_backend="_native_math",
+                           gradient_checkpointing=False, compile=False)
+    models.prepare_for_training(transformer, args)
+    processors = [m.processor for m in transformer.modules() if hasattr(m, "processor")]
+    assert len(processors) == len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    assert {p._attention_backend for p in processors} == {"_native_math"}
+    with torch.no_grad():
+        assert torch.allclose(transformer(**inputs)[0], default, atol=1e-5)
+
+
 def test_compiled_blocks_match_eager(tiny_flux):
     transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
     models.add_lora(transformer, 4, 4, models.DEFAULT_LORA_TARGETS)
@@ -36,9 +81,10 @@ def test_compiled_blocks_match_eager(tiny_flux):
 
 
 def test_trainer_with_every_speed_option(tiny_models, tmp_path):
-    """bf16 base weights with fp32 LoRA, per-block compile, 8-bit AdamW, both checkpointings,
-    two injections per rollout, LoRA merged for the rollout, both branches in one batch: one SRPO run
-    through accelerate launch."""
+    """bf16 base weights with fp32 LoRA, per-block compile of the transformer and the VAE decoder,
+    8-bit AdamW, both checkpointings, two injections per rollout, LoRA merged for the rollout, both
+    branches in one batch, another attention backend (the math kernel stands in for cuDNN's on the
+    CPU): one SRPO run through accelerate launch."""
     from safetensors.torch import load_file
 
     from tests.launch import launch, tiny_args
@@ -48,7 +94,8 @@ def test_trainer_with_every_speed_option(tiny_models, tmp_path):
     launch("train_srpo_flux.py", tiny_args(
         tiny_models, output_dir, "--max_train_steps", "2", "--rank", "4", "--mixed_precision", "bf16", "--compile",
         "--compile_backend", "aot_eager", "--use_8bit_adam", "--gradient_checkpointing", "--vae_gradient_checkpointing",
-        "--num_injections", "2", "--merge_lora_in_rollout", "--batch_branches",
+        "--num_injections", "2", "--merge_lora_in_rollout", "--batch_branches", "--compile_vae",
+        "--attention_backend", "_native_math",
     ))
     lora = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
     assert lora and all(v.dtype == torch.float32 for v in lora.values())
