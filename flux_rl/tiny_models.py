@@ -265,24 +265,27 @@ def write_image_reward(path, seed=5):
     torch.manual_seed(seed)
     os.makedirs(path, exist_ok=True)
     tokenizer = build_bert_tokenizer()
-    vision = dict(hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    # The ViT is wider than the text encoder, as in the release (1024 vs 768), and med_config.json's
+    # encoder_width is the release's stale 768, which BLIP replaces with the ViT's width.
+    vision_width = TINY_WIDTH + 16
+    vision = dict(hidden_size=vision_width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   image_size=224, patch_size=32, layer_norm_eps=1e-6)
     med_config = {"architectures": ["BertModel"], "hidden_act": "gelu", "hidden_size": TINY_WIDTH, "intermediate_size": 64,
                   "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 2,
                   "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(tokenizer),
-                  "encoder_width": TINY_WIDTH, "add_cross_attention": True,
+                  "encoder_width": 768, "add_cross_attention": True,
                   "bos_token_id": tokenizer.bos_token_id, "sep_token_id": tokenizer.sep_token_id}
     vision_model = BlipVisionModel(BlipVisionConfig(**vision))
     text_model = BlipTextModel(BlipTextConfig(
         vocab_size=len(tokenizer), hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        encoder_hidden_size=TINY_WIDTH, max_position_embeddings=64, pad_token_id=0,
+        encoder_hidden_size=vision_width, max_position_embeddings=64, pad_token_id=0,
         bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
     ), add_pooling_layer=False)
     head = ImageRewardHead(TINY_WIDTH)
     state = {f"blip.visual_encoder.{original_blip_vision_key(k)}": v for k, v in vision_model.state_dict().items()}
     state.update({f"blip.text_encoder.{k}": v for k, v in text_model.state_dict().items()})
     state.update({f"mlp.{k}": v for k, v in head.state_dict().items()})
-    state["blip.vision_proj.weight"] = torch.zeros(8, TINY_WIDTH)  # present in the release, unused for scoring
+    state["blip.vision_proj.weight"] = torch.zeros(8, vision_width)  # present in the release, unused for scoring
     torch.save(state, os.path.join(path, "ImageReward.pt"))
     with open(os.path.join(path, "med_config.json"), "w") as f:
         json.dump(med_config, f, indent=2)

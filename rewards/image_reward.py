@@ -6,11 +6,13 @@ Loaded into transformers' BLIP modules (BlipVisionModel, BlipTextModel) from the
 imports a helper current transformers removed. The original BLIP ViT names map onto
 transformers' as in transformers' own BLIP conversion script (`VISION_RENAMES`); the text encoder
 is BLIP's BERT "med" model, whose names transformers kept. The mapping is tested on a tiny model
-written in the original layout; it has not been checked against the real checkpoint here (no
-network), so the first real use should compare one score with the package's.
+written in the original layout, and against the `image-reward` package's own model at full size
+(`tools/check_rewards_against_packages.py`: same random weights saved as ImageReward.pt, same
+score). The released weights themselves cannot be downloaded here.
 """
 
 import json
+import logging
 import os
 import re
 
@@ -22,6 +24,7 @@ from .preprocess import clip_preprocess
 
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
 CHECKPOINT_FILE, MED_CONFIG_FILE, VISION_CONFIG_FILE = "ImageReward.pt", "med_config.json", "vision_config.json"
+logger = logging.getLogger(__name__)
 SCORE_MEAN, SCORE_STD = 0.16717362830052426, 1.0333394966054072
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,18 +92,33 @@ def vision_config_from(source):
     return BlipVisionConfig(**values)
 
 
-def text_config_from(med_config: dict):
+def text_config_from(med_config: dict, vision_width: int):
+    """BLIP's BERT config from med_config.json. Its cross-attention reads the ViT's states, so its
+    width is the ViT's, as BLIP_Pretrain sets it (`encoder_config.encoder_width = vision_width`):
+    the med_config.json that ImageReward ships says 768, its ViT-L gives 1024."""
     from transformers import BlipTextConfig
 
     return BlipTextConfig(
         vocab_size=med_config["vocab_size"], hidden_size=med_config["hidden_size"],
         intermediate_size=med_config["intermediate_size"], num_hidden_layers=med_config["num_hidden_layers"],
-        num_attention_heads=med_config["num_attention_heads"], encoder_hidden_size=med_config["encoder_width"],
+        num_attention_heads=med_config["num_attention_heads"], encoder_hidden_size=vision_width,
         max_position_embeddings=med_config["max_position_embeddings"], layer_norm_eps=med_config.get("layer_norm_eps", 1e-12),
         hidden_act=med_config.get("hidden_act", "gelu"), pad_token_id=med_config.get("pad_token_id", 0),
         # BLIP's [DEC] and [SEP] ids in its 30524-token vocabulary (not stored in med_config.json).
         bos_token_id=med_config.get("bos_token_id", 30522), sep_token_id=med_config.get("sep_token_id", 102),
     )
+
+
+def _load_part(module, state, checkpoint_path):
+    """Every weight the model needs must come from the checkpoint; extra ones are ignored with a
+    warning (the package itself loads with strict=False: a checkpoint written by another
+    transformers version may carry buffers such as position_ids)."""
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise ValueError(f"{checkpoint_path} lacks {len(result.missing_keys)} weights of ImageReward's "
+                         f"{type(module).__name__}, e.g. {result.missing_keys[0]}: is it THUDM/ImageReward's ImageReward.pt?")
+    if result.unexpected_keys:
+        logger.warning(f"ImageReward: {len(result.unexpected_keys)} checkpoint entries not used, e.g. {result.unexpected_keys[0]}")
 
 
 class ImageRewardModel(RewardModel):
@@ -156,11 +174,10 @@ def load_image_reward(source=None, device="cpu", dtype=torch.float32):
         torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     )
     vision_model = BlipVisionModel(vision_config_from(source))
-    text_model = BlipTextModel(text_config_from(med_config), add_pooling_layer=False)
+    text_model = BlipTextModel(text_config_from(med_config, vision_model.config.hidden_size), add_pooling_layer=False)
     head = ImageRewardHead(med_config["hidden_size"])
-    vision_model.load_state_dict(vision_state)
-    text_model.load_state_dict(text_state)
-    head.load_state_dict(head_state)
+    for part, state in ((vision_model, vision_state), (text_model, text_state), (head, head_state)):
+        _load_part(part, state, checkpoint_path)
     if source and os.path.exists(os.path.join(source, "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(source)
     else:
@@ -168,5 +185,11 @@ def load_image_reward(source=None, device="cpu", dtype=torch.float32):
         tokenizer = BertTokenizer.from_pretrained("bert-base-uncased")
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
         tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    if len(tokenizer) != med_config["vocab_size"]:
+        # transformers 5 returns a 5-token tokenizer, not an error, for a bert-base-uncased it cannot fetch:
+        # every prompt would become [UNK]s and the reward would ignore the text.
+        raise ValueError(f"ImageReward's tokenizer has {len(tokenizer)} tokens, its text encoder {med_config['vocab_size']}: "
+                         f"save BLIP's tokenizer (bert-base-uncased plus [DEC] and [ENC]) into {source or 'the ImageReward folder'} "
+                         "or allow downloads from the Hub")
     model = ImageRewardModel(vision_model, text_model, head, tokenizer)
     return model.to(device=device, dtype=dtype)

@@ -73,3 +73,42 @@ def test_relative_forms_by_scores(image_reward):
     assert torch.allclose(got, 1.2 * r1 - r2, atol=1e-6)
     with pytest.raises(ValueError, match="no text encoder"):
         image_reward.encode_text(["a cat"])
+
+
+def test_cross_attention_takes_the_vit_width_not_med_config(tiny_rewards, image_reward):
+    """The med_config.json ImageReward ships says encoder_width 768 while its ViT-L gives 1024;
+    BLIP builds the cross-attention for the ViT's width (loading failed before this was so)."""
+    import json
+
+    med_config = json.load(open(os.path.join(tiny_rewards, "imagereward", "med_config.json")))
+    vision_width = image_reward.vision_model.config.hidden_size
+    assert med_config["encoder_width"] != vision_width
+    assert image_reward.text_model.config.encoder_hidden_size == vision_width
+
+
+def test_checkpoint_missing_a_weight_is_refused(tiny_rewards, tmp_path):
+    import shutil
+
+    source = os.path.join(tiny_rewards, "imagereward")
+    shutil.copytree(source, tmp_path / "imagereward")
+    state = torch.load(os.path.join(source, "ImageReward.pt"), weights_only=True)
+    del state["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"]
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(64)[None]  # stale buffers are skipped
+    torch.save(state, tmp_path / "imagereward" / "ImageReward.pt")
+    with pytest.raises(ValueError, match="lacks 1 weights of ImageReward's BlipTextModel, e.g. encoder.layer.0.crossattention.self.key.weight"):
+        rewards.load_reward_model("imagereward", str(tmp_path))
+
+
+def test_a_tokenizer_that_does_not_fit_the_text_encoder_is_refused(tiny_rewards, tmp_path):
+    """Offline, transformers 5 gives a 5-token BertTokenizer for bert-base-uncased instead of an
+    error: every prompt would be [UNK]s. The loader compares the size with the text encoder's."""
+    import shutil
+
+    from transformers import BertTokenizer
+
+    shutil.copytree(os.path.join(tiny_rewards, "imagereward"), tmp_path / "imagereward")
+    tokenizer = BertTokenizer.from_pretrained(str(tmp_path / "imagereward"))
+    tokenizer.add_tokens(["[EXTRA]"])
+    tokenizer.save_pretrained(str(tmp_path / "imagereward"))
+    with pytest.raises(ValueError, match="tokenizer has .* tokens, its text encoder"):
+        rewards.load_reward_model("imagereward", str(tmp_path))
