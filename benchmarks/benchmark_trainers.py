@@ -25,7 +25,8 @@ torch.utils.flop_counter in eager mode, divided by the median step time); then t
 (with --compile: compilation plus one step, for the first compiled configuration of a process;
 later ones reuse its graphs, as they are the same blocks). On a GPU the header also gives the
 card's measured bf16 matmul rate (8192^3 products), the ceiling to read TFLOP/s against.
-`--checkpointing on,off` and repeatable `--variant=FLAGS` multiply the configurations.
+`--checkpointing on,off` and repeatable `--variant=FLAGS` multiply the configurations; with
+`--reuse_flops` a configuration's variants (and its eager/compiled twin) share one FLOP count.
 """
 
 import argparse
@@ -195,10 +196,12 @@ class Measurement:
     optimizer_seconds: float  # clip + optimizer.step + zero_grad of one step, timed on its own
 
 
-def measure(trainer, mode, resolution, compiled, checkpointing, variant, device, accelerator, options, report=lambda result: None):
+def measure(trainer, mode, resolution, compiled, checkpointing, variant, device, accelerator, options, report=lambda result: None,
+            known_flops=None):
     """One configuration's Measurement; `variant` is a string of more trainer flags; `options` carries the command line's
     size, rollout_steps, steps, warmup, compile_backend, trainer_flags and profile. `report(measurement)` is called
-    once the numbers are in, before the profiled step, so that a run stopped while profiling still has them."""
+    once the numbers are in, before the profiled step, so that a run stopped while profiling still has them.
+    `known_flops`: (step, rollout) FLOPs to use instead of counting them (an eager step under the counter, ~25 s at full size)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     started = time.perf_counter()
@@ -216,14 +219,18 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
         reward.clear_text_cache()              # encoding its first prompts (counted and timed alike)
     # FLOPs do not depend on compilation: count them on an eager step (compiled blocks run their
     # Python code under force_eager), so a compiled configuration gets its TFLOP/s on its own.
-    with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
-        with FlopCounterMode(display=False) as counter:
-            one_step(module, run, 0)
-        flops = counter.get_total_flops()
-        with FlopCounterMode(display=False) as counter:
-            rollout(run)
-        rollout_flops = counter.get_total_flops()
-    progress("FLOPs counted")
+    if known_flops:
+        flops, rollout_flops = known_flops
+        progress("FLOPs reused")
+    else:
+        with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
+            with FlopCounterMode(display=False) as counter:
+                one_step(module, run, 0)
+            flops = counter.get_total_flops()
+            with FlopCounterMode(display=False) as counter:
+                rollout(run)
+            rollout_flops = counter.get_total_flops()
+        progress("FLOPs counted")
     if device.type == "meta":  # nothing ran: there is no time or memory to measure
         result = Measurement(nan, nan, flops, nan, rollout_flops, nan, nan)
         report(result)
@@ -292,6 +299,9 @@ def main(input_args=None):
     parser.add_argument("--variant", action="append", default=None,
                         help="Repeatable: each configuration runs once per variant, a string of more trainer flags ('' for none), "
                              "e.g. --variant= --variant=--merge_lora_in_rollout.")
+    parser.add_argument("--reuse_flops", action="store_true",
+                        help="Count FLOPs for the first variant of a configuration only and reuse the count for the others: "
+                             "for variants that change how a step runs (compilation, batching, kernels), not what it computes.")
     parser.add_argument("--profile", default=None,
                         help="Append each configuration's torch.profiler op table (one more step) to this file.")
     parser.add_argument("--compile_backend", default="inductor")
@@ -331,6 +341,7 @@ def main(input_args=None):
                       for trainer in args.trainers.split(",") for mode in args.modes.split(",")
                       for resolution in args.resolutions.split(",") for compile_mode in args.compile_modes.split(",")
                       for checkpointing in checkpointing_modes for variant in variants]
+    flops_counted = {}  # (trainer, mode, resolution, checkpointing) -> (step, rollout) FLOPs, for --reuse_flops
     for trainer, mode, resolution, compile_mode, checkpointing, variant in configurations:
         names = [trainer, mode, str(resolution), compile_mode, checkpointing, variant or "-"]
 
@@ -348,9 +359,11 @@ def main(input_args=None):
             print(lines[-1], flush=True)
 
         rows_before, out_of_memory = len(lines), False
+        same_step = (trainer, mode, resolution, checkpointing)
         try:
-            measure(trainer, mode, resolution, compile_mode == "compiled", checkpointing == "on", variant, device, accelerator,
-                    args, report=report)
+            result = measure(trainer, mode, resolution, compile_mode == "compiled", checkpointing == "on", variant, device,
+                             accelerator, args, report=report, known_flops=flops_counted.get(same_step) if args.reuse_flops else None)
+            flops_counted.setdefault(same_step, (result.flops, result.rollout_flops))
         except torch.cuda.OutOfMemoryError:  # one configuration that does not fit must not cost the rest of the table
             out_of_memory = True
         if out_of_memory:  # here, once the exception (whose traceback holds the run) is gone

@@ -34,7 +34,7 @@ fi
 # What may close the gap to 2.6 s: the VAE decoder compiled (eager GroupNorm was 125 ms of the step), both
 # branches in one batch; with profiles. Then the best guess without checkpointing (more memory, no recompute).
 bench srpo_lora_vae_compiled 240 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --variant= --variant=--compile_vae --variant="--compile_vae --batch_branches" --profile "$out/profile_lora.txt"
+  --variant= --variant=--compile_vae --variant="--compile_vae --batch_branches" --reuse_flops --profile "$out/profile_lora.txt"
 bench srpo_lora_no_checkpointing 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
   --checkpointing off --variant="--compile_vae --batch_branches"
 # cuDNN's attention through diffusers' dispatcher (contiguous q/k/v; flash attention now takes 17% of the GPU time).

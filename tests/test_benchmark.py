@@ -106,3 +106,17 @@ def test_profile_checkpointing_and_variants(tmp_path):
                                            checkpointing=checkpointing)
         assert run.transformer.is_gradient_checkpointing == checkpointing
         assert run.vae.is_gradient_checkpointing == checkpointing
+
+
+def test_reuse_flops_counts_once_per_configuration(capsys):
+    """--reuse_flops: variants that only change how the step runs share the first variant's count,
+    which is what counting gives them anyway (here: both branches in one batch)."""
+    common = ["--size", "tiny", "--resolutions", "64", "--rollout_steps", "2", "--steps", "1", "--warmup", "0",
+              "--trainers", "srpo", "--modes", "lora", "--compile_modes", "eager", "--variant=", "--variant=--batch_branches"]
+    counted = table(benchmark_trainers.main(common))
+    assert capsys.readouterr().err.count("FLOPs counted") == 2
+    reused = table(benchmark_trainers.main(common + ["--reuse_flops"]))
+    err = capsys.readouterr().err
+    assert err.count("FLOPs counted") == 1 and err.count("FLOPs reused") == 1
+    assert [row["TFLOP/step"] for row in reused] == [row["TFLOP/step"] for row in counted]
+    assert len({row["TFLOP/step"] for row in reused}) == 1
