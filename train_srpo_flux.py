@@ -64,8 +64,8 @@ def add_srpo_args(parser):
     a("--train_data_dir", type=str, default=None, help="Offline SRPO: an image folder with metadata.jsonl replaces the rollout.")
     a("--monitor_steps", type=int, default=1, help="Log drift monitors of the rollout images every N steps (0: never).")
     a("--batch_branches", action="store_true",
-      help="Run the denoise and inversion branches of a start point as one batch-2 model call and one backward pass "
-           "(same gradient, same FLOPs, half the kernel launches; both branches' activations held at once).")
+      help="Run the denoise and inversion branches of a start point as one batch-2 model call, one batch-2 VAE decode "
+           "and one backward pass (same gradient, same FLOPs, half the kernel launches; both branches' activations held at once).")
     return common.add_window_args(parser)
 
 
@@ -148,26 +148,28 @@ def branch_span(window, index, direction, weight_schedule):
     return window.sigma(end), window.sigma(start), linear_weight(weight_schedule, start), window.sigma(start)
 
 
-def branch_loss(x0, noise, window, index, direction, velocity_fn, score_fn, weight_schedule, loss_fn):
-    """One SRPO training branch, from the clean latent to a loss. `score_fn(x0_hat, k, swapped)` -> B scores.
-    Returns (loss, score, k, sigma_start)."""
+def branch_loss(x0, noise, window, index, direction, velocity_fn, decode_fn, score_fn, weight_schedule, loss_fn):
+    """One SRPO training branch, from the clean latent to a loss. `decode_fn(x0_hat)` -> images,
+    `score_fn(images, k, swapped)` -> B scores. Returns (loss, score, k, sigma_start)."""
     sigma_high, sigma_low, k, sigma_start = branch_span(window, index, direction, weight_schedule)
     x0_hat = direct_align_recover(x0, noise, sigma_high, sigma_low, velocity_fn, direction)  # Eq. 12 / Eq. 13
-    score = score_fn(x0_hat, k, direction == "inversion")
+    score = score_fn(decode_fn(x0_hat), k, direction == "inversion")
     return loss_fn(score).mean(), score, k, sigma_start
 
 
-def branch_losses_batched(x0, noise, window, index, directions, velocity_fn, score_fn, weight_schedules, loss_fn):
+def branch_losses_batched(x0, noise, window, index, directions, velocity_fn, decode_fn, score_fn, weight_schedules, loss_fn):
     """branch_loss for each of `directions` from the same start point m, with the model steps of all
     branches in one call on their stacked batch (`velocity_fn` takes len(directions) * B samples and a
-    sigma per sample). Returns [(loss, score, k, sigma_start)] in the order of `directions`."""
+    sigma per sample) and their images in one VAE decode. Returns [(loss, score, k, sigma_start)] in
+    the order of `directions`."""
     spans = [branch_span(window, index, direction, weight_schedules[direction]) for direction in directions]
     x0_hats = direct_align_recover_batched(
         x0, noise, [(direction, high, low) for direction, (high, low, _, _) in zip(directions, spans)], velocity_fn
     )  # Eq. 12 and Eq. 13 in one model call
+    images = decode_fn(torch.cat(x0_hats)).chunk(len(directions))
     results = []
-    for direction, x0_hat, (_, _, k, sigma_start) in zip(directions, x0_hats, spans):
-        score = score_fn(x0_hat, k, direction == "inversion")
+    for direction, branch_images, (_, _, k, sigma_start) in zip(directions, images, spans):
+        score = score_fn(branch_images, k, direction == "inversion")
         results.append((loss_fn(score).mean(), score, k, sigma_start))
     return results
 
@@ -193,8 +195,7 @@ def training_step(run, step, logs):
                 for key, value in image_statistics(run.decode(x0)).items():
                     logs[key].append(value)
 
-        def score_fn(x0_hat, k, swapped):
-            images = run.decode(x0_hat)
+        def score_fn(images, k, swapped):
             positive, negative = (unwanted, wanted) if swapped else (wanted, unwanted)
             score, details = relative_score(run.reward, images, prompts, positive, negative, args.reward_form, k,
                                             args.aesthetic_noise_std, generator)
@@ -218,7 +219,7 @@ def training_step(run, step, logs):
             if args.batch_branches:  # both branches in one model call and one backward: the same gradient
                 with run.sync_gradients(last_injection):
                     results = branch_losses_batched(x0, noise, window, index, directions, run.velocity_fn(cond.repeat(len(directions))),
-                                                    score_fn, schedules, loss_fn)
+                                                    run.decode, score_fn, schedules, loss_fn)
                     accelerator.backward(sum(loss for loss, *_ in results) / backward_passes)
                 for direction, result in zip(directions, results):
                     log_branch(direction, *result)
@@ -226,7 +227,7 @@ def training_step(run, step, logs):
             for direction in directions:
                 with run.sync_gradients(last_injection and direction == directions[-1]):
                     loss, score, k, sigma = branch_loss(x0, noise, window, index, direction, run.velocity_fn(cond),
-                                                        score_fn, schedules[direction], loss_fn)
+                                                        run.decode, score_fn, schedules[direction], loss_fn)
                     accelerator.backward(loss / backward_passes)
                 log_branch(direction, loss, score, k, sigma)
 

@@ -24,7 +24,7 @@ def run_branch(direction, velocity, index=500, schedule=(0.1, 0.25), loss_type="
         return velocity if callable(velocity) is False else velocity(x)
 
     loss, score, k, sigma = srpo.branch_loss(
-        x0, noise, WINDOW, index, direction, velocity_fn, score_fn, schedule, lambda s: -s if loss_type == "neg" else torch.relu(0.7 - s)
+        x0, noise, WINDOW, index, direction, velocity_fn, lambda x0_hat: x0_hat, score_fn, schedule, lambda s: -s if loss_type == "neg" else torch.relu(0.7 - s)
     )
     return x0, noise, loss, seen, k, sigma
 
