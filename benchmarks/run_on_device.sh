@@ -37,10 +37,11 @@ bench srpo_lora_vae_compiled 240 --trainers srpo --modes lora --resolutions 720 
   --variant= --variant=--compile_vae --variant="--compile_vae --batch_branches" --reuse_flops --profile "$out/profile_lora.txt"
 bench srpo_lora_no_checkpointing 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
   --checkpointing off --variant="--compile_vae --batch_branches"
-# cuDNN's attention through diffusers' dispatcher (contiguous q/k/v; flash attention now takes 17% of the GPU time).
-# Its own process: torch 2.11's cuDNN backward once ended a process with an illegal memory access on strided q/k/v.
+# cuDNN's attention through diffusers' dispatcher (contiguous q/k/v; flash attention now takes 17% of the GPU time),
+# on top of the first group's last row, so that the two compare. Its own process: torch 2.11's cuDNN backward once
+# ended a process with an illegal memory access on strided q/k/v.
 bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --variant="--compile_vae --attention_backend _native_cudnn"
+  --variant="--compile_vae --batch_branches --attention_backend _native_cudnn"
 # The baselines compiled (only their eager steps are recorded).
 bench baselines_compiled 200 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
 bench srpo_1024 150 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled
