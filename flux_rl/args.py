@@ -45,7 +45,7 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--compile_backend", type=str, default="inductor")
     a("--compile_mode", type=str, default=None, help="e.g. max-autotune-no-cudagraphs")
     a("--compile_vae", action="store_true",
-      help="Also torch.compile the VAE decoder's blocks (eager GroupNorm was 125 ms of a 2.9 s LoRA step at 720 px on an H200; "
+      help="Also torch.compile the VAE decoder (eager GroupNorm was 125 ms of a 2.9 s LoRA step at 720 px on an H200; "
            "compiled, the reduction is split over the whole GPU and fused with SiLU). Not yet timed on a GPU: see benchmarks/.")
     a("--attention_backend", type=str, default=None,
       help="diffusers attention backend of the transformer, e.g. _native_cudnn (cuDNN's fused attention, Hopper) or flash "

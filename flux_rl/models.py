@@ -68,19 +68,19 @@ def compile_blocks(transformer, backend: str = "inductor", mode: str | None = No
 
 
 def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None):
-    """torch.compile the VAE decoder block by block (middle, each up block, the output norm), the
-    units that its gradient checkpointing recomputes. Eager GroupNorm reduces each of its 32 groups
-    in one CUDA thread block, 32 blocks on a 132-SM GPU: 0.85 ms per call at 720 px, 125 ms of a
-    LoRA step on an H200 (benchmarks/logs/2026-11-26-h200-session4/profile_*.txt). Inductor splits
-    that reduction across the GPU and fuses the SiLU that follows."""
+    """torch.compile the VAE decoder whole: one graph per batch size and grad mode, with its
+    gradient checkpointing inside. Eager GroupNorm reduces each of its 32 groups in one CUDA thread
+    block, 32 blocks on a 132-SM GPU: 0.85 ms per call at 720 px, 125 ms of a LoRA step on an H200
+    (benchmarks/logs/2026-11-26-h200-session4/profile_*.txt). Inductor splits that reduction across
+    the GPU and fuses the SiLU that follows. Not block by block, as the transformer: the four up
+    blocks share one forward, and four shapes x two grad modes already fill dynamo's 8 graphs per
+    function, so a validation batch of another size would have fallen back to eager."""
     import warnings
 
     # The middle block calls diffusers' checkpointing helper, which asks an lru_cache'd version check;
     # dynamo warns that it traces through the cache, harmless for a pure function.
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-    decoder = vae.decoder
-    for module in [decoder.mid_block, *decoder.up_blocks, decoder.conv_norm_out]:
-        module.compile(backend=backend, mode=mode, dynamic=False)
+    vae.decoder.compile(backend=backend, mode=mode, dynamic=False)
     return vae
 
 
