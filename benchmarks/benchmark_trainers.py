@@ -79,8 +79,9 @@ class RandomPromptEncoder:
 
 
 @functools.lru_cache(maxsize=None)
-def build_reward(size, device, dtype):
-    """One reward model for all measurements (ViT-H-14's random init takes a while on the CPU)."""
+def build_reward(size, device, dtype, compile_backend=None, compile_mode=None):
+    """One reward model for all measurements (ViT-H-14's random init takes a while on the CPU), and
+    one more with its image tower compiled for those with --compile_reward."""
     import open_clip
 
     from rewards import CombinedReward
@@ -91,7 +92,10 @@ def build_reward(size, device, dtype):
     else:
         model = open_clip.CLIP(**tiny_models.tiny_open_clip_config()["model_cfg"])
     reward = OpenClipReward(model.to(device=device, dtype=dtype), open_clip.get_tokenizer("ViT-H-14"), "hpsv2")
-    return CombinedReward({"hpsv2": reward}, {"hpsv2": 1.0})
+    combined = CombinedReward({"hpsv2": reward}, {"hpsv2": 1.0})
+    if compile_backend:
+        combined.compile_image_towers(compile_backend, compile_mode)
+    return combined
 
 
 class MetaRun(training.Run):
@@ -139,7 +143,8 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
         args=args, method=module.__name__, accelerator=accelerator, transformer=transformer, vae=vae,
         prompt_encoder=RandomPromptEncoder(transformer_config["joint_attention_dim"], transformer_config["pooled_projection_dim"],
                                            512 if size == "full" else 32),
-        reward=build_reward(size, device, dtype), optimizer=optimizer, lr_scheduler=lr_scheduler,
+        reward=build_reward(size, device, dtype, *((args.compile_backend, args.compile_mode) if args.compile_reward else ())),
+        optimizer=optimizer, lr_scheduler=lr_scheduler,
         batches=data.BatchSchedule([f"prompt {i}" for i in range(64)], args.train_batch_size, args.seed),
         image_dataset=None, weight_dtype=dtype, vae_scale_factor=vae_scale_factor,
         img_ids=latents.image_ids(resolution, resolution, vae_scale_factor, device, dtype),

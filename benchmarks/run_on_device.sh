@@ -31,17 +31,19 @@ if [ $# -gt 0 ]; then
   exit
 fi
 # LoRA, compiled (adapters merged for the rollout, the default): 2.93 s measured, 1.93 s of it rollout.
-# What may close the gap to 2.6 s: the VAE decoder compiled (eager GroupNorm was 125 ms of the step), both
-# branches in one batch; with profiles. Then the best guess without checkpointing (more memory, no recompute).
+# What may close the gap to 2.6 s: the VAE decoder and the reward's image tower compiled (eager GroupNorm was
+# 125 ms of the step, the HPS forward 21 ms a call), then both branches in one batch; with profiles. Then the
+# last without checkpointing (more memory, no recompute).
+fast="--compile_vae --compile_reward --batch_branches"
 bench srpo_lora_vae_compiled 240 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --variant= --variant=--compile_vae --variant="--compile_vae --batch_branches" --reuse_flops --profile "$out/profile_lora.txt"
+  --variant= --variant="--compile_vae --compile_reward" --variant="$fast" --reuse_flops --profile "$out/profile_lora.txt"
 bench srpo_lora_no_checkpointing 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --checkpointing off --variant="--compile_vae --batch_branches"
+  --checkpointing off --variant="$fast"
 # cuDNN's attention through diffusers' dispatcher (contiguous q/k/v; flash attention now takes 17% of the GPU time),
 # on top of the first group's last row, so that the two compare. Its own process: torch 2.11's cuDNN backward once
 # ended a process with an illegal memory access on strided q/k/v.
 bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --variant="--compile_vae --batch_branches --attention_backend _native_cudnn"
+  --variant="$fast --attention_backend _native_cudnn"
 # The baselines compiled (only their eager steps are recorded).
 bench baselines_compiled 200 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
 bench srpo_1024 150 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled
@@ -52,6 +54,6 @@ left=$((budget - SECONDS)); (( left > 90 )) && left=90
 timeout "$left" bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp/tiny-models && accelerate launch --num_processes 1 \
   train_srpo_flux.py --pretrained_model_name_or_path /tmp/tiny-models/flux --reward_models_dir /tmp/tiny-models/rewards \
   --resolution 64 --num_inference_steps 4 --max_train_steps 4 --mixed_precision bf16 --gradient_checkpointing \
-  --vae_gradient_checkpointing --compile --compile_vae --validation_prompt 'a photo of a cat' --validation_steps 4 \
+  --vae_gradient_checkpointing --compile --compile_vae --compile_reward --validation_prompt 'a photo of a cat' --validation_steps 4 \
   --output_dir /tmp/srpo-smoke && ls -R /tmp/srpo-smoke" > "$out/smoke.log" 2>&1
 echo "smoke run: exit $? (log: smoke.log)"

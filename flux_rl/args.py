@@ -47,6 +47,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--compile_vae", action="store_true",
       help="Also torch.compile the VAE decoder (eager GroupNorm was 125 ms of a 2.9 s LoRA step at 720 px on an H200; "
            "compiled, the reduction is split over the whole GPU and fused with SiLU). Not yet timed on a GPU: see benchmarks/.")
+    a("--compile_reward", action="store_true",
+      help="Also torch.compile the reward models' image towers (a ViT at batch 1 is launch-bound: about 21 ms per HPSv2.1 "
+           "forward on an H200 for 0.3 TFLOP). Not yet timed on a GPU: see benchmarks/.")
     a("--attention_backend", type=str, default=None,
       help="diffusers attention backend of the transformer, e.g. _native_cudnn (cuDNN's fused attention, Hopper) or flash "
            "(needs the flash-attn package). Default: diffusers' native scaled_dot_product_attention (flash attention on the GPU).")

@@ -94,6 +94,19 @@ def prepare_vae(vae, args):
     return vae
 
 
+def set_attention_backend(transformer, name: str):
+    """The transformer's attention through diffusers' dispatcher backend `name`. diffusers' own
+    set_attention_backend also makes it the process-wide default (its registry's active backend),
+    which every model built later would take (another benchmark configuration, another test); that
+    default is put back, the transformer's processors keep `name`."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry._active_backend
+    transformer.set_attention_backend(name)
+    _AttentionBackendRegistry.set_active_backend(default)
+    return transformer
+
+
 def prepare_for_training(transformer, args):
     """What is trained and how, from the trainer flags: LoRA (bf16 base, fp32 adapters), full
     fine-tune with fp32 master weights, or full fine-tune with bf16 weights (--bf16_weights);
@@ -110,7 +123,7 @@ def prepare_for_training(transformer, args):
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else DEFAULT_LORA_TARGETS
         add_lora(transformer, args.rank, args.lora_alpha, targets)
     if args.attention_backend:
-        transformer.set_attention_backend(args.attention_backend)
+        set_attention_backend(transformer, args.attention_backend)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.compile:

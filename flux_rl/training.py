@@ -233,6 +233,8 @@ def setup(args, method: str) -> Run:
     models.register_save_load_hooks(accelerator, use_lora=not args.full_finetune)
 
     reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)
+    if args.compile_reward:
+        reward.compile_image_towers(args.compile_backend, args.compile_mode)
     image_dataset = None
     if getattr(args, "train_data_dir", None):
         image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column)

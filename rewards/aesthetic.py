@@ -56,6 +56,9 @@ class AestheticReward(RewardModel):
     def preprocess(self, images):
         return squash_preprocess(images, self.image_size, self.mean, self.std)
 
+    def image_tower(self):
+        return self.vision_model
+
     def _image_features(self, pixels):
         dtype = next(self.vision_model.parameters()).dtype
         return self.vision_model(pixel_values=pixels.to(dtype)).pooler_output

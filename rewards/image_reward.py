@@ -134,6 +134,9 @@ class ImageRewardModel(RewardModel):
         self.image_size = vision_model.config.image_size
         self._token_cache = {}
 
+    def image_tower(self):
+        return self.vision_model
+
     def preprocess(self, images):
         return clip_preprocess(images, self.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 

@@ -36,6 +36,9 @@ class OpenClipReward(RewardModel):
     def preprocess(self, images):
         return clip_preprocess(images, self.image_size, self.mean, self.std)
 
+    def image_tower(self):
+        return self.model.visual
+
     def _image_features(self, pixels):
         dtype = next(self.model.parameters()).dtype
         return self.model.encode_image(pixels.to(dtype))

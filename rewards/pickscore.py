@@ -31,6 +31,9 @@ class PickScoreReward(RewardModel):
     def preprocess(self, images):
         return clip_preprocess(images, self.image_size, self.mean, self.std)
 
+    def image_tower(self):
+        return self.model.vision_model
+
     def _image_features(self, pixels):
         dtype = next(self.model.parameters()).dtype
         return _as_tensor(self.model.get_image_features(pixel_values=pixels.to(dtype)))

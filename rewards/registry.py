@@ -63,6 +63,10 @@ class CombinedReward(torch.nn.Module):
         self.models = torch.nn.ModuleDict(models)
         self.weights = dict(weights)
 
+    def compile_image_towers(self, backend: str = "inductor", mode: str | None = None) -> None:
+        for model in self.models.values():
+            model.compile_image_tower(backend, mode)
+
     def forward(self, images, prompts):
         components = {name: model(images, prompts) for name, model in self.models.items()}
         total = sum(self.weights[name] * value for name, value in components.items())

@@ -68,6 +68,10 @@ def test_attention_backend_is_set_on_every_attention_and_computes_the_same(tiny_
     assert {p._attention_backend for p in processors} == {"_native_math"}
     with torch.no_grad():
         assert torch.allclose(transformer(**inputs)[0], default, atol=1e-5)
+    # diffusers would also make it every later model's default: a transformer built afterwards keeps the native one
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    assert _AttentionBackendRegistry.get_active_backend()[0] == AttentionBackendName.NATIVE
 
 
 def test_compiled_blocks_match_eager(tiny_flux):
@@ -83,7 +87,7 @@ def test_compiled_blocks_match_eager(tiny_flux):
 
 
 def test_trainer_with_every_speed_option(tiny_models, tmp_path):
-    """bf16 base weights with fp32 LoRA, per-block compile of the transformer and the VAE decoder,
+    """bf16 base weights with fp32 LoRA, per-block compile of the transformer, the VAE decoder and the reward's image tower compiled,
     8-bit AdamW, both checkpointings, two injections per rollout, LoRA merged for the rollout, both
     branches in one batch, another attention backend (the math kernel stands in for cuDNN's on the
     CPU): one SRPO run through accelerate launch."""
@@ -97,7 +101,7 @@ def test_trainer_with_every_speed_option(tiny_models, tmp_path):
         tiny_models, output_dir, "--max_train_steps", "2", "--rank", "4", "--mixed_precision", "bf16", "--compile",
         "--compile_backend", "aot_eager", "--use_8bit_adam", "--gradient_checkpointing", "--vae_gradient_checkpointing",
         "--num_injections", "2", "--merge_lora_in_rollout", "--batch_branches", "--compile_vae",
-        "--attention_backend", "_native_math",
+        "--compile_reward", "--attention_backend", "_native_math",
     ))
     lora = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
     assert lora and all(v.dtype == torch.float32 for v in lora.values())
@@ -275,3 +279,30 @@ class _WithoutAutocast:
 
     def autocast(self):
         return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("name", ["hpsv2", "clip", "pickscore", "aesthetic", "imagereward"])
+def test_compiled_reward_image_tower_matches_eager(tiny_rewards, name):
+    """--compile_reward: each reward's image tower runs as one compiled graph, with the eager
+    score and the eager gradient with respect to the images."""
+    import rewards
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = rewards.load_reward_model(name, tiny_rewards)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts = ["a photo of a cat", "a red car"]
+
+    def score_and_gradient():
+        pixels = images.clone().requires_grad_(True)
+        score = model(pixels, prompts)
+        score.sum().backward()
+        return score.detach(), pixels.grad
+
+    eager_score, eager_grad = score_and_gradient()
+    counter = CompileCounterWithBackend("aot_eager")
+    model.compile_image_tower(backend=counter)
+    compiled_score, compiled_grad = score_and_gradient()
+    assert counter.frame_count == 1
+    assert torch.allclose(eager_score, compiled_score, atol=1e-5)
+    assert torch.allclose(eager_grad, compiled_grad, atol=1e-6)
+    assert eager_grad.abs().sum() > 0
