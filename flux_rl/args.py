@@ -182,6 +182,16 @@ def validate_common_args(args):
         names = [backend.value for backend in AttentionBackendName]
         if args.attention_backend not in names:
             fail(f"--attention_backend {args.attention_backend}: choose one of diffusers' backends: {', '.join(names)}")
+        from diffusers.models.attention_dispatch import _check_attention_backend_requirements
+
+        try:  # a backend from a package (flash-attn, sageattention, xformers) that is not installed
+            _check_attention_backend_requirements(AttentionBackendName(args.attention_backend))
+        except RuntimeError as error:
+            fail(f"--attention_backend {args.attention_backend}: {error}")
+        import torch
+
+        if args.attention_backend in ("_native_cudnn", "_native_efficient") and not torch.cuda.is_available():
+            fail(f"--attention_backend {args.attention_backend} needs a CUDA GPU; drop the flag on this machine")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         fail(f"--report_to {args.report_to}: choose tensorboard, wandb, all or none")
     if args.validation_steps is not None and args.validation_steps < 1:

@@ -25,6 +25,7 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--reward_models_dir", "/no/such/rewards"], "--reward_models_dir /no/such/rewards: no such folder"),
         (["--full_finetune", "--merge_lora_in_rollout"], "--merge_lora_in_rollout is for LoRA training"),
         (["--attention_backend", "cudnn"], "--attention_backend cudnn: choose one of diffusers' backends: .*_native_cudnn"),
+        (["--attention_backend", "flash"], "--attention_backend flash: .*install `flash-attn"),
     ],
 )
 def test_argument_validation(extra, message, tmp_path):
@@ -87,3 +88,11 @@ def test_command_line_error_is_one_line(tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert errors == ["error: --resolution 100 must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)"], result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_cuda_only_attention_backend_refused_without_a_gpu(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--attention_backend _native_cudnn needs a CUDA GPU"):
+        train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--attention_backend", "_native_cudnn"])
