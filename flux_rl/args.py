@@ -177,19 +177,16 @@ def validate_common_args(args):
     if args.merge_lora_in_rollout is None:  # measured on an H200: the compiled LoRA step 3.09 -> 2.93 s, same peak memory
         args.merge_lora_in_rollout = not args.full_finetune and not launched_with_fsdp()
     if args.attention_backend is not None:
-        from diffusers.models.attention_dispatch import AttentionBackendName
+        import torch
+        from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
         names = [backend.value for backend in AttentionBackendName]
         if args.attention_backend not in names:
             fail(f"--attention_backend {args.attention_backend}: choose one of diffusers' backends: {', '.join(names)}")
-        from diffusers.models.attention_dispatch import _check_attention_backend_requirements
-
         try:  # a backend from a package (flash-attn, sageattention, xformers) that is not installed
             _check_attention_backend_requirements(AttentionBackendName(args.attention_backend))
         except RuntimeError as error:
             fail(f"--attention_backend {args.attention_backend}: {error}")
-        import torch
-
         if args.attention_backend in ("_native_cudnn", "_native_efficient") and not torch.cuda.is_available():
             fail(f"--attention_backend {args.attention_backend} needs a CUDA GPU; drop the flag on this machine")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):

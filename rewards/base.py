@@ -51,9 +51,9 @@ class RewardModel(nn.Module):
 
     def compile_image_tower(self, backend: str = "inductor", mode: str | None = None) -> None:
         """torch.compile the image tower whole, one graph per batch size and grad mode. At batch 1
-        a ViT-H/14 at 224 px is 257 tokens: small matmuls, so its ~500 kernels per pass (norms,
-        GELUs, residual adds apart) cost more in launches than in arithmetic; compiled, the
-        elementwise ones fuse into their neighbours."""
+        a ViT-H/14 at 224 px is 257 tokens: small matmuls, so its ~500 kernels per pass cost more
+        in launches than in arithmetic; compiled, its norms, GELUs and residual adds fuse into
+        fewer kernels."""
         self.image_tower().compile(backend=backend, mode=mode, dynamic=False)
 
     def clear_text_cache(self) -> None:
