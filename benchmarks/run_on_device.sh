@@ -2,7 +2,9 @@
 # On a GPU machine (carry .whl): install the packages its image lacks, then time the trainers at
 # full size. With no arguments it runs, most important first, the groups that the last recorded run
 # (benchmarks/RESULTS.md) left unmeasured, each under its own time limit (cut to what is left of
-# BUDGET), so that a short lease still returns every group that finished. With arguments it runs one group with them, e.g.
+# BUDGET), so that a short lease still returns every group that finished; FROM=NAME starts at that group
+# (a second call: FROM=baselines_compiled bash benchmarks/run_on_device.sh). With arguments it runs one group
+# with them, e.g.
 #   NAME=srpo_1024 LIMIT=150 bash benchmarks/run_on_device.sh --trainers srpo --modes lora --resolutions 1024
 # Logs (each ends with its markdown table) land in $OUT, or benchmarks/results/ where that is unset.
 set -uo pipefail
@@ -17,8 +19,11 @@ print(*(f'{m.__name__} {m.__version__}' for m in (torch, diffusers, transformers
 
 # Each group gets its own limit, cut to what is left of BUDGET seconds (default 570: a 600 s device call).
 budget=${BUDGET:-570}
+start_at=${FROM:-}
 bench() {  # NAME SECONDS ARGS...: one group of configurations, stopped after SECONDS
   local name=$1 seconds=$2; shift 2
+  [ -n "$start_at" ] && [ "$name" != "$start_at" ] && { echo "$name: skipped (FROM=$FROM)"; return; }
+  start_at=""
   local left=$((budget - SECONDS))
   (( seconds > left )) && seconds=$left
   (( seconds < 30 )) && { echo "$name: skipped, ${left}s left"; return; }
@@ -33,9 +38,10 @@ fi
 # LoRA, compiled (adapters merged for the rollout, the default): 2.93 s measured, 1.93 s of it rollout.
 # What may close the gap to 2.6 s: the VAE decoder and the reward's image tower compiled (eager GroupNorm was
 # 125 ms of the step, the HPS forward 21 ms a call), then both branches in one batch; with profiles. Then the
-# last without checkpointing (more memory, no recompute).
+# last without checkpointing (more memory, no recompute). The first compile of the VAE decoder and the
+# reward tower, then of batch-2 graphs, may take a minute each: 300 s for the first group.
 fast="--compile_vae --compile_reward --batch_branches"
-bench srpo_lora_vae_compiled 240 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
+bench srpo_lora_vae_compiled 300 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
   --variant= --variant="--compile_vae --compile_reward" --variant="$fast" --reuse_flops --profile "$out/profile_lora.txt"
 bench srpo_lora_no_checkpointing 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
   --checkpointing off --variant="$fast"
