@@ -77,8 +77,8 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None)
     function, so a validation batch of another size would have fallen back to eager."""
     import warnings
 
-    # The middle block calls diffusers' checkpointing helper, which asks an lru_cache'd version check;
-    # dynamo warns that it traces through the cache, harmless for a pure function.
+    # With checkpointing, the decoder and its middle block call diffusers' checkpointing helper, which
+    # asks an lru_cache'd version check; dynamo warns that it traces through the cache (a pure function).
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
     vae.decoder.compile(backend=backend, mode=mode, dynamic=False)
     return vae

@@ -12,23 +12,21 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from flux_rl import latents, models
 
 
+def _decode_with_gradient(vae, seed=0):
+    packed = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+    images = latents.decode(vae, packed, 64, 64, 8)
+    images.pow(2).sum().backward()
+    return images.detach(), packed.grad
+
+
 def test_vae_gradient_checkpointing_same_gradient(tiny_flux):
     grads = []
     for checkpointing in (False, True):
         vae = AutoencoderKL.from_pretrained(os.path.join(tiny_flux, "vae")).requires_grad_(False)
         if checkpointing:
             vae.enable_gradient_checkpointing()
-        packed = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        latents.decode(vae, packed, 64, 64, 8).pow(2).sum().backward()
-        grads.append(packed.grad)
+        grads.append(_decode_with_gradient(vae)[1])
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
-
-
-def _decode_with_gradient(vae, seed=0):
-    packed = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
-    images = latents.decode(vae, packed, 64, 64, 8)
-    images.pow(2).sum().backward()
-    return images.detach(), packed.grad
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
