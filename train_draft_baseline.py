@@ -28,6 +28,7 @@ from flux_rl import training
 from flux_rl.data import step_generator
 from flux_rl.direct_align import inject_noise
 from flux_rl.flux import ode_sample
+from rewards.base import host_to_device
 
 
 def add_draft_args(parser):
@@ -83,7 +84,7 @@ def training_step(run, step, logs):
             with torch.no_grad():
                 x_last = ode_sample(velocity_fn, noise, sigmas[:-1])
                 x0 = ode_sample(velocity_fn, x_last, sigmas[-2:])
-            noises = [torch.randn(x0.shape, generator=generator).to(x0.device) for _ in range(args.lv_samples)]
+            noises = [host_to_device(torch.randn(x0.shape, generator=generator), x0.device) for _ in range(args.lv_samples)]
             terms = [lambda eps=eps: draft_lv_samples(velocity_fn, x0, float(sigmas[-2]), [eps])[0] for eps in noises]
             if args.lv_include_base:
                 terms.append(lambda: ode_sample(velocity_fn, x_last, sigmas[-2:]))

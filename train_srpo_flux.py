@@ -64,8 +64,8 @@ def add_srpo_args(parser):
     a("--train_data_dir", type=str, default=None, help="Offline SRPO: an image folder with metadata.jsonl replaces the rollout.")
     a("--monitor_steps", type=int, default=1, help="Log drift monitors of the rollout images every N steps (0: never).")
     a("--batch_branches", action="store_true",
-      help="Run the denoise and inversion branches of a start point as one batch-2 model call, one batch-2 VAE decode "
-           "and one backward pass (same gradient, same FLOPs, half the kernel launches; both branches' activations held at once).")
+      help="Run the denoise and inversion branches of a start point as one batch-2 model call, one batch-2 VAE decode, "
+           "one batch-2 pass of a CLIP-like reward's image tower and one backward pass (same gradient, same FLOPs, half the kernel launches; both branches' activations held at once).")
     return common.add_window_args(parser)
 
 
@@ -116,21 +116,32 @@ def relative_score(reward, images, prompts, positive, negative, form, k, noise_s
     """Weighted sum over the reward spec of each model's semantic-relative reward (Eq. 8-11), or
     for image-only models the appendix S1 form. `positive` phrases go in the C1 slot,
     `negative` ones in the C2 slot. Returns (score, per-model details to log)."""
-    total, details = 0.0, {}
+    return relative_scores(reward, [images], prompts, [(positive, negative)], form, [k], noise_std, generator)[0]
+
+
+def relative_scores(reward, branch_images, prompts, branch_phrases, form, ks, noise_std, generator):
+    """relative_score of several branches' images of the same prompts, each with its own
+    (positive, negative) phrases and k: [(score, details)] per branch. A CLIP-like model encodes
+    all branches' images in one batch (one pass of its image tower, forward and backward)."""
+    results = [(0.0, {}) for _ in branch_images]
     for name, model in reward.models.items():
-        if model.uses_text:
-            features = model.encode_image(images) if model.scores_by_embedding else None  # encoded once
-            r_positive = rewards.control_scores(model, images, prompts, positive, features)
-            r_negative = rewards.control_scores(model, images, prompts, negative, features) if form != "sgp" else None
-            value = rewards.combine_scores(r_positive, r_negative, form, k)  # Eq. 8 / 9-10 / 11 / release form
-            details[f"{name}/positive"] = r_positive.detach()
-            if r_negative is not None:
-                details[f"{name}/negative"] = r_negative.detach()
-        else:
-            value = rewards.noised_relative_reward(model, images, prompts, noise_std, generator)  # appendix S1
-        details[name] = value.detach()
-        total = total + reward.weights[name] * value
-    return total, details
+        features = [None] * len(branch_images)
+        if model.uses_text and model.scores_by_embedding:
+            features = model.encode_image(torch.cat(branch_images)).chunk(len(branch_images))
+        for i, (images, (positive, negative), k) in enumerate(zip(branch_images, branch_phrases, ks)):
+            total, details = results[i]
+            if model.uses_text:
+                r_positive = rewards.control_scores(model, images, prompts, positive, features[i])
+                r_negative = rewards.control_scores(model, images, prompts, negative, features[i]) if form != "sgp" else None
+                value = rewards.combine_scores(r_positive, r_negative, form, k)  # Eq. 8 / 9-10 / 11 / release form
+                details[f"{name}/positive"] = r_positive.detach()
+                if r_negative is not None:
+                    details[f"{name}/negative"] = r_negative.detach()
+            else:
+                value = rewards.noised_relative_reward(model, images, prompts, noise_std, generator)  # appendix S1
+            details[name] = value.detach()
+            results[i] = (total + reward.weights[name] * value, details)
+    return results
 
 
 def branch_span(window, index, direction, weight_schedule):
@@ -150,28 +161,25 @@ def branch_span(window, index, direction, weight_schedule):
 
 def branch_loss(x0, noise, window, index, direction, velocity_fn, decode_fn, score_fn, weight_schedule, loss_fn):
     """One SRPO training branch, from the clean latent to a loss. `decode_fn(x0_hat)` -> images,
-    `score_fn(images, k, swapped)` -> B scores. Returns (loss, score, k, sigma_start)."""
+    `score_fn([images], [k], [swapped])` -> [B scores]. Returns (loss, score, k, sigma_start)."""
     sigma_high, sigma_low, k, sigma_start = branch_span(window, index, direction, weight_schedule)
     x0_hat = direct_align_recover(x0, noise, sigma_high, sigma_low, velocity_fn, direction)  # Eq. 12 / Eq. 13
-    score = score_fn(decode_fn(x0_hat), k, direction == "inversion")
+    (score,) = score_fn([decode_fn(x0_hat)], [k], [direction == "inversion"])
     return loss_fn(score).mean(), score, k, sigma_start
 
 
 def branch_losses_batched(x0, noise, window, index, directions, velocity_fn, decode_fn, score_fn, weight_schedules, loss_fn):
     """branch_loss for each of `directions` from the same start point m, with the model steps of all
     branches in one call on their stacked batch (`velocity_fn` takes len(directions) * B samples and a
-    sigma per sample) and their images in one VAE decode. Returns [(loss, score, k, sigma_start)] in
-    the order of `directions`."""
+    sigma per sample), their images in one VAE decode and one score_fn call. Returns
+    [(loss, score, k, sigma_start)] in the order of `directions`."""
     spans = [branch_span(window, index, direction, weight_schedules[direction]) for direction in directions]
     x0_hats = direct_align_recover_batched(
         x0, noise, [(direction, high, low) for direction, (high, low, _, _) in zip(directions, spans)], velocity_fn
     )  # Eq. 12 and Eq. 13 in one model call
     images = decode_fn(torch.cat(x0_hats)).chunk(len(directions))
-    results = []
-    for direction, branch_images, (_, _, k, sigma_start) in zip(directions, images, spans):
-        score = score_fn(branch_images, k, direction == "inversion")
-        results.append((loss_fn(score).mean(), score, k, sigma_start))
-    return results
+    scores = score_fn(list(images), [k for _, _, k, _ in spans], [direction == "inversion" for direction in directions])
+    return [(loss_fn(score).mean(), score, k, sigma_start) for score, (_, _, k, sigma_start) in zip(scores, spans)]
 
 
 def training_step(run, step, logs):
@@ -195,17 +203,19 @@ def training_step(run, step, logs):
                 for key, value in image_statistics(run.decode(x0)).items():
                     logs[key].append(value)
 
-        def score_fn(images, k, swapped):
-            positive, negative = (unwanted, wanted) if swapped else (wanted, unwanted)
-            score, details = relative_score(run.reward, images, prompts, positive, negative, args.reward_form, k,
-                                            args.aesthetic_noise_std, generator)
-            branch = "inversion" if swapped else "denoise"
-            # The inversion branch puts the unwanted phrase in the positive slot; log by phrase.
-            roles = {"positive": "unwanted", "negative": "wanted"} if swapped else {"positive": "wanted", "negative": "unwanted"}
-            for key, value in details.items():
-                name, _, slot = key.partition("/")
-                logs[f"{branch}/{name}/{roles[slot]}" if slot else f"{branch}/{name}"].append(value.mean())
-            return score
+        def score_fn(branch_images, ks, swaps):
+            """Scores of each branch's images; `swaps[i]`: the inversion branch's swapped phrases."""
+            phrases = [(unwanted, wanted) if swapped else (wanted, unwanted) for swapped in swaps]
+            results = relative_scores(run.reward, branch_images, prompts, phrases, args.reward_form, ks,
+                                      args.aesthetic_noise_std, generator)
+            for swapped, (_, details) in zip(swaps, results):
+                branch = "inversion" if swapped else "denoise"
+                # The inversion branch puts the unwanted phrase in the positive slot; log by phrase.
+                roles = {"positive": "unwanted", "negative": "wanted"} if swapped else {"positive": "wanted", "negative": "unwanted"}
+                for key, value in details.items():
+                    name, _, slot = key.partition("/")
+                    logs[f"{branch}/{name}/{roles[slot]}" if slot else f"{branch}/{name}"].append(value.mean())
+            return [score for score, _ in results]
 
         def log_branch(direction, loss, score, k, sigma):
             logs["loss"].append(loss.detach())  # read back once per step, in Run.log

@@ -23,7 +23,9 @@ torch.utils.flop_counter in eager mode, divided by the median step time); then t
 (the no-grad sampling every step starts with) and its TFLOP/s, the optimizer's part of a step
 (clip + step + zero_grad, timed alone), and the first warm-up step's time
 (with --compile: compilation plus one step, for the first compiled configuration of a process;
-later ones reuse its graphs, as they are the same blocks). On a GPU the header also gives the
+later ones reuse its graphs, as they are the same blocks), and on a GPU the host waits of the
+FLOP-counted step (calls that made the host wait for the GPU, under torch.cuda.set_sync_debug_mode;
+their source lines go to stderr; the run's first step, so its prompts are encoded). On a GPU the header also gives the
 card's measured bf16 matmul rate (8192^3 products), the ceiling to read TFLOP/s against.
 `--checkpointing on,off` and repeatable `--variant=FLAGS` multiply the configurations; with
 `--reuse_flops` a configuration's variants (and its eager/compiled twin) share one FLOP count.
@@ -199,6 +201,32 @@ class Measurement:
     rollout_flops: int
     first_step_seconds: float  # the first warm-up step (compilation + one step in a process's first compiled run)
     optimizer_seconds: float  # clip + optimizer.step + zero_grad of one step, timed on its own
+    host_waits: float = nan  # calls in the counted step that made the host wait for the GPU (CUDA only)
+
+
+def count_host_waits(fn, device):
+    """Runs fn; on CUDA returns the number of calls that made the host wait for the GPU (an .item(),
+    a blocking upload, a stream synchronisation: torch.cuda.set_sync_debug_mode), listing their
+    source lines on stderr. NaN elsewhere."""
+    import warnings
+
+    if device.type != "cuda":
+        fn()
+        return nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sources = defaultdict(int)
+    for warning in caught:
+        if "synchroniz" in str(warning.message):
+            sources[f"{os.path.relpath(warning.filename)}:{warning.lineno}"] += 1
+    if sources:
+        print("  host waits: " + ", ".join(f"{where} x{n}" for where, n in sorted(sources.items())), file=sys.stderr, flush=True)
+    return sum(sources.values())
 
 
 def measure(trainer, mode, resolution, compiled, checkpointing, variant, device, accelerator, options, report=lambda result: None,
@@ -224,13 +252,14 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
         reward.clear_text_cache()              # encoding its first prompts (counted and timed alike)
     # FLOPs do not depend on compilation: count them on an eager step (compiled blocks run their
     # Python code under force_eager), so a compiled configuration gets its TFLOP/s on its own.
+    host_waits = nan
     if known_flops:
         flops, rollout_flops = known_flops
         progress("FLOPs reused")
     else:
         with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
             with FlopCounterMode(display=False) as counter:
-                one_step(module, run, 0)
+                host_waits = count_host_waits(functools.partial(one_step, module, run, 0), device)
             flops = counter.get_total_flops()
             with FlopCounterMode(display=False) as counter:
                 rollout(run)
@@ -250,7 +279,7 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
     optimizer_seconds = timed(run.optimizer_step, device)
     rollout_seconds = timed(functools.partial(rollout, run), device)  # warm: every step above rolled out
     result = Measurement(statistics.median(times), peak, flops, rollout_seconds, rollout_flops,
-                         warmup_times[0] if warmup_times else nan, optimizer_seconds)
+                         warmup_times[0] if warmup_times else nan, optimizer_seconds, host_waits)
     report(result)
     if options.profile:
         title = f"{trainer} {mode} {resolution} {'compiled' if compiled else 'eager'}" + ("" if checkpointing else " no-checkpointing")
@@ -331,7 +360,7 @@ def main(input_args=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     card = {"cpu": "CPU", "meta": "meta (FLOPs counted, nothing timed)"}.get(device.type) or torch.cuda.get_device_name()
     header = ["trainer", "mode", "resolution", "compile", "checkpointing", "variant", "s/step", "peak GiB", "TFLOP/step", "TFLOP/s",
-              "rollout s", "rollout TFLOP/s", "optimizer s", "first step s"]
+              "rollout s", "rollout TFLOP/s", "optimizer s", "first step s", "host waits"]
     if args.peak_tflops:
         header.append(f"s/step at {args.peak_tflops:g} TFLOP/s")
     timing = "" if device.type == "meta" else f"; median of {args.steps} step(s)"
@@ -355,7 +384,7 @@ def main(input_args=None):
             row = names + [cell(result.seconds, ".3f"), cell(result.peak_gib, ".1f"), cell(tflop, ".4g"), cell(tflop / result.seconds, ".3g"),
                            cell(result.rollout_seconds, ".3f"),
                            cell(result.rollout_flops / 1e12 / result.rollout_seconds if result.rollout_flops else nan, ".3g"),
-                           cell(result.optimizer_seconds, ".3f"), cell(result.first_step_seconds, ".1f")]
+                           cell(result.optimizer_seconds, ".3f"), cell(result.first_step_seconds, ".1f"), cell(result.host_waits, ".0f")]
             if out_of_memory:
                 row[len(names):len(names) + 2] = ["OOM", f"> {_total_gib():.0f}"]
             if args.peak_tflops:

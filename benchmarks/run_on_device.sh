@@ -35,7 +35,8 @@ if [ $# -gt 0 ]; then
   bench "${NAME:-custom}" "${LIMIT:-540}" "$@"
   exit
 fi
-# LoRA, compiled (adapters merged for the rollout, the default): 2.93 s measured, 1.93 s of it rollout.
+# LoRA, compiled (adapters merged for the rollout, the default): 2.93 s measured, 1.93 s of it rollout, before the
+# mid-step host waits were removed (the plain variant below measures that change).
 # What may close the gap to 2.6 s: the VAE decoder and the reward's image tower compiled (eager GroupNorm was
 # 125 ms of the step, the HPS forward 21 ms a call), then both branches in one batch; with profiles. Then the
 # last without checkpointing (more memory, no recompute). The first compile of the VAE decoder and the

@@ -72,7 +72,8 @@ def direct_align_recover_batched(
     x0, noise = x0.float(), noise.float()
     spans = [branch_sigmas(direction, high, low) for direction, high, low in branches]
     starts = torch.cat([inject_noise(x0, noise, start) for start, _ in spans])  # Eq. 3, per branch
-    sigmas = torch.tensor([start for start, _ in spans], device=x0.device).repeat_interleave(x0.shape[0])
+    # Filled on the device (a torch.tensor(list, device="cuda") would wait for the GPU).
+    sigmas = torch.cat([torch.full((x0.shape[0],), start, device=x0.device, dtype=torch.float32) for start, _ in spans])
     velocities = velocity_fn(starts, sigmas).float().chunk(len(branches))
     return [recover_x0(euler_step(x_start, v, start, end), noise, end)  # Eq. 4 after one model step
             for x_start, v, (start, end) in zip(starts.chunk(len(branches)), velocities, spans)]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from rewards.base import host_to_device
+
 
 @dataclass
 class Conditioning:
@@ -15,8 +17,10 @@ class Conditioning:
     text_ids: torch.Tensor  # L x 3
 
     def to(self, device, dtype=None):
+        """On `device` (from the CPU cache: queued copies, see host_to_device)."""
         return Conditioning(
-            self.prompt_embeds.to(device, dtype), self.pooled_embeds.to(device, dtype), self.text_ids.to(device)
+            host_to_device(self.prompt_embeds, device, dtype), host_to_device(self.pooled_embeds, device, dtype),
+            host_to_device(self.text_ids, device),
         )
 
     def repeat(self, times: int):
@@ -85,7 +89,10 @@ def velocity(transformer, latents, sigma, guidance, cond: Conditioning, img_ids)
     """The transformer's velocity prediction at noise level `sigma` (a float or a B-tensor)."""
     batch = latents.shape[0]
     dtype = cond.prompt_embeds.dtype
-    timestep = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(batch)
+    if isinstance(sigma, torch.Tensor):
+        timestep = sigma.to(latents.device, torch.float32).expand(batch)
+    else:  # filled on the device: torch.as_tensor(float, device="cuda") would wait for the GPU, each step
+        timestep = torch.full((batch,), float(sigma), device=latents.device, dtype=torch.float32)
     guidance_vector = None
     if model_config(transformer).guidance_embeds:
         guidance_vector = torch.full((batch,), float(guidance), device=latents.device, dtype=torch.float32)

@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from rewards.base import host_to_device
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -103,10 +105,11 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
                 step, device = state["step"], parameter.device
                 key = (device, step)  # parameters of one group normally share the step count
                 if key not in step_inputs:
-                    step_inputs[key] = (
-                        torch.tensor([1 - beta1, beta2, 1 - beta2, 1 - group["lr"] * group["weight_decay"], 1 - beta2**step,
-                                      group["eps"], group["lr"] / (1 - beta1**step)], dtype=torch.float32).to(device),
-                        torch.tensor(self.seed + 1_000_003 * step, dtype=torch.int64).to(device),
+                    step_inputs[key] = (  # queued copies: a plain .to(device) would wait for the backward to finish
+                        host_to_device(torch.tensor([1 - beta1, beta2, 1 - beta2, 1 - group["lr"] * group["weight_decay"],
+                                                     1 - beta2**step, group["eps"], group["lr"] / (1 - beta1**step)],
+                                                    dtype=torch.float32), device),
+                        host_to_device(torch.tensor(self.seed + 1_000_003 * step, dtype=torch.int64), device),
                     )
                 self._update(
                     device, parameter.view(-1), parameter.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),

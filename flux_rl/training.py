@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from rewards.base import host_to_device
+
 from . import checkpoints, data, flux, hub, latents, models, schedules, validation
 from .args import launched_with_fsdp
 from .optim import AdamWStochasticBF16
@@ -60,7 +62,7 @@ class Run:
     def initial_noise(self, batch, generator):
         channels = self.unwrapped().config.in_channels // 4
         shape = latents.latent_shape(self.vae_scale_factor, channels, self.args.resolution, self.args.resolution)
-        return latents.pack(torch.randn((batch, *shape), generator=generator)).to(self.device)
+        return host_to_device(latents.pack(torch.randn((batch, *shape), generator=generator)), self.device)
 
     def rollout(self, prompts, generator, stop_index=None):
         """(x, noise, cond): the ODE image of `noise` (or the state at rollout_sigmas[stop_index]),

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from rewards.base import host_to_device
+
 from . import flux, latents
 
 
@@ -31,7 +33,7 @@ def render(transformer, vae, prompt_encoder, prompts, seed, height, width, sigma
     channels = flux.model_config(transformer).in_channels // 4
     shape = latents.latent_shape(vae_scale_factor, channels, height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
-    noise = latents.pack(torch.randn((len(prompts), *shape), generator=generator)).to(device)
+    noise = host_to_device(latents.pack(torch.randn((len(prompts), *shape), generator=generator)), device)
     cond = prompt_encoder(prompts).to(device, dtype)
     ids = latents.image_ids(height, width, vae_scale_factor, device, dtype)
     x0 = flux.sample(transformer, noise, sigmas, guidance, cond, ids)

@@ -16,6 +16,19 @@ import torch
 from torch import nn
 
 
+def host_to_device(tensor: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """A CPU tensor (token ids, noise drawn with a CPU generator, cached embeddings) copied to
+    `device` without stalling the host. A plain `.to("cuda")` from pageable memory waits for the
+    stream to drain: mid-step, that lets the GPU run dry while the host then launches the next
+    kernels. From pinned memory the copy is queued like a kernel. Cast first, on the CPU."""
+    device = torch.device(device)
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 class RewardModel(nn.Module):
     name: str = "reward"
     uses_text: bool = True

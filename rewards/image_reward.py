@@ -19,7 +19,7 @@ import re
 import torch
 from torch import nn
 
-from .base import RewardModel
+from .base import RewardModel, host_to_device
 from .preprocess import clip_preprocess
 
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
@@ -132,7 +132,6 @@ class ImageRewardModel(RewardModel):
         self.head = head.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_size = vision_model.config.image_size
-        self._token_cache = {}
 
     def image_tower(self):
         return self.vision_model
@@ -143,16 +142,19 @@ class ImageRewardModel(RewardModel):
     def _tokens(self, prompts, device):
         # ImageReward: BERT tokens, padded / truncated to 35.
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-        return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        return host_to_device(tokens.input_ids, device), host_to_device(tokens.attention_mask, device)
 
     def forward(self, images, prompts=None):
         self.check_prompts(images, prompts)
         dtype = next(self.vision_model.parameters()).dtype
         image_embeds = self.vision_model(pixel_values=self.preprocess(images).to(dtype)).last_hidden_state
         input_ids, attention_mask = self._tokens(prompts, image_embeds.device)
+        # The padding mask goes in already expanded (additive, B x 1 x 1 x L, as BLIP's text
+        # attention adds it): from a 2D mask transformers first checks `mask.all()`, a read back
+        # from the GPU on every reward call. Every image token is attended to: no cross mask.
+        additive_mask = torch.where(attention_mask.bool()[:, None, None, :], 0.0, torch.finfo(dtype).min).to(dtype)
         text = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+            input_ids=input_ids, attention_mask=additive_mask, encoder_hidden_states=image_embeds,
         ).last_hidden_state
         reward = self.head(text[:, 0]).squeeze(-1).float()
         return (reward - SCORE_MEAN) / SCORE_STD

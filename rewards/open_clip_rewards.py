@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .base import RewardModel
+from .base import RewardModel, host_to_device
 from .preprocess import clip_preprocess
 
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
@@ -45,7 +45,7 @@ class OpenClipReward(RewardModel):
 
     def _text_features(self, prompts):
         device = next(self.model.parameters()).device
-        return self.model.encode_text(self.tokenizer(prompts).to(device))
+        return self.model.encode_text(host_to_device(self.tokenizer(prompts), device))
 
 
 def _architecture(source, default_arch):

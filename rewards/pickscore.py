@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .base import RewardModel
+from .base import RewardModel, host_to_device
 from .preprocess import clip_preprocess
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -41,7 +41,10 @@ class PickScoreReward(RewardModel):
     def _text_features(self, prompts):
         device = next(self.model.parameters()).device
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-        return _as_tensor(self.model.get_text_features(**tokens.to(device)))
+        # No attention mask: under CLIP's causal mask the pooled (first end-of-text) token never
+        # sees the padding after it, so the features are the same; transformers checks a given
+        # padding mask with a read back from the GPU (`fast_all`), once per new text.
+        return _as_tensor(self.model.get_text_features(input_ids=host_to_device(tokens.input_ids, device)))
 
 
 def _as_tensor(output):
@@ -61,4 +64,4 @@ def load_pickscore(source=None, device="cpu", dtype=torch.float32):
     processor_path = source if has_processor else PICKSCORE_PROCESSOR
     model = CLIPModel.from_pretrained(model_path, dtype=dtype)
     processor = AutoProcessor.from_pretrained(processor_path)
-    return PickScoreReward(model.to(device), processor)
+    return PickScoreReward(model, processor).to(device)  # logit_scale read on the CPU, before the move

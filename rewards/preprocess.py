@@ -10,8 +10,12 @@ downsampling. The authors' release uses plain (aliased) bicubic `F.interpolate` 
 224; that differs from what the reward models saw in training, so we follow the official one.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from .base import host_to_device
 
 
 def resize_shortest_side(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -30,9 +34,18 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, left : left + size]
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_constants(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Built once per (values, dtype, device): a fresh torch.tensor(..., device="cuda") per call
+    # would be a host-to-device copy that waits for the GPU, mid-step. Never an inference tensor:
+    # a first call under torch.inference_mode must not break a later backward.
+    with torch.inference_mode(False):
+        return host_to_device(torch.tensor(values, dtype=dtype), device).view(1, -1, 1, 1)
+
+
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    mean = _channel_constants(tuple(float(m) for m in mean), images.dtype, images.device)
+    std = _channel_constants(tuple(float(s) for s in std), images.dtype, images.device)
     return (images - mean) / std
 
 

@@ -9,6 +9,8 @@ cross-attention scorers (ImageReward) the scores themselves are combined.
 
 import torch
 
+from .base import host_to_device
+
 # The authors' release lists (shared/notes/reference-implementation.md): realism / texture words
 # wanted, CG / oily-look words unwanted.
 DEFAULT_WANTED_CONTROLS = ("Natural-lighting", "Detail", "Detailed", "Real")
@@ -93,6 +95,9 @@ def noised_relative_reward(model, images, prompts=None, noise_std=0.05, generato
 
     Both terms carry gradient: the clean image's score pulls towards the reward, the noised copy's
     score pushes against the reward model's general bias (what it likes in any image)."""
-    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    # Drawn where the generator lives (the trainers' step generator is a CPU one: the same noise on
+    # any device), then queued to the images' device.
+    noise = host_to_device(torch.randn(images.shape, generator=generator, dtype=images.dtype,
+                                       device=generator.device if generator is not None else images.device), images.device)
     noised = (images + noise_std * noise).clamp(0, 1)
     return model(images, prompts) - model(noised, prompts)

@@ -44,7 +44,7 @@ def test_score_formula(image_reward):
     images = torch.rand(2, 3, 96, 96)
     prompts = ["a photo of a cat", "a red car"]
     tokens = image_reward.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-    assert tokens.input_ids.shape == (2, 35)
+    assert tokens.input_ids.shape == (2, 35) and not tokens.attention_mask.all()  # the reward pre-expands this mask
     image_embeds = image_reward.vision_model(pixel_values=image_reward.preprocess(images)).last_hidden_state
     cls = image_reward.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
                                   encoder_hidden_states=image_embeds).last_hidden_state[:, 0]

@@ -37,6 +37,7 @@ def test_pickscore_is_scaled_cosine(pickscore):
     # transformers 5 returns the projected embedding as pooler_output.
     image = model.get_image_features(pixel_values=pickscore.preprocess(images)).pooler_output
     tokens = pickscore.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")
+    assert not tokens.attention_mask.all()  # padded: the reference passes the mask, the reward does not need it
     text = model.get_text_features(**tokens).pooler_output
     expected = model.logit_scale.exp() * torch.cosine_similarity(image, text, dim=-1)
     assert torch.allclose(pickscore(images, PROMPTS), expected, atol=1e-4)

@@ -230,8 +230,9 @@ def test_rollout_with_merged_lora_matches_the_adapters(tiny_models):
 
 
 def test_batched_branches_give_the_gradient_of_separate_ones(tiny_models):
-    """SRPO --batch_branches: one batch-2 transformer call, one batch-2 VAE decode and one backward
-    per start point, the same loss, scores and LoRA gradient as two of each."""
+    """SRPO --batch_branches: one batch-2 transformer call, one batch-2 VAE decode, one batch-2 pass of
+    the reward's image tower and one backward per start point, the same loss, scores and LoRA gradient
+    as two of each."""
     from accelerate import Accelerator
 
     from benchmarks import benchmark_trainers
@@ -247,18 +248,22 @@ def test_batched_branches_give_the_gradient_of_separate_ones(tiny_models):
         batch_sizes = []
         run.transformer.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]),
                                                   with_kwargs=True)
-        decode_sizes = []
+        decode_sizes, reward_sizes = [], []
         run.vae.decoder.register_forward_pre_hook(lambda module, args: decode_sizes.append(args[0].shape[0]))
+        # (the benchmark shares one reward model between runs: the hook comes off after the step)
+        hook = run.reward.models["hpsv2"].image_tower().register_forward_pre_hook(lambda module, args: reward_sizes.append(args[0].shape[0]))
         run.accelerator = _WithoutAutocast(accelerator)  # fp32 throughout: bf16 rounding would hide a real difference
         logs = defaultdict(list)
         module.training_step(run, 0, logs)
+        hook.remove()
         grads = torch.cat([p.grad.flatten() for p in models.trainable_parameters(run.transformer)])
-        results[batched] = grads, {k: [float(v) for v in values] for k, values in logs.items()}, batch_sizes, decode_sizes
-    (separate, separate_logs, separate_calls, separate_decodes), (together, together_logs, together_calls, together_decodes) = (
-        results[False], results[True])
+        results[batched] = grads, {k: [float(v) for v in values] for k, values in logs.items()}, batch_sizes, decode_sizes, reward_sizes
+    (separate, separate_logs, separate_calls, separate_decodes, separate_rewards), (
+        together, together_logs, together_calls, together_decodes, together_rewards) = results[False], results[True]
     rollout_calls = [1, 1]  # 2 rollout steps of batch 1
     assert separate_calls == rollout_calls + [1, 1, 1, 1] and together_calls == rollout_calls + [2, 2]
     assert separate_decodes == [1] + [1, 1, 1, 1] and together_decodes == [1] + [2, 2]  # the monitor's decode first
+    assert separate_rewards == [1, 1, 1, 1] and together_rewards == [2, 2]  # the reward's image tower
     assert separate.abs().sum() > 0
     assert torch.allclose(separate, together, rtol=1e-4, atol=1e-7)
     assert separate_logs.keys() == together_logs.keys()

@@ -15,9 +15,10 @@ def run_branch(direction, velocity, index=500, schedule=(0.1, 0.25), loss_type="
     x0, noise = torch.randn(2, 4, 64, generator=g), torch.randn(2, 4, 64, generator=g)
     seen = {}
 
-    def score_fn(x0_hat, k, swapped):
+    def score_fn(branch_images, ks, swaps):  # one branch: lists of one
+        (x0_hat,), (k,), (swapped,) = branch_images, ks, swaps
         seen.update(x0_hat=x0_hat, k=k, swapped=swapped)
-        return x0_hat.flatten(1).sum(1)
+        return [x0_hat.flatten(1).sum(1)]
 
     def velocity_fn(x, sigma):
         seen.setdefault("sigmas", []).append(sigma)

@@ -1,0 +1,125 @@
+"""No training step makes the host wait for the GPU in its middle, and no random draw mixes devices.
+
+A blocking host-to-device copy (`torch.as_tensor(sigma, device="cuda")`, `tokens.to("cuda")`)
+returns only once the GPU has finished everything queued before it: mid-step, the GPU then runs
+dry while the host launches the next kernels. A read back (`.item()`, `float(t)`) does the same.
+And `torch.randn(..., generator=<CPU generator>, device="cuda")` is an error on the GPU only.
+
+There is no GPU here, so each trainer's step runs on the meta device (shapes only, as the
+benchmark's FLOP count does) under a TorchFunctionMode that records those three patterns.
+"""
+
+import os
+import traceback
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.overrides import TorchFunctionMode
+
+import rewards
+from benchmarks import benchmark_trainers
+
+READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__,
+         torch.Tensor.cpu, torch.Tensor.numpy}
+HERE = os.path.abspath(__file__)
+
+
+def _on_host(device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def _caller() -> str:
+    """The innermost frame outside torch and this file: the line that asked for the transfer."""
+    for frame in reversed(traceback.extract_stack()):
+        if frame.filename != HERE and f"{os.sep}torch{os.sep}" not in frame.filename:
+            return f"{os.path.basename(frame.filename)}:{frame.lineno} {frame.name}"
+    return "?"
+
+
+class TransferAudit(TorchFunctionMode):
+    """Records blocking uploads, read backs and generators on another device than their tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.problems = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        problem = self._problem(func, args, kwargs)
+        if problem:
+            self.problems.append(f"{problem} at {_caller()}")
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _problem(func, args, kwargs):
+        if func is torch.Tensor.to:
+            device, _, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            source = args[0].device
+            if device is not None and _on_host(source) and not _on_host(device) and not non_blocking:
+                return "blocking upload (.to)"
+            if device is not None and not _on_host(source) and _on_host(device):
+                return "read back (.to cpu)"
+        if func is torch.Tensor.copy_:
+            non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+            if _on_host(args[1].device) and not _on_host(args[0].device) and not non_blocking:
+                return "blocking upload (copy_)"
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None and not _on_host(kwargs["device"]):
+            data = args[0]
+            if not (isinstance(data, torch.Tensor) and not _on_host(data.device)):
+                return f"blocking upload (torch.{func.__name__} on the device)"
+        if func in READS and isinstance(args[0], torch.Tensor) and not _on_host(args[0].device):
+            return f"read back ({func.__name__})"
+        generator = kwargs.get("generator")
+        if generator is not None:
+            if "device" in kwargs or not (args and isinstance(args[0], torch.Tensor)):
+                target = torch.device(kwargs.get("device") or "cpu")  # a factory function
+            else:
+                target = args[0].device  # an in-place draw (normal_, uniform_) into args[0]
+            if target.type != generator.device.type:
+                return f"{generator.device.type} generator drawing a {target.type} tensor ({func.__name__})"
+        return None
+
+
+def test_the_audit_catches_each_pattern():
+    """The patterns this file rules out are seen (the old trainers had each of the first three)."""
+    cases = [
+        lambda: torch.as_tensor(0.5, device="meta"),
+        lambda: torch.tensor([0.5, 0.7], device="meta"),
+        lambda: torch.ones(3).to("meta"),
+        lambda: torch.randn(3, generator=torch.Generator(), device="meta"),
+        lambda: torch.empty(3, device="meta").copy_(torch.ones(3)),
+    ]
+    for case in cases:
+        with TransferAudit() as audit:
+            case()
+        assert len(audit.problems) == 1, audit.problems
+    with TransferAudit() as audit:  # what the trainers do instead
+        torch.full((1,), 0.5, device="meta")
+        rewards.base.host_to_device(torch.randn(3, generator=torch.Generator()), "meta")
+        torch.ones(3, device="meta").to("meta")
+    assert audit.problems == []
+
+
+# Every reward kind (CLIP-like, PickScore, the cross-attention ImageReward, the image-only aesthetic
+# scorer with its noised relative form) in one SRPO spec.
+ALL_REWARDS = "hpsv2:1,pickscore:0.05,imagereward:0.5,aesthetic:0.1"
+
+
+@pytest.mark.parametrize("trainer,mode,flags", [
+    ("srpo", "lora", []),
+    ("srpo", "lora", ["--batch_branches"]),
+    ("srpo", "full_bf16", ["--batch_branches"]),
+    ("direct_align", "lora", []),
+    ("refl", "lora", []),
+    ("draft_lv", "lora", []),
+])
+def test_a_training_step_never_waits_for_the_device(tiny_rewards, trainer, mode, flags):
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    module, trainer_flags = benchmark_trainers.TRAINERS[trainer]
+    run = benchmark_trainers.build_run(module, trainer_flags + flags, "tiny", mode, 64, 3, False, torch.device("meta"), accelerator)
+    if trainer == "srpo":
+        run.reward = rewards.load_combined_reward(ALL_REWARDS, tiny_rewards, torch.device("meta"), torch.bfloat16)
+    with TransferAudit() as audit:
+        benchmark_trainers.one_step(module, run, 0)  # rollout, branches, rewards, backward, optimizer step
+    assert audit.problems == [], "\n".join(dict.fromkeys(audit.problems))
