@@ -85,7 +85,7 @@ class Run:
             return x0, noise, cond, items
         rows = [self.image_dataset[i] for i in items]
         prompts = [row[self.args.prompt_column] for row in rows]
-        images = torch.stack([data.image_to_tensor(row["image"], self.args.resolution) for row in rows]).to(self.device)
+        images = host_to_device(torch.stack([data.image_to_tensor(row["image"], self.args.resolution) for row in rows]), self.device)
         x0 = latents.encode(self.vae, images)
         return x0, self.initial_noise(len(rows), generator), self.condition(prompts), prompts
 

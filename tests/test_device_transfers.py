@@ -123,3 +123,19 @@ def test_a_training_step_never_waits_for_the_device(tiny_rewards, trainer, mode,
     with TransferAudit() as audit:
         benchmark_trainers.one_step(module, run, 0)  # rollout, branches, rewards, backward, optimizer step
     assert audit.problems == [], "\n".join(dict.fromkeys(audit.problems))
+
+
+def test_an_offline_srpo_step_never_waits_for_the_device():
+    """Offline SRPO (--train_data_dir): real images, VAE-encoded, replace the rollout."""
+    from PIL import Image
+
+    from flux_rl import data
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    module, flags = benchmark_trainers.TRAINERS["srpo"]
+    run = benchmark_trainers.build_run(module, flags, "tiny", "lora", 64, 3, False, torch.device("meta"), accelerator)
+    run.image_dataset = [{"image": Image.new("RGB", (80, 64), (40 * i, 90, 200)), "prompt": f"photo {i}"} for i in range(4)]
+    run.batches = data.BatchSchedule(list(range(4)), 1, 0)
+    with TransferAudit() as audit:
+        benchmark_trainers.one_step(module, run, 0)
+    assert audit.problems == [], "\n".join(dict.fromkeys(audit.problems))
