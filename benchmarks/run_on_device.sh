@@ -39,13 +39,14 @@ fi
 # mid-step host waits were removed (the plain variant below measures that change).
 # What may close the gap to 2.6 s: the VAE decoder and the reward's image tower compiled (eager GroupNorm was
 # 125 ms of the step, the HPS forward 21 ms a call), then both branches in one batch; with profiles. Then the
-# last without checkpointing (more memory, no recompute). The first compile of the VAE decoder and the
+# last with half the blocks checkpointed and with none (more memory, less recompute). The first compile of the VAE decoder and the
 # reward tower, then of batch-2 graphs, may take a minute each: 300 s for the first group.
 fast="--compile_vae --compile_reward --batch_branches"
 bench srpo_lora_vae_compiled 300 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
   --variant= --variant="--compile_vae --compile_reward" --variant="$fast" --reuse_flops --profile "$out/profile_lora.txt"
-bench srpo_lora_no_checkpointing 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --checkpointing off --variant="$fast"
+# Less recompute: half the transformer blocks checkpointed, then none (VAE checkpointing stays on); more memory.
+bench srpo_lora_less_checkpointing 150 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
+  --variant="$fast --gradient_checkpointing_ratio 0.5" --variant="$fast --gradient_checkpointing_ratio 0" --reuse_flops
 # cuDNN's attention through diffusers' dispatcher (contiguous q/k/v; flash attention now takes 17% of the GPU time),
 # on top of the first group's last row, so that the two compare. Its own process: torch 2.11's cuDNN backward once
 # ended a process with an illegal memory access on strided q/k/v.

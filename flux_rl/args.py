@@ -35,6 +35,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--lora_alpha", type=float, default=64)
     a("--lora_target_modules", type=str, default=None, help="Comma-separated module names (default: all attention projections).")
     a("--gradient_checkpointing", action="store_true", help="Recompute each transformer block in the backward pass.")
+    a("--gradient_checkpointing_ratio", type=float, default=1.0,
+      help="With --gradient_checkpointing: the share of transformer blocks to recompute (spread evenly). Lower is faster "
+           "(at 0 no recompute: one FLUX forward less per training branch) and holds the other blocks' activations.")
     a("--vae_gradient_checkpointing", action="store_true", help="Also recompute the VAE decoder's blocks when decoding with gradient.")
     a("--merge_lora_in_rollout", action="store_true", default=None,
       help="Fold the LoRA adapters into the base weights for the no-grad rollout (one matmul per projection instead of "
@@ -158,6 +161,10 @@ def validate_common_args(args):
         fail(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.rank < 1:
         fail(f"--rank must be at least 1, got {args.rank}")
+    if not 0.0 <= args.gradient_checkpointing_ratio <= 1.0:
+        fail(f"--gradient_checkpointing_ratio must lie in [0, 1] (the share of blocks recomputed), got {args.gradient_checkpointing_ratio}")
+    if args.gradient_checkpointing_ratio != 1.0 and not args.gradient_checkpointing:
+        fail("--gradient_checkpointing_ratio needs --gradient_checkpointing (without it no block is recomputed)")
     if args.bf16_weights and not args.full_finetune:
         fail("--bf16_weights is for --full_finetune (LoRA weights are small and stay fp32)")
     if args.merge_lora_in_rollout and args.full_finetune:

@@ -24,6 +24,8 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--num_injections", "0"], "--num_injections"),
         (["--reward_models_dir", "/no/such/rewards"], "--reward_models_dir /no/such/rewards: no such folder"),
         (["--full_finetune", "--merge_lora_in_rollout"], "--merge_lora_in_rollout is for LoRA training"),
+        (["--gradient_checkpointing", "--gradient_checkpointing_ratio", "1.5"], "--gradient_checkpointing_ratio must lie in"),
+        (["--gradient_checkpointing_ratio", "0.5"], "--gradient_checkpointing_ratio needs --gradient_checkpointing"),
         (["--attention_backend", "cudnn"], "--attention_backend cudnn: choose one of diffusers' backends: .*_native_cudnn"),
         (["--attention_backend", "flash"], "--attention_backend flash: .*install `flash-attn"),
     ],

@@ -171,6 +171,38 @@ def _transformer_inputs(dtype):
     )
 
 
+@pytest.mark.parametrize("ratio, recomputed", [(1.0, {"double": [0, 1], "single": [0, 1, 2, 3]}),
+                                               (0.5, {"double": [0], "single": [0, 2]}),
+                                               (0.25, {"double": [0], "single": [0]}),
+                                               (0.0, {"double": [], "single": []})])
+def test_checkpointing_a_share_of_the_blocks(ratio, recomputed):
+    """--gradient_checkpointing_ratio: that share of each block kind (evenly spread) runs its forward
+    again in the backward pass, the others run once; the LoRA gradient is the same as with every
+    block checkpointed and with none."""
+    from flux_rl import tiny_models
+
+    gradients = {}
+    for setting in (None, ratio):  # None: no checkpointing at all, the reference
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(**dict(tiny_models.TINY_TRANSFORMER, num_layers=2, num_single_layers=4))
+        args = SimpleNamespace(full_finetune=False, bf16_weights=False, lora_target_modules=None, rank=4, lora_alpha=4,
+                               attention_backend=None, gradient_checkpointing=setting is not None,
+                               gradient_checkpointing_ratio=setting, compile=False)
+        models.prepare_for_training(transformer, args)
+        _randomize_lora_b(transformer, 0.5, seed=1)
+        calls = {"double": [], "single": []}
+        for kind, blocks in (("double", transformer.transformer_blocks), ("single", transformer.single_transformer_blocks)):
+            for index, block in enumerate(blocks):
+                block.register_forward_pre_hook(lambda module, args, kind=kind, index=index: calls[kind].append(index))
+        transformer(**_transformer_inputs(torch.float32))[0].pow(2).mean().backward()
+        gradients[setting] = torch.cat([p.grad.flatten() for p in models.trainable_parameters(transformer)])
+    ran_twice = {kind: sorted(i for i in set(indices) if indices.count(i) == 2) for kind, indices in calls.items()}
+    assert ran_twice == recomputed
+    assert all(indices.count(i) in (1, 2) for indices in calls.values() for i in indices)
+    assert gradients[None].abs().sum() > 0
+    assert torch.allclose(gradients[ratio], gradients[None], rtol=1e-5, atol=1e-7)
+
+
 def test_lora_merged_computes_the_same_and_restores_the_weights(tiny_flux):
     transformer, layers = _lora_transformer(tiny_flux, torch.float32)
     inputs = _transformer_inputs(torch.float32)
