@@ -47,11 +47,11 @@ bench srpo_lora_vae_compiled 300 --trainers srpo --modes lora --resolutions 720 
 # Less recompute: half the transformer blocks checkpointed, then none (VAE checkpointing stays on); more memory.
 bench srpo_lora_less_checkpointing 150 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
   --variant="$fast --gradient_checkpointing_ratio 0.5" --variant="$fast --gradient_checkpointing_ratio 0" --reuse_flops
-# cuDNN's attention through diffusers' dispatcher (contiguous q/k/v; flash attention now takes 17% of the GPU time),
-# on top of the first group's last row, so that the two compare. Its own process: torch 2.11's cuDNN backward once
-# ended a process with an illegal memory access on strided q/k/v.
+# cuDNN's attention through diffusers' dispatcher (contiguous q/k/v; flash attention takes 17% of the GPU time), on top
+# of the first group's last row: first for the no-grad rollout only (2/3 of the step, no backward), then everywhere.
+# Its own process: torch 2.11's cuDNN backward once ended a process with an illegal memory access on strided q/k/v.
 bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --variant="$fast --attention_backend _native_cudnn"
+  --variant="$fast --rollout_attention_backend _native_cudnn" --variant="$fast --attention_backend _native_cudnn" --reuse_flops
 # The baselines compiled (only their eager steps are recorded).
 bench baselines_compiled 200 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
 bench srpo_1024 150 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled

@@ -52,6 +52,29 @@ def lora_merged(model):
                 layer.merged_adapters.clear()
 
 
+@contextlib.contextmanager
+def attention_backend_within(transformer, name: str | None):
+    """Inside the block, the transformer's attention runs through diffusers' backend `name`; on
+    exit each attention processor gets its own backend back. For the no-grad rollout: a kernel
+    whose backward is not needed (or not trusted) serves the sampling only. None: no change.
+    The processors' attribute is set directly: diffusers' set_attention_backend would also change
+    the process-wide default and log a warning on every call."""
+    if name is None:
+        yield transformer
+        return
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    processors = [m.processor for m in transformer.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+    previous = [processor._attention_backend for processor in processors]
+    try:
+        for processor in processors:
+            processor._attention_backend = AttentionBackendName(name)
+        yield transformer
+    finally:
+        for processor, backend in zip(processors, previous):
+            processor._attention_backend = backend
+
+
 def _trainable_to_fp32(model):
     for parameter in model.parameters():
         if parameter.requires_grad:

@@ -72,7 +72,8 @@ class Run:
         noise = self.initial_noise(len(prompts), generator)
         sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
         merged = models.lora_merged(self.unwrapped()) if self.args.merge_lora_in_rollout else contextlib.nullcontext()
-        with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged:  # a named range in profiles
+        backend = models.attention_backend_within(self.unwrapped(), self.args.rollout_attention_backend)
+        with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, backend:  # a named range in profiles
             x = flux.sample(self.transformer, noise, sigmas, self.args.rollout_guidance, cond, self.img_ids)
         return x, noise, cond
 

@@ -27,6 +27,8 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--gradient_checkpointing", "--gradient_checkpointing_ratio", "1.5"], "--gradient_checkpointing_ratio must lie in"),
         (["--gradient_checkpointing_ratio", "0.5"], "--gradient_checkpointing_ratio needs --gradient_checkpointing"),
         (["--attention_backend", "cudnn"], "--attention_backend cudnn: choose one of diffusers' backends: .*_native_cudnn"),
+        (["--rollout_attention_backend", "_native_cudnn"], "--rollout_attention_backend _native_cudnn needs a CUDA GPU"),
+        (["--rollout_attention_backend", "cudnn"], "--rollout_attention_backend cudnn: choose one of diffusers' backends"),
         (["--attention_backend", "flash"], "--attention_backend flash: .*install `flash-attn"),
     ],
 )

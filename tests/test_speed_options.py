@@ -203,6 +203,35 @@ def test_checkpointing_a_share_of_the_blocks(ratio, recomputed):
     assert torch.allclose(gradients[ratio], gradients[None], rtol=1e-5, atol=1e-7)
 
 
+def test_rollout_attention_backend_serves_the_rollout_only(tiny_models):
+    """--rollout_attention_backend: the no-grad rollout's attention goes through that backend (the
+    math kernel stands in for cuDNN's on the CPU), the training branches' through the transformer's
+    own; the rollout's image is the same as with the default kernel."""
+    from accelerate import Accelerator
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from benchmarks import benchmark_trainers
+
+    accelerator = Accelerator(mixed_precision="no", cpu=True)
+    module, flags = benchmark_trainers.TRAINERS["srpo"]
+    images = {}
+    for backend in (None, "_native_math"):
+        torch.manual_seed(0)
+        run = benchmark_trainers.build_run(module, flags + (["--rollout_attention_backend", backend] if backend else []),
+                                           "tiny", "lora", 64, 2, False, torch.device("cpu"), accelerator)
+        seen = []  # (grad enabled, backend) per attention call
+        for attention in (m for m in run.transformer.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")):
+            attention.register_forward_pre_hook(
+                lambda module, args: seen.append((torch.is_grad_enabled(), module.processor._attention_backend)))
+        images[backend], _, _ = run.rollout(["a cat"], torch.Generator().manual_seed(1))
+        module.training_step(run, 0, defaultdict(list))
+        rollout_backends = {b for grad, b in seen if not grad}
+        training_backends = {b for grad, b in seen if grad}
+        assert rollout_backends == {AttentionBackendName(backend) if backend else None}
+        assert training_backends == {None}  # the transformer's own (diffusers' default)
+    assert torch.allclose(images[None], images["_native_math"], atol=1e-5)
+
+
 def test_lora_merged_computes_the_same_and_restores_the_weights(tiny_flux):
     transformer, layers = _lora_transformer(tiny_flux, torch.float32)
     inputs = _transformer_inputs(torch.float32)
