@@ -212,13 +212,14 @@ def test_rollout_attention_backend_serves_the_rollout_only(tiny_models):
 
     from benchmarks import benchmark_trainers
 
-    accelerator = Accelerator(mixed_precision="no", cpu=True)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)  # one AcceleratorState per process: the suite's
     module, flags = benchmark_trainers.TRAINERS["srpo"]
     images = {}
     for backend in (None, "_native_math"):
         torch.manual_seed(0)
         run = benchmark_trainers.build_run(module, flags + (["--rollout_attention_backend", backend] if backend else []),
                                            "tiny", "lora", 64, 2, False, torch.device("cpu"), accelerator)
+        run.accelerator = _WithoutAutocast(accelerator)  # fp32: the two kernels agree to rounding
         seen = []  # (grad enabled, backend) per attention call
         for attention in (m for m in run.transformer.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")):
             attention.register_forward_pre_hook(
