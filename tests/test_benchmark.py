@@ -120,3 +120,24 @@ def test_reuse_flops_counts_once_per_configuration(capsys):
     assert err.count("FLOPs counted") == 1 and err.count("FLOPs reused") == 1
     assert [row["TFLOP/step"] for row in reused] == [row["TFLOP/step"] for row in counted]
     assert len({row["TFLOP/step"] for row in reused}) == 1
+
+
+def test_host_waits_are_counted_from_cuda_sync_warnings(monkeypatch, capsys):
+    """On CUDA the counted step runs under torch.cuda.set_sync_debug_mode("warn"): each warning it
+    raises is one host wait. Here the warnings are raised by hand (no GPU on this machine)."""
+    import warnings
+
+    import torch
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step_with_two_waits():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("an unrelated warning")
+
+    assert benchmark_trainers.count_host_waits(step_with_two_waits, torch.device("cuda")) == 2
+    assert modes == ["warn", "default"]  # switched back after the step
+    assert "test_benchmark.py" in capsys.readouterr().err  # where each wait came from
+    assert math.isnan(benchmark_trainers.count_host_waits(lambda: None, torch.device("cpu")))
