@@ -3,10 +3,11 @@
 A blocking host-to-device copy (`torch.as_tensor(sigma, device="cuda")`, `tokens.to("cuda")`)
 returns only once the GPU has finished everything queued before it: mid-step, the GPU then runs
 dry while the host launches the next kernels. A read back (`.item()`, `float(t)`) does the same.
-And `torch.randn(..., generator=<CPU generator>, device="cuda")` is an error on the GPU only.
+And `torch.randn(..., generator=<CPU generator>, device="cuda")` is an error on the GPU only, as is
+most of a call that mixes devices (which the meta device lets through for some ops, e.g. F.linear).
 
 There is no GPU here, so each trainer's step runs on the meta device (shapes only, as the
-benchmark's FLOP count does) under a TorchFunctionMode that records those three patterns.
+benchmark's FLOP count does) under a TorchFunctionMode that records those four patterns.
 """
 
 import os
@@ -37,8 +38,16 @@ def _caller() -> str:
     return "?"
 
 
+def _tensor_arguments(args, kwargs):
+    """The tensors among a call's arguments, one level into lists and tuples."""
+    for value in (*args, *kwargs.values()):
+        for item in (value if isinstance(value, (list, tuple)) else (value,)):
+            if isinstance(item, torch.Tensor):
+                yield item
+
+
 class TransferAudit(TorchFunctionMode):
-    """Records blocking uploads, read backs and generators on another device than their tensor."""
+    """Records blocking uploads, read backs, calls that mix devices and generators on another device than their tensor."""
 
     def __init__(self):
         super().__init__()
@@ -70,6 +79,10 @@ class TransferAudit(TorchFunctionMode):
                 return f"blocking upload (torch.{func.__name__} on the device)"
         if func in READS and isinstance(args[0], torch.Tensor) and not _on_host(args[0].device):
             return f"read back ({func.__name__})"
+        if func not in (torch.Tensor.to, torch.Tensor.copy_):
+            devices = {t.device.type for t in _tensor_arguments(args, kwargs) if t.ndim > 0}
+            if len(devices) > 1:  # CUDA refuses most such ops; those it takes (an index on the CPU) copy and wait
+                return f"tensors on {' and '.join(sorted(devices))} in one call ({getattr(func, '__name__', func)})"
         generator = kwargs.get("generator")
         if generator is not None:
             if "device" in kwargs or not (args and isinstance(args[0], torch.Tensor)):
@@ -89,6 +102,7 @@ def test_the_audit_catches_each_pattern():
         lambda: torch.ones(3).to("meta"),
         lambda: torch.randn(3, generator=torch.Generator(), device="meta"),
         lambda: torch.empty(3, device="meta").copy_(torch.ones(3)),
+        lambda: torch.nn.functional.linear(torch.ones(2, 3, device="meta"), torch.ones(4, 3)),  # meta would not complain
     ]
     for case in cases:
         with TransferAudit() as audit:
