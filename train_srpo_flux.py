@@ -65,7 +65,7 @@ def add_srpo_args(parser):
     a("--monitor_steps", type=int, default=1, help="Log drift monitors of the rollout images every N steps (0: never).")
     a("--batch_branches", action="store_true",
       help="Run the denoise and inversion branches of a start point as one batch-2 model call, one batch-2 VAE decode, "
-           "one batch-2 pass of a CLIP-like reward's image tower and one backward pass (same gradient, same FLOPs, half the kernel launches; both branches' activations held at once).")
+           "one batch-2 pass of the reward's image tower and one backward pass (same gradient, same FLOPs, half the kernel launches; both branches' activations held at once).")
     return common.add_window_args(parser)
 
 
@@ -121,18 +121,19 @@ def relative_score(reward, images, prompts, positive, negative, form, k, noise_s
 
 def relative_scores(reward, branch_images, prompts, branch_phrases, form, ks, noise_std, generator):
     """relative_score of several branches' images of the same prompts, each with its own
-    (positive, negative) phrases and k: [(score, details)] per branch. A CLIP-like model encodes
-    all branches' images in one batch (one pass of its image tower, forward and backward)."""
+    (positive, negative) phrases and k: [(score, details)] per branch. A text-image reward encodes
+    all branches' images in one batch, once for both phrases (one pass of its image tower, forward
+    and backward)."""
     results = [(0.0, {}) for _ in branch_images]
     for name, model in reward.models.items():
-        features = [None] * len(branch_images)
-        if model.uses_text and model.scores_by_embedding:
-            features = model.encode_image(torch.cat(branch_images)).chunk(len(branch_images))
+        encodings = [None] * len(branch_images)
+        if model.uses_text:
+            encodings = model.image_encoding(torch.cat(branch_images)).chunk(len(branch_images))
         for i, (images, (positive, negative), k) in enumerate(zip(branch_images, branch_phrases, ks)):
             total, details = results[i]
             if model.uses_text:
-                r_positive = rewards.control_scores(model, images, prompts, positive, features[i])
-                r_negative = rewards.control_scores(model, images, prompts, negative, features[i]) if form != "sgp" else None
+                r_positive = rewards.control_scores(model, images, prompts, positive, encodings[i])
+                r_negative = rewards.control_scores(model, images, prompts, negative, encodings[i]) if form != "sgp" else None
                 value = rewards.combine_scores(r_positive, r_negative, form, k)  # Eq. 8 / 9-10 / 11 / release form
                 details[f"{name}/positive"] = r_positive.detach()
                 if r_negative is not None:

@@ -58,6 +58,16 @@ class RewardModel(nn.Module):
             features = self._image_features(self.preprocess(images))
         return features / features.norm(dim=-1, keepdim=True)
 
+    def image_encoding(self, images: torch.Tensor) -> torch.Tensor:
+        """What the reward computes from the images alone, to reuse when the same images are scored
+        against several texts (control phrases, SRPO's branches): a CLIP-like model's normalised
+        features; a cross-attention scorer overrides it with its image states."""
+        return self.encode_image(images)
+
+    def score_encoding(self, encoding: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """forward() from an image_encoding: the same scores without encoding the images again."""
+        return self.score_features(encoding, self.encode_text(prompts))
+
     def image_tower(self) -> nn.Module:
         """The module that turns preprocessed pixels into image states (what --compile_reward compiles)."""
         raise TypeError(f"{type(self).__name__} must name its image_tower")
@@ -101,4 +111,4 @@ class RewardModel(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         self.check_prompts(images, prompts)
-        return self.score_features(self.encode_image(images), self.encode_text(prompts))
+        return self.score_encoding(self.image_encoding(images), prompts)

@@ -68,15 +68,17 @@ def control_embedding(model, prompts, controls) -> torch.Tensor:
     return torch.stack(embeddings).mean(0)
 
 
-def control_scores(model, images, prompts, controls, image_features=None) -> torch.Tensor:
-    """Score of each image against "<control>. <prompt>", averaged over a list of phrases.
-    CLIP-like models encode the image once (pass `image_features` to reuse it)."""
+def control_scores(model, images, prompts, controls, image_encoding=None) -> torch.Tensor:
+    """Score of each image against "<control>. <prompt>", averaged over a list of phrases. The
+    images are encoded once (pass `image_encoding`, from model.image_encoding, to reuse it across
+    calls); a CLIP-like model then scores them against the phrases' mean text embedding, a
+    cross-attention scorer (ImageReward) runs its text side once per phrase."""
+    if image_encoding is None:
+        image_encoding = model.image_encoding(images)
     if model.scores_by_embedding:
-        if image_features is None:
-            image_features = model.encode_image(images)
-        return model.score_features(image_features, control_embedding(model, prompts, controls))
+        return model.score_features(image_encoding, control_embedding(model, prompts, controls))
     controls = [controls] if isinstance(controls, str) else list(controls)
-    return torch.stack([model(images, [with_control(c, p) for p in prompts]) for c in controls]).mean(0)
+    return torch.stack([model.score_encoding(image_encoding, [with_control(c, p) for p in prompts]) for c in controls]).mean(0)
 
 
 def semantic_relative_reward(model, images, prompts, wanted, unwanted=None, form="release", k=0.0):
@@ -84,9 +86,9 @@ def semantic_relative_reward(model, images, prompts, wanted, unwanted=None, form
     `wanted` / `unwanted`: a phrase, or a list of phrases to average over."""
     if form != "sgp" and unwanted is None:
         raise ValueError(f"reward form '{form}' needs an unwanted control phrase; pass one or use form 'sgp'")
-    features = model.encode_image(images) if model.scores_by_embedding else None
-    r_wanted = control_scores(model, images, prompts, wanted, features)
-    r_unwanted = control_scores(model, images, prompts, unwanted, features) if form != "sgp" else None
+    encoding = model.image_encoding(images)  # once for both phrases
+    r_wanted = control_scores(model, images, prompts, wanted, encoding)
+    r_unwanted = control_scores(model, images, prompts, unwanted, encoding) if form != "sgp" else None
     return combine_scores(r_wanted, r_unwanted, form, k)
 
 

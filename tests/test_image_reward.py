@@ -75,6 +75,34 @@ def test_relative_forms_by_scores(image_reward):
         image_reward.encode_text(["a cat"])
 
 
+def test_the_vit_runs_once_for_all_phrases_and_branches(image_reward):
+    """A relative reward scores the same images against several texts: ImageReward's ViT encodes
+    them once (its text side cross-attends to those states per text), with the scores and image
+    gradients of one full forward per text."""
+    import train_srpo_flux
+    from rewards import CombinedReward
+
+    calls = []
+    hook = image_reward.vision_model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    try:
+        branches = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)).requires_grad_(True) for i in range(2)]
+        prompts = ["a cat", "a dog"]
+        reward = CombinedReward({"imagereward": image_reward}, {"imagereward": 1.0})
+        results = train_srpo_flux.relative_scores(reward, branches, prompts, [("Real", "Anime"), ("Anime", "Real")], "release",
+                                                  [0.2, 0.1], 0.05, None)
+        assert len(calls) == 1  # one ViT pass for 2 branches x 2 phrases
+        sum(score.sum() for score, _ in results).backward()
+        for images, (wanted, unwanted), k, (score, _) in zip(branches, [("Real", "Anime"), ("Anime", "Real")], [0.2, 0.1], results):
+            pixels = images.detach().clone().requires_grad_(True)
+            expected = ((1 + k) * image_reward(pixels, [f"{wanted}. {p}" for p in prompts])
+                        - image_reward(pixels, [f"{unwanted}. {p}" for p in prompts]))  # the release form, one forward per text
+            expected.sum().backward()
+            assert torch.allclose(score, expected, atol=1e-6)
+            assert torch.allclose(images.grad, pixels.grad, atol=1e-6) and pixels.grad.abs().sum() > 0
+    finally:
+        hook.remove()
+
+
 def test_cross_attention_takes_the_vit_width_not_med_config(tiny_rewards, image_reward):
     """The med_config.json ImageReward ships says encoder_width 768 while its ViT-L gives 1024;
     BLIP builds the cross-attention for the ViT's width (loading failed before this was so)."""
