@@ -102,4 +102,6 @@ def noised_relative_reward(model, images, prompts=None, noise_std=0.05, generato
     noise = host_to_device(torch.randn(images.shape, generator=generator, dtype=images.dtype,
                                        device=generator.device if generator is not None else images.device), images.device)
     noised = (images + noise_std * noise).clamp(0, 1)
-    return model(images, prompts) - model(noised, prompts)
+    # One batch of clean and noised images: one pass of the image tower, forward and backward.
+    clean_score, noised_score = model(torch.cat([images, noised]), None if prompts is None else list(prompts) * 2).chunk(2)
+    return clean_score - noised_score

@@ -95,7 +95,11 @@ def test_relative_reward_scales_with_logit_scale(pickscore):
 def test_noised_relative_reward_appendix_s1(tiny_rewards):
     model = rewards.load_reward_model("aesthetic", tiny_rewards)
     images = torch.rand(2, 3, 64, 64)
+    calls = []
+    hook = model.image_tower().register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
     got = rewards.noised_relative_reward(model, images, noise_std=0.1, generator=torch.Generator().manual_seed(3))
+    hook.remove()
+    assert len(calls) == 1  # clean and noised images in one batch
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(3))
     expected = model(images) - model((images + 0.1 * noise).clamp(0, 1))
     assert torch.allclose(got, expected, atol=1e-6)
