@@ -56,12 +56,14 @@ bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 7
 bench baselines_compiled 200 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
 bench srpo_1024 150 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled
 # The trainer itself on the GPU, on the tiny models (the groups above time Run objects built by the benchmark):
-# bf16, checkpointing, compiled blocks, LoRA merged for the rollout, validation; what it wrote is listed at the end.
+# bf16, checkpointing, compiled blocks, LoRA merged for the rollout, validation, and every text-image and image-only
+# reward (only HPSv2.1 has run on a GPU so far); what it wrote is listed at the end.
 left=$((budget - SECONDS)); (( left > 90 )) && left=90
 (( left < 45 )) && { echo "smoke run: skipped, ${left}s left"; exit; }
 timeout "$left" bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp/tiny-models && accelerate launch --num_processes 1 \
   train_srpo_flux.py --pretrained_model_name_or_path /tmp/tiny-models/flux --reward_models_dir /tmp/tiny-models/rewards \
   --resolution 64 --num_inference_steps 4 --max_train_steps 4 --mixed_precision bf16 --gradient_checkpointing \
   --vae_gradient_checkpointing --compile --compile_vae --compile_reward --validation_prompt 'a photo of a cat' --validation_steps 4 \
+  --reward hpsv2:1,pickscore:0.05,imagereward:0.5,aesthetic:0.1 \
   --output_dir /tmp/srpo-smoke && ls -R /tmp/srpo-smoke" > "$out/smoke.log" 2>&1
 echo "smoke run: exit $? (log: smoke.log)"
