@@ -28,7 +28,8 @@ FLOP-counted step (calls that made the host wait for the GPU, under torch.cuda.s
 their source lines go to stderr; the run's first step, so its prompts are encoded). On a GPU the header also gives the
 card's measured bf16 matmul rate (8192^3 products), the ceiling to read TFLOP/s against.
 `--checkpointing on,off` and repeatable `--variant=FLAGS` multiply the configurations; with
-`--reuse_flops` a configuration's variants (and its eager/compiled twin) share one FLOP count.
+`--reuse_flops` a configuration's variants (and its eager/compiled twin) share one FLOP count
+(only for variants that do not change what a step computes), with `--no_flops` none is counted.
 """
 
 import argparse
@@ -260,7 +261,7 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
     host_waits = nan
     if known_flops:
         flops, rollout_flops = known_flops
-        progress("FLOPs reused")
+        progress("FLOPs reused" if flops else "FLOPs not counted")
     else:
         with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
             with FlopCounterMode(display=False) as counter:
@@ -341,6 +342,9 @@ def main(input_args=None):
     parser.add_argument("--reuse_flops", action="store_true",
                         help="Count FLOPs for the first variant of a configuration only and reuse the count for the others: "
                              "for variants that change how a step runs (compilation, batching, kernels), not what it computes.")
+    parser.add_argument("--no_flops", action="store_true",
+                        help="Do not count FLOPs (saves an eager step per configuration, ~25 s at full size; the TFLOP columns "
+                             "and host waits stay empty): for a short device lease where the counts are known, e.g. from --device meta.")
     parser.add_argument("--profile", default=None,
                         help="Append each configuration's torch.profiler op table (one more step) to this file.")
     parser.add_argument("--compile_backend", default="inductor")
@@ -350,6 +354,8 @@ def main(input_args=None):
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="A card's bf16 matmul peak: adds the least s/step it allows (TFLOP/step / peak).")
     args = parser.parse_args(input_args)
+    if args.device == "meta" and args.no_flops:
+        parser.error("--device meta only counts FLOPs: drop --no_flops")
     if args.device == "meta" and "compiled" in args.compile_modes.split(","):
         parser.error("--device meta counts FLOPs, which compilation does not change: use --compile_modes eager")
     checkpointing_modes = args.checkpointing.split(",")
@@ -401,7 +407,8 @@ def main(input_args=None):
         same_step = (trainer, mode, resolution, checkpointing)
         try:
             result = measure(trainer, mode, resolution, compile_mode == "compiled", checkpointing == "on", variant, device,
-                             accelerator, args, report=report, known_flops=flops_counted.get(same_step) if args.reuse_flops else None)
+                             accelerator, args, report=report,
+                             known_flops=(0, 0) if args.no_flops else flops_counted.get(same_step) if args.reuse_flops else None)
             flops_counted.setdefault(same_step, (result.flops, result.rollout_flops))
         except torch.cuda.OutOfMemoryError:  # one configuration that does not fit must not cost the rest of the table
             out_of_memory = True

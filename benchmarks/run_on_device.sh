@@ -36,22 +36,23 @@ if [ $# -gt 0 ]; then
   exit
 fi
 # LoRA, compiled (adapters merged for the rollout, the default): 2.93 s measured, 1.93 s of it rollout, before the
-# mid-step host waits were removed (the plain variant below measures that change).
-# What may close the gap to 2.6 s: the VAE decoder and the reward's image tower compiled (eager GroupNorm was
-# 125 ms of the step, the HPS forward 21 ms a call), then both branches in one batch; with profiles. Then the
-# last with half the blocks checkpointed and with none (more memory, less recompute). The first compile of the VAE decoder and the
-# reward tower, then of batch-2 graphs, may take a minute each: 300 s for the first group.
+# mid-step host waits were removed: the plain variant measures that change (and prints host waits: 0 expected).
+# $fast is what may close the gap to 2.6 s: the VAE decoder and the reward's image tower compiled (eager GroupNorm
+# was 125 ms of the step, the HPS forward 21 ms a call) and both branches in one batch. With profiles. Every new
+# process compiles the blocks, the VAE decoder and the reward tower again (inductor's cache helps): hence few groups.
 fast="--compile_vae --compile_reward --batch_branches"
-bench srpo_lora_vae_compiled 300 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --variant= --variant="--compile_vae --compile_reward" --variant="$fast" --reuse_flops --profile "$out/profile_lora.txt"
-# Less recompute: half the transformer blocks checkpointed, then none (VAE checkpointing stays on); more memory.
-bench srpo_lora_less_checkpointing 150 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --variant="$fast --gradient_checkpointing_ratio 0.5" --variant="$fast --gradient_checkpointing_ratio 0" --reuse_flops
-# cuDNN's attention through diffusers' dispatcher (contiguous q/k/v; flash attention takes 17% of the GPU time), on top
-# of the first group's last row: first for the no-grad rollout only (2/3 of the step, no backward), then everywhere.
-# Its own process: torch 2.11's cuDNN backward once ended a process with an illegal memory access on strided q/k/v.
-bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --variant="$fast --rollout_attention_backend _native_cudnn" --variant="$fast --attention_backend _native_cudnn" --reuse_flops
+bench srpo_lora_fast 260 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
+  --variant= --variant="$fast" --reuse_flops --profile "$out/profile_lora.txt"
+# On top of $fast: cuDNN's attention for the no-grad rollout only (2/3 of the step, no backward); then half the
+# transformer blocks checkpointed and none (less recompute, more memory; VAE checkpointing stays on). Not counted:
+# FLOPs per step from --device meta are 1202 (ratio 1), 1165 (0.5), 1126 (0) TFLOP, rollout 932.
+bench srpo_lora_more 190 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_flops \
+  --variant="$fast --rollout_attention_backend _native_cudnn" \
+  --variant="$fast --gradient_checkpointing_ratio 0.5" --variant="$fast --gradient_checkpointing_ratio 0"
+# cuDNN's attention everywhere, training included, in its own process: torch 2.11's cuDNN backward once ended a
+# process with an illegal memory access on strided q/k/v (diffusers' _native_cudnn makes them contiguous).
+bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_flops \
+  --variant="$fast --attention_backend _native_cudnn"
 # The baselines compiled (only their eager steps are recorded).
 bench baselines_compiled 200 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
 bench srpo_1024 150 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled

@@ -120,6 +120,12 @@ def test_reuse_flops_counts_once_per_configuration(capsys):
     assert err.count("FLOPs counted") == 1 and err.count("FLOPs reused") == 1
     assert [row["TFLOP/step"] for row in reused] == [row["TFLOP/step"] for row in counted]
     assert len({row["TFLOP/step"] for row in reused}) == 1
+    # --no_flops: nothing counted, the FLOP columns empty, the times there
+    uncounted = table(benchmark_trainers.main(common + ["--no_flops"]))
+    err = capsys.readouterr().err
+    assert "FLOPs counted" not in err and err.count("FLOPs not counted") == 2
+    assert all(row["TFLOP/step"] == row["TFLOP/s"] == row["rollout TFLOP/s"] == "-" for row in uncounted)
+    assert all(float(row["s/step"]) > 0 for row in uncounted)
 
 
 def test_host_waits_are_counted_from_cuda_sync_warnings(monkeypatch, capsys):
