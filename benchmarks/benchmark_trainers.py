@@ -43,6 +43,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from collections import defaultdict
 
 import torch
@@ -390,7 +391,7 @@ def main(input_args=None):
     for trainer, mode, resolution, compile_mode, checkpointing, variant in configurations:
         names = [trainer, mode, str(resolution), compile_mode, checkpointing, variant or "-"]
 
-        def report(result, out_of_memory=False):
+        def report(result, out_of_memory=False, failure=None):
             tflop = result.flops / 1e12 if result.flops else nan
             row = names + [cell(result.seconds, ".3f"), cell(result.peak_gib, ".1f"), cell(tflop, ".4g"), cell(tflop / result.seconds, ".3g"),
                            cell(result.rollout_seconds, ".3f"),
@@ -398,12 +399,14 @@ def main(input_args=None):
                            cell(result.optimizer_seconds, ".3f"), cell(result.first_step_seconds, ".1f"), cell(result.host_waits, ".0f")]
             if out_of_memory:
                 row[len(names):len(names) + 2] = ["OOM", f"> {_total_gib():.0f}"]
+            if failure:
+                row[len(names)] = f"failed: {failure}".replace("|", "/")
             if args.peak_tflops:
                 row.append(cell(tflop / args.peak_tflops, ".2f"))
             lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
 
-        rows_before, out_of_memory = len(lines), False
+        rows_before, out_of_memory, failure = len(lines), False, None
         same_step = (trainer, mode, resolution, checkpointing)
         try:
             result = measure(trainer, mode, resolution, compile_mode == "compiled", checkpointing == "on", variant, device,
@@ -412,11 +415,14 @@ def main(input_args=None):
             flops_counted.setdefault(same_step, (result.flops, result.rollout_flops))
         except torch.cuda.OutOfMemoryError:  # one configuration that does not fit must not cost the rest of the table
             out_of_memory = True
-        if out_of_memory:  # here, once the exception (whose traceback holds the run) is gone
+        except Exception as error:  # nor one that fails (a flag refused here, a kernel this card lacks): row, traceback, go on
+            traceback.print_exc()
+            failure = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+        if out_of_memory or failure:  # here, once the exception (whose traceback holds the run) is gone
             gc.collect()
             torch.cuda.empty_cache()
             if len(lines) == rows_before:  # not already reported (an OOM in the profiled step keeps its row)
-                report(Measurement(nan, nan, 0, nan, 0, nan, nan), out_of_memory=True)
+                report(Measurement(nan, nan, 0, nan, 0, nan, nan), out_of_memory=out_of_memory, failure=failure)
     if args.output:
         with open(args.output, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -424,4 +430,4 @@ def main(input_args=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("| failed: " in line for line in main()) else 0)

@@ -147,3 +147,17 @@ def test_host_waits_are_counted_from_cuda_sync_warnings(monkeypatch, capsys):
     assert modes == ["warn", "default"]  # switched back after the step
     assert "test_benchmark.py" in capsys.readouterr().err  # where each wait came from
     assert math.isnan(benchmark_trainers.count_host_waits(lambda: None, torch.device("cpu")))
+
+
+def test_a_failing_configuration_does_not_stop_the_table(capsys):
+    """A variant that fails (here a flag value the trainer refuses; on a GPU, a kernel the card lacks)
+    gets a 'failed' row with its error, and the next variant is still measured."""
+    lines = benchmark_trainers.main([
+        "--size", "tiny", "--resolutions", "64", "--rollout_steps", "2", "--steps", "1", "--warmup", "0", "--trainers", "srpo",
+        "--modes", "lora", "--compile_modes", "eager", "--no_flops",
+        "--variant=--gradient_checkpointing_ratio 2", "--variant=--gradient_checkpointing_ratio 0.5",
+    ])
+    failed, measured = table(lines)
+    assert failed["s/step"].startswith("failed: ValueError: --gradient_checkpointing_ratio must lie in [0, 1]")
+    assert float(measured["s/step"]) > 0
+    assert "Traceback" in capsys.readouterr().err
