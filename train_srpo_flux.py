@@ -131,10 +131,8 @@ def relative_scores(reward, branch_images, prompts, branch_phrases, form, ks, no
             encodings = model.image_encoding(torch.cat(branch_images)).chunk(len(branch_images))
         for i, (images, (positive, negative), k) in enumerate(zip(branch_images, branch_phrases, ks)):
             total, details = results[i]
-            if model.uses_text:
-                r_positive = rewards.control_scores(model, images, prompts, positive, encodings[i])
-                r_negative = rewards.control_scores(model, images, prompts, negative, encodings[i]) if form != "sgp" else None
-                value = rewards.combine_scores(r_positive, r_negative, form, k)  # Eq. 8 / 9-10 / 11 / release form
+            if model.uses_text:  # Eq. 8 / 9-10 / 11 / release form
+                value, r_positive, r_negative = rewards.relative_terms(model, images, prompts, positive, negative, form, k, encodings[i])
                 details[f"{name}/positive"] = r_positive.detach()
                 if r_negative is not None:
                     details[f"{name}/negative"] = r_negative.detach()

@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from collections import defaultdict
 
 import torch
@@ -210,8 +211,6 @@ def count_host_waits(fn, device):
     """Runs fn; on CUDA returns the number of calls that made the host wait for the GPU (an .item(),
     a blocking upload, a stream synchronisation: torch.cuda.set_sync_debug_mode), listing their
     source lines on stderr. NaN elsewhere."""
-    import warnings
-
     if device.type != "cuda":
         fn()
         return nan

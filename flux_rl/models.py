@@ -170,7 +170,7 @@ def prepare_for_training(transformer, args):
     if args.attention_backend:
         set_attention_backend(transformer, args.attention_backend)
     if args.gradient_checkpointing:
-        enable_block_checkpointing(transformer, getattr(args, "gradient_checkpointing_ratio", 1.0))
+        enable_block_checkpointing(transformer, args.gradient_checkpointing_ratio)
     if args.compile:
         compile_blocks(transformer, args.compile_backend, args.compile_mode)
     return transformer

@@ -84,12 +84,20 @@ def control_scores(model, images, prompts, controls, image_encoding=None) -> tor
 def semantic_relative_reward(model, images, prompts, wanted, unwanted=None, form="release", k=0.0):
     """Score each image against its prompt with control phrases prepended (Eq. 8-11).
     `wanted` / `unwanted`: a phrase, or a list of phrases to average over."""
+    return relative_terms(model, images, prompts, wanted, unwanted, form, k)[0]
+
+
+def relative_terms(model, images, prompts, wanted, unwanted=None, form="release", k=0.0, image_encoding=None):
+    """(reward, r_wanted, r_unwanted) of semantic_relative_reward, the two scores kept for logging
+    (r_unwanted None for sgp). The images are encoded once for both phrases; pass `image_encoding`
+    to reuse one computed for a larger batch."""
     if form != "sgp" and unwanted is None:
         raise ValueError(f"reward form '{form}' needs an unwanted control phrase; pass one or use form 'sgp'")
-    encoding = model.image_encoding(images)  # once for both phrases
-    r_wanted = control_scores(model, images, prompts, wanted, encoding)
-    r_unwanted = control_scores(model, images, prompts, unwanted, encoding) if form != "sgp" else None
-    return combine_scores(r_wanted, r_unwanted, form, k)
+    if image_encoding is None:
+        image_encoding = model.image_encoding(images)
+    r_wanted = control_scores(model, images, prompts, wanted, image_encoding)
+    r_unwanted = control_scores(model, images, prompts, unwanted, image_encoding) if form != "sgp" else None
+    return combine_scores(r_wanted, r_unwanted, form, k), r_wanted, r_unwanted  # Eq. 8 / 9-10 / 11 / release form
 
 
 def noised_relative_reward(model, images, prompts=None, noise_std=0.05, generator=None):
