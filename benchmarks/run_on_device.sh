@@ -36,16 +36,18 @@ if [ $# -gt 0 ]; then
   exit
 fi
 # LoRA, compiled (adapters merged for the rollout, the default): 2.93 s measured, 1.93 s of it rollout, before the
-# mid-step host waits were removed: the plain variant measures that change (and prints host waits: 0 expected).
-# $fast is what may close the gap to 2.6 s: the VAE decoder and the reward's image tower compiled (eager GroupNorm
-# was 125 ms of the step, the HPS forward 21 ms a call) and both branches in one batch. With profiles. Every new
+# mid-step host waits were removed and the VAE's attention became two matmuls (--vae_attention math, now the
+# default; the fused kernel's backward was 33 ms of the step): the plain variant measures those changes (and prints
+# host waits: 0 expected). $fast is what may close the gap to 2.6 s: the VAE decoder and the reward's image tower
+# compiled (eager GroupNorm was 125 ms of the step, the HPS forward 21 ms a call), both branches in one batch and
+# the rollout's modulation layers run once for all 25 steps (62 ms of batch-1 products). With profiles. Every new
 # process compiles the blocks, the VAE decoder and the reward tower again (inductor's cache helps): hence few groups.
-fast="--compile_vae --compile_reward --batch_branches"
+fast="--compile_vae --compile_reward --batch_branches --batch_rollout_modulations"
 bench srpo_lora_fast 260 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
   --variant= --variant="$fast" --reuse_flops --profile "$out/profile_lora.txt"
 # On top of $fast: cuDNN's attention for the no-grad rollout only (2/3 of the step, no backward); then half the
 # transformer blocks checkpointed and none (less recompute, more memory; VAE checkpointing stays on). Not counted:
-# FLOPs per step from --device meta are 1202 (ratio 1), 1165 (0.5), 1126 (0) TFLOP, rollout 932.
+# FLOPs per step from --device meta are 1197 (ratio 1), 1160 (0.5), 1121 (0) TFLOP, rollout 932.
 bench srpo_lora_more 190 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_flops \
   --variant="$fast --rollout_attention_backend _native_cudnn" \
   --variant="$fast --gradient_checkpointing_ratio 0.5" --variant="$fast --gradient_checkpointing_ratio 0"
@@ -57,14 +59,15 @@ bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 7
 bench baselines_compiled 200 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
 bench srpo_1024 150 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled
 # The trainer itself on the GPU, on the tiny models (the groups above time Run objects built by the benchmark):
-# bf16, checkpointing, compiled blocks, LoRA merged for the rollout, validation, and every text-image and image-only
+# bf16, checkpointing, compiled blocks, LoRA merged for the rollout, batched rollout modulations, validation, and every text-image and image-only
 # reward (only HPSv2.1 has run on a GPU so far); what it wrote is listed at the end.
 left=$((budget - SECONDS)); (( left > 90 )) && left=90
 (( left < 45 )) && { echo "smoke run: skipped, ${left}s left"; exit; }
 timeout "$left" bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp/tiny-models && accelerate launch --num_processes 1 \
   train_srpo_flux.py --pretrained_model_name_or_path /tmp/tiny-models/flux --reward_models_dir /tmp/tiny-models/rewards \
   --resolution 64 --num_inference_steps 4 --max_train_steps 4 --mixed_precision bf16 --gradient_checkpointing \
-  --vae_gradient_checkpointing --compile --compile_vae --compile_reward --validation_prompt 'a photo of a cat' --validation_steps 4 \
+  --vae_gradient_checkpointing --compile --compile_vae --compile_reward --batch_rollout_modulations \
+  --validation_prompt 'a photo of a cat' --validation_steps 4 \
   --reward hpsv2:1,pickscore:0.05,imagereward:0.5,aesthetic:0.1 \
   --output_dir /tmp/srpo-smoke && ls -R /tmp/srpo-smoke" > "$out/smoke.log" 2>&1
 echo "smoke run: exit $? (log: smoke.log)"

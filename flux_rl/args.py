@@ -39,11 +39,19 @@ def add_common_args(parser: argparse.ArgumentParser):
       help="With --gradient_checkpointing: the share of transformer blocks to recompute (spread evenly). Lower is faster "
            "(at 0 no recompute: one FLUX forward less per training branch) and holds the other blocks' activations.")
     a("--vae_gradient_checkpointing", action="store_true", help="Also recompute the VAE decoder's blocks when decoding with gradient.")
+    a("--vae_attention", choices=["math", "sdpa"], default="math",
+      help="The VAE's single-head attention (head dim 512): 'math', two matmuls and a float32 softmax, or 'sdpa', torch's "
+           "fused kernel, which for that head dim is the generic memory-efficient one (its backward took 16.5 ms a call at "
+           "720 px on an H200). math holds the N x N scores while it runs: 0.5 GB per image at 720 px, 2.1 GB at 1024.")
     a("--merge_lora_in_rollout", action="store_true", default=None,
       help="Fold the LoRA adapters into the base weights for the no-grad rollout (one matmul per projection instead of "
            "peft's extra kernels; the weights are restored bit for bit after it; +2 bytes per adapted weight while it runs, "
            "4.7 GiB for FLUX). Training branches keep the adapters. Default: on for LoRA, except under FSDP.")
     a("--no_merge_lora_in_rollout", dest="merge_lora_in_rollout", action="store_false", help="Run the rollout through peft's adapters.")
+    a("--batch_rollout_modulations", action="store_true",
+      help="Run the blocks' modulation layers (linear(silu(temb)), 76 per forward) once for all rollout steps instead of "
+           "once per step: one read of their 6.5 GB of bf16 weights instead of 25 (62 ms of a 2.9 s LoRA step at 720 px on "
+           "an H200 went to these batch-1 products). Not under FSDP. Not yet timed on a GPU: see benchmarks/.")
     a("--compile", action="store_true", help="torch.compile each transformer block (per-block: short compile, same graphs reused).")
     a("--compile_backend", type=str, default="inductor")
     a("--compile_mode", type=str, default=None, help="e.g. max-autotune-no-cudagraphs")
@@ -181,6 +189,9 @@ def validate_common_args(args):
         if args.merge_lora_in_rollout:
             # Each rank holds a shard of every weight: peft's merge would add a whole delta to a shard.
             fail("--merge_lora_in_rollout does not run on FSDP's sharded weights; drop it (or train LoRA with DDP)")
+        if args.batch_rollout_modulations:
+            # The tables are computed outside the blocks' forwards, where FSDP holds only each rank's shard of the weights.
+            fail("--batch_rollout_modulations needs whole weights outside the blocks' forwards, which FSDP shards; drop it")
         if args.use_8bit_adam:
             # bitsandbytes' 8-bit update refuses FSDP2's DTensor parameters (bitsandbytes 0.50).
             fail("--use_8bit_adam does not run on FSDP's sharded parameters; the optimizer state is already sharded across GPUs, so drop --use_8bit_adam")

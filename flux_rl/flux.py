@@ -108,13 +108,16 @@ def velocity(transformer, latents, sigma, guidance, cond: Conditioning, img_ids)
     )[0]
 
 
-def ode_sample(velocity_fn, x, sigmas, checkpoint=False, progress=False):
+def ode_sample(velocity_fn, x, sigmas, checkpoint=False, progress=False, before_step=None):
     """Deterministic Euler ODE from x at sigmas[0] through sigmas[-1]:
     x <- x + (sigma_next - sigma) * v(x, sigma), in fp32 like FlowMatchEulerDiscreteScheduler.step.
-    `checkpoint`: recompute each step in the backward pass (DRaFT-K with K > 1)."""
+    `checkpoint`: recompute each step in the backward pass (DRaFT-K with K > 1).
+    `before_step(i)`: called before step i (e.g. modulations.StepSelector.select)."""
     x = x.float()
     for i in tqdm(range(len(sigmas) - 1), desc="sampling", leave=False, disable=not progress):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if before_step is not None:
+            before_step(i)
 
         def euler_step(x, sigma=sigma, sigma_next=sigma_next):
             return x + (sigma_next - sigma) * velocity_fn(x, sigma).float()
@@ -127,6 +130,7 @@ def ode_sample(velocity_fn, x, sigmas, checkpoint=False, progress=False):
 
 
 @torch.no_grad()
-def sample(transformer, noise, sigmas, guidance, cond: Conditioning, img_ids, progress=False):
+def sample(transformer, noise, sigmas, guidance, cond: Conditioning, img_ids, progress=False, before_step=None):
     """The rollout: from `noise` at sigmas[0] to sigmas[-1] without gradient. fp32 packed latents."""
-    return ode_sample(lambda x, sigma: velocity(transformer, x, sigma, guidance, cond, img_ids), noise, sigmas, progress=progress)
+    return ode_sample(lambda x, sigma: velocity(transformer, x, sigma, guidance, cond, img_ids), noise, sigmas,
+                      progress=progress, before_step=before_step)

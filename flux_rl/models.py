@@ -107,9 +107,28 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None)
     return vae
 
 
+def use_math_attention(vae):
+    """The VAE's attention (one head of 512 channels, over all latent pixels: 8100 tokens at 720 px)
+    as two matmuls and a float32 softmax (diffusers' AttnProcessor) instead of torch's fused
+    scaled_dot_product_attention. No flash kernel takes a head dim of 512, so the fused call falls
+    to the generic memory-efficient kernel: its backward took 16.5 ms per call at 720 px on an H200
+    (33 ms of the compiled LoRA step, benchmarks/logs/2026-11-26-h200-session4/profile_*.txt), for
+    work of about 0.4 TFLOP with its backward, about 1 ms as matmuls. The price is the N x N score
+    matrix (float32 scores and probabilities, up to 8 bytes per entry: 0.5 GB per image at 720 px,
+    2.1 GB at 1024, while the attention runs; without VAE checkpointing 6 bytes per entry stay until
+    the backward)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    vae.set_attn_processor(AttnProcessor())
+    return vae
+
+
 def prepare_vae(vae, args):
-    """The VAE as the trainer flags want it: frozen, decoder checkpointing and compilation."""
+    """The VAE as the trainer flags want it: frozen, its attention kernel, decoder checkpointing and
+    compilation."""
     vae.requires_grad_(False).eval()
+    if args.vae_attention == "math":
+        use_math_attention(vae)
     if args.vae_gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     if args.compile_vae:

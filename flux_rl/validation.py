@@ -1,6 +1,7 @@
 """Validation: fixed prompts and seed rendered with the current weights, scored by the training
 reward, saved as a PNG grid under output_dir/validation/ and logged to every tracker."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from rewards.base import host_to_device
 
-from . import flux, latents
+from . import flux, latents, modulations
 
 
 def image_grid(images: torch.Tensor, captions: list[str] | None = None, columns: int | None = None) -> Image.Image:
@@ -28,15 +29,20 @@ def image_grid(images: torch.Tensor, captions: list[str] | None = None, columns:
 
 
 @torch.no_grad()
-def render(transformer, vae, prompt_encoder, prompts, seed, height, width, sigmas, guidance, vae_scale_factor, device, dtype):
-    """Images for `prompts` from a fixed seed, through the same rollout the trainer uses."""
+def render(transformer, vae, prompt_encoder, prompts, seed, height, width, sigmas, guidance, vae_scale_factor, device, dtype,
+           tabulate_modulations_of=None):
+    """Images for `prompts` from a fixed seed, through the same rollout the trainer uses.
+    `tabulate_modulations_of`: the unwrapped transformer, for --batch_rollout_modulations."""
     channels = flux.model_config(transformer).in_channels // 4
     shape = latents.latent_shape(vae_scale_factor, channels, height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = host_to_device(latents.pack(torch.randn((len(prompts), *shape), generator=generator)), device)
     cond = prompt_encoder(prompts).to(device, dtype)
     ids = latents.image_ids(height, width, vae_scale_factor, device, dtype)
-    x0 = flux.sample(transformer, noise, sigmas, guidance, cond, ids)
+    table = (modulations.tabulated(tabulate_modulations_of, sigmas, guidance, cond) if tabulate_modulations_of is not None
+             else contextlib.nullcontext())
+    with table as steps:
+        x0 = flux.sample(transformer, noise, sigmas, guidance, cond, ids, before_step=steps.select if steps else None)
     return latents.decode(vae, x0, height, width, vae_scale_factor)
 
 

@@ -53,7 +53,8 @@ def test_wandb_missing_fails_early(monkeypatch):
 
 @pytest.mark.parametrize("flags, message", [(["--full_finetune", "--bf16_weights"], "under FSDP the sharded weights are fp32"),
                                             (["--full_finetune", "--use_8bit_adam"], "does not run on FSDP's sharded parameters"),
-                                            (["--merge_lora_in_rollout"], "does not run on FSDP's sharded weights")])
+                                            (["--merge_lora_in_rollout"], "does not run on FSDP's sharded weights"),
+                                            (["--batch_rollout_modulations"], "which FSDP shards")])
 def test_single_gpu_memory_flags_refused_under_fsdp(flags, message, monkeypatch, tmp_path):
     args = BASE + ["--output_dir", str(tmp_path), *flags]
     assert train_direct_align.parse_args(args)  # fine on one GPU or under DDP

@@ -29,6 +29,33 @@ def test_vae_gradient_checkpointing_same_gradient(tiny_flux):
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+class _CountFusedAttention(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.nn.functional.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_vae_math_attention_matches_fused_kernel(tiny_flux, checkpointing):
+    """--vae_attention math (the default): the VAE's attention never calls torch's fused kernel
+    (whose backward is slow for its head dim of 512) and gives the fused path's images and gradient."""
+    results = {}
+    for kind in ("sdpa", "math"):
+        vae = AutoencoderKL.from_pretrained(os.path.join(tiny_flux, "vae"))
+        args = SimpleNamespace(vae_attention=kind, vae_gradient_checkpointing=checkpointing, compile_vae=False)
+        models.prepare_vae(vae, args)
+        with _CountFusedAttention() as counter:
+            results[kind] = _decode_with_gradient(vae)
+        assert (counter.calls > 0) == (kind == "sdpa"), (kind, counter.calls)
+    assert torch.allclose(results["sdpa"][0], results["math"][0], atol=1e-5)
+    assert torch.allclose(results["sdpa"][1], results["math"][1], atol=1e-5)
+    assert results["math"][1].abs().sum() > 0
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_vae_decoder_matches_eager(tiny_flux, checkpointing):
     """--compile_vae: the decoder runs as one compiled graph (its checkpointing inside) with the
@@ -36,7 +63,8 @@ def test_compiled_vae_decoder_matches_eager(tiny_flux, checkpointing):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     vae = AutoencoderKL.from_pretrained(os.path.join(tiny_flux, "vae"))
-    args = SimpleNamespace(vae_gradient_checkpointing=checkpointing, compile_vae=False, compile_backend=None, compile_mode=None)
+    args = SimpleNamespace(vae_attention="math", vae_gradient_checkpointing=checkpointing, compile_vae=False,
+                           compile_backend=None, compile_mode=None)
     models.prepare_vae(vae, args)
     eager_images, eager_grad = _decode_with_gradient(vae)
     counter = CompileCounterWithBackend("aot_eager")
@@ -88,7 +116,8 @@ def test_trainer_with_every_speed_option(tiny_models, tmp_path):
     """bf16 base weights with fp32 LoRA, per-block compile of the transformer, the VAE decoder and the reward's image tower compiled,
     8-bit AdamW, both checkpointings, two injections per rollout, LoRA merged for the rollout, both
     branches in one batch, another attention backend (the math kernel stands in for cuDNN's on the
-    CPU): one SRPO run through accelerate launch."""
+    CPU), the rollout's and validation's modulation layers batched over the steps: one SRPO run
+    through accelerate launch."""
     from safetensors.torch import load_file
 
     from tests.launch import launch, tiny_args
@@ -99,12 +128,14 @@ def test_trainer_with_every_speed_option(tiny_models, tmp_path):
         tiny_models, output_dir, "--max_train_steps", "2", "--rank", "4", "--mixed_precision", "bf16", "--compile",
         "--compile_backend", "aot_eager", "--use_8bit_adam", "--gradient_checkpointing", "--vae_gradient_checkpointing",
         "--num_injections", "2", "--merge_lora_in_rollout", "--batch_branches", "--compile_vae",
-        "--compile_reward", "--attention_backend", "_native_math",
+        "--compile_reward", "--attention_backend", "_native_math", "--batch_rollout_modulations",
+        "--validation_prompt", "a photo of a cat", "--validation_steps", "1",
     ))
     lora = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
     assert lora and all(v.dtype == torch.float32 for v in lora.values())
     tags = scalar_tags(output_dir)
     assert len(tags["loss"]) == 2 and all(g > 0 for g in tags["grad_norm"])
+    assert os.path.exists(os.path.join(output_dir, "validation", "step-000001.png"))
 
 
 def test_full_finetune_with_bf16_weights(tiny_models, tiny_flux, tmp_path):
@@ -324,7 +355,7 @@ def test_batched_branches_give_the_gradient_of_separate_ones(tiny_models):
         together, together_logs, together_calls, together_decodes, together_rewards) = results[False], results[True]
     rollout_calls = [1, 1]  # 2 rollout steps of batch 1
     assert separate_calls == rollout_calls + [1, 1, 1, 1] and together_calls == rollout_calls + [2, 2]
-    assert separate_decodes == [1] + [1, 1, 1, 1] and together_decodes == [1] + [2, 2]  # the monitor's decode first
+    assert separate_decodes == [1, 1, 1, 1] and together_decodes == [2, 2]  # (the benchmark's runs have no drift monitor)
     assert separate_rewards == [1, 1, 1, 1] and together_rewards == [2, 2]  # the reward's image tower
     assert separate.abs().sum() > 0
     assert torch.allclose(separate, together, rtol=1e-4, atol=1e-7)
