@@ -40,9 +40,10 @@ def add_common_args(parser: argparse.ArgumentParser):
            "(at 0 no recompute: one FLUX forward less per training branch) and holds the other blocks' activations.")
     a("--vae_gradient_checkpointing", action="store_true", help="Also recompute the VAE decoder's blocks when decoding with gradient.")
     a("--vae_attention", choices=["math", "sdpa"], default="math",
-      help="The VAE's single-head attention (head dim 512): 'math', two matmuls and a float32 softmax, or 'sdpa', torch's "
-           "fused kernel, which for that head dim is the generic memory-efficient one (its backward took 16.5 ms a call at "
-           "720 px on an H200). math holds the N x N scores while it runs: 0.5 GB per image at 720 px, 2.1 GB at 1024.")
+      help="The VAE's single-head attention (head dim 512) in decodes with gradient: 'math', two matmuls and a float32 "
+           "softmax, or 'sdpa', torch's fused kernel, which for that head dim is the generic memory-efficient one (its "
+           "backward took 16.5 ms a call at 720 px on an H200). math holds the N x N scores while it runs: 0.5 GB per "
+           "image at 720 px, 2.1 GB at 1024. Decodes without gradient use the fused kernel either way.")
     a("--merge_lora_in_rollout", action="store_true", default=None,
       help="Fold the LoRA adapters into the base weights for the no-grad rollout (one matmul per projection instead of "
            "peft's extra kernels; the weights are restored bit for bit after it; +2 bytes per adapted weight while it runs, "

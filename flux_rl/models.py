@@ -107,20 +107,29 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None)
     return vae
 
 
-def use_math_attention(vae):
-    """The VAE's attention (one head of 512 channels, over all latent pixels: 8100 tokens at 720 px)
-    as two matmuls and a float32 softmax (diffusers' AttnProcessor) instead of torch's fused
-    scaled_dot_product_attention. No flash kernel takes a head dim of 512, so the fused call falls
-    to the generic memory-efficient kernel: its backward took 16.5 ms per call at 720 px on an H200
-    (33 ms of the compiled LoRA step, benchmarks/logs/2026-11-26-h200-session4/profile_*.txt), for
-    work of about 0.4 TFLOP with its backward, about 1 ms as matmuls. The price is the N x N score
-    matrix (float32 scores and probabilities, up to 8 bytes per entry: 0.5 GB per image at 720 px,
-    2.1 GB at 1024, while the attention runs; without VAE checkpointing 6 bytes per entry stay until
-    the backward)."""
-    from diffusers.models.attention_processor import AttnProcessor
+class MathAttentionUnderAutograd:
+    """The VAE's attention processor: under autograd, two matmuls and a float32 softmax (diffusers'
+    AttnProcessor); without, torch's fused kernel (AttnProcessor2_0).
 
-    vae.set_attn_processor(AttnProcessor())
-    return vae
+    The VAE attends with one head of 512 channels over every latent pixel (8100 tokens at 720 px).
+    No flash kernel takes a head dim of 512, so torch's fused call falls to the generic
+    memory-efficient kernel, whose backward took 16.5 ms per call at 720 px on an H200 (33 ms of
+    the compiled LoRA step, `fmha_cutlassB_..._k65536` in
+    benchmarks/logs/2026-11-26-h200-session4/profile_*.txt) for about 0.4 TFLOP of work, about 1 ms
+    as matmuls. The matmuls' price is the N x N score matrix (float32 scores and probabilities, up to
+    8 bytes per entry: 0.5 GB per image at 720 px, 2.1 GB at 1024, while the attention runs; without
+    VAE checkpointing 6 bytes per entry stay until the backward). A decode without gradient
+    (validation, drift monitors, offline SRPO's encode) needs no backward and may hold several
+    images: it keeps the fused kernel and its small memory."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        self.math, self.fused = AttnProcessor(), AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        processor = self.math if torch.is_grad_enabled() else self.fused
+        return processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, temb=temb)
 
 
 def prepare_vae(vae, args):
@@ -128,7 +137,7 @@ def prepare_vae(vae, args):
     compilation."""
     vae.requires_grad_(False).eval()
     if args.vae_attention == "math":
-        use_math_attention(vae)
+        vae.set_attn_processor(MathAttentionUnderAutograd())
     if args.vae_gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     if args.compile_vae:

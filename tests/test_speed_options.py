@@ -41,8 +41,9 @@ class _CountFusedAttention(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_vae_math_attention_matches_fused_kernel(tiny_flux, checkpointing):
-    """--vae_attention math (the default): the VAE's attention never calls torch's fused kernel
-    (whose backward is slow for its head dim of 512) and gives the fused path's images and gradient."""
+    """--vae_attention math (the default): a decode with gradient never calls torch's fused kernel
+    (whose backward is slow for the VAE's head dim of 512) and gives the fused path's images and
+    gradient; a decode without gradient keeps the fused kernel (no N x N scores for a batch)."""
     results = {}
     for kind in ("sdpa", "math"):
         vae = AutoencoderKL.from_pretrained(os.path.join(tiny_flux, "vae"))
@@ -51,6 +52,9 @@ def test_vae_math_attention_matches_fused_kernel(tiny_flux, checkpointing):
         with _CountFusedAttention() as counter:
             results[kind] = _decode_with_gradient(vae)
         assert (counter.calls > 0) == (kind == "sdpa"), (kind, counter.calls)
+        with _CountFusedAttention() as counter, torch.no_grad():
+            latents.decode(vae, torch.randn(2, 16, 64), 64, 64, 8)
+        assert counter.calls > 0, kind
     assert torch.allclose(results["sdpa"][0], results["math"][0], atol=1e-5)
     assert torch.allclose(results["sdpa"][1], results["math"][1], atol=1e-5)
     assert results["math"][1].abs().sum() > 0
