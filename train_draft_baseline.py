@@ -54,10 +54,9 @@ def parse_args(input_args=None):
     return args
 
 
-def draft_k_sample(velocity_fn, noise, sigmas, k, checkpoint=True):
-    """Sample without gradient to sigmas[-k-1], then the last k steps with gradient."""
-    with torch.no_grad():
-        x = ode_sample(velocity_fn, noise, sigmas[: len(sigmas) - k])
+def draft_k_sample(velocity_fn, x, sigmas, k, checkpoint=True):
+    """DRaFT-K's differentiable part: from x, the no-grad rollout's state at sigmas[-k-1], the last k
+    sampler steps with gradient (each recomputed in the backward pass when k > 1)."""
     return ode_sample(velocity_fn, x, sigmas[len(sigmas) - k - 1 :], checkpoint=checkpoint and k > 1)
 
 
@@ -75,21 +74,24 @@ def training_step(run, step, logs):
         micro_step = step * args.gradient_accumulation_steps + micro
         generator = step_generator(args.seed, micro_step, accelerator.process_index)
         prompts = run.batches.batch(micro_step)
-        cond = run.condition(prompts)
-        noise = run.initial_noise(len(prompts), generator)
+        # The steps without gradient go through the trainers' rollout (LoRA merged into the weights,
+        # --rollout_attention_backend, --batch_rollout_modulations): to sigmas[-2] for DRaFT-LV,
+        # to sigmas[-k-1] for DRaFT-K.
+        stop = len(sigmas) - 2 if args.draft_lv else len(sigmas) - 1 - args.draft_k
+        x_stop, _, cond = run.rollout(prompts, generator, stop_index=stop)
         velocity_fn = run.velocity_fn(cond, args.rollout_guidance)
         last_micro = micro == args.gradient_accumulation_steps - 1
         if args.draft_lv:
             # The final image, without gradient; its last step is redone with gradient if counted.
+            x_last = x_stop
             with torch.no_grad():
-                x_last = ode_sample(velocity_fn, noise, sigmas[:-1])
                 x0 = ode_sample(velocity_fn, x_last, sigmas[-2:])
             noises = [host_to_device(torch.randn(x0.shape, generator=generator), x0.device) for _ in range(args.lv_samples)]
             terms = [lambda eps=eps: draft_lv_samples(velocity_fn, x0, float(sigmas[-2]), [eps])[0] for eps in noises]
             if args.lv_include_base:
                 terms.append(lambda: ode_sample(velocity_fn, x_last, sigmas[-2:]))
         else:
-            terms = [lambda: draft_k_sample(velocity_fn, noise, sigmas, args.draft_k)]  # steps checkpointed when K > 1
+            terms = [lambda: draft_k_sample(velocity_fn, x_stop, sigmas, args.draft_k)]  # steps checkpointed when K > 1
         # One backward per term keeps one graph in memory at a time; the gradient is the
         # same as the mean loss over the terms.
         for i, term in enumerate(terms):

@@ -2,12 +2,14 @@
 run end to end through `accelerate launch`."""
 
 import os
+from collections import defaultdict
 
 import pytest
 import torch
 
 import train_draft_baseline as draft
 import train_refl_baseline as refl
+from flux_rl import models
 from flux_rl.direct_align import inject_noise
 from flux_rl.schedules import fixed_shift_sigmas
 from tests.launch import launch, tiny_args
@@ -26,9 +28,10 @@ def per_step_model(sigmas):
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_draft_k_truncates_the_gradient(k, checkpoint):
+    """DRaFT-K's differentiable part is the last K steps, from the rollout's state at sigmas[-K-1]."""
     theta, velocity_fn = per_step_model(SIGMAS)
-    noise = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
-    draft.draft_k_sample(velocity_fn, noise, SIGMAS, k, checkpoint=checkpoint).pow(2).sum().backward()
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    draft.draft_k_sample(velocity_fn, x, SIGMAS, k, checkpoint=checkpoint).pow(2).sum().backward()
     steps = len(SIGMAS) - 1
     assert torch.all(theta.grad[: steps - k] == 0), "earlier steps must get no gradient"
     assert torch.all(theta.grad[steps - k :] != 0), "the last K steps must get gradient"
@@ -42,6 +45,30 @@ def test_draft_k_checkpointing_gives_the_same_gradient():
         draft.draft_k_sample(velocity_fn, noise, SIGMAS, 3, checkpoint=checkpoint).pow(2).sum().backward()
         grads.append(theta.grad)
     assert torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("flags, no_grad_merged, grad_calls", [
+    (["--draft_k", "2"], [True, True], 2 + 2),  # 2 rollout steps, then 2 with gradient, each recomputed in the backward
+    (["--draft_k", "4"], [], 4 + 4),  # every step with gradient: the rollout returns the noise
+    (["--draft_lv"], [True, True, True, False], 2),  # 3 rollout steps + the last one; 2 re-noised samples
+])
+def test_draft_steps_without_gradient_go_through_the_rollout(tiny_models, flags, no_grad_merged, grad_calls):
+    """DRaFT's steps without gradient are the trainers' rollout (LoRA merged into the weights, as SRPO's),
+    the rest carry gradient; 4 sampler steps."""
+    from accelerate import Accelerator
+    from peft.tuners.lora import LoraLayer
+
+    from benchmarks import benchmark_trainers
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)  # one AcceleratorState per process: as the other tests
+    run = benchmark_trainers.build_run(draft, flags, "tiny", "lora", 64, 4, False, torch.device("cpu"), accelerator)
+    lora_layer = next(m for m in run.transformer.modules() if isinstance(m, LoraLayer))
+    calls = []  # (grad enabled, LoRA merged) per transformer call
+    run.transformer.register_forward_pre_hook(lambda module, args: calls.append((torch.is_grad_enabled(), lora_layer.merged)))
+    draft.training_step(run, 0, defaultdict(list))
+    assert [merged for grad, merged in calls if not grad] == no_grad_merged
+    assert sum(grad for grad, _ in calls) == grad_calls
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.trainable_parameters(run.transformer))
 
 
 def test_draft_lv_each_sample_contributes():
