@@ -3,7 +3,7 @@
 # full size. With no arguments it runs, most important first, the groups that the last recorded run
 # (benchmarks/RESULTS.md) left unmeasured, each under its own time limit (cut to what is left of
 # BUDGET), so that a short lease still returns every group that finished; FROM=NAME starts at that group
-# (a second call: FROM=baselines_compiled bash benchmarks/run_on_device.sh). With arguments it runs one group
+# (a second call: FROM=srpo_lora_cudnn_attention bash benchmarks/run_on_device.sh). With arguments it runs one group
 # with them, e.g.
 #   NAME=srpo_1024 LIMIT=150 bash benchmarks/run_on_device.sh --trainers srpo --modes lora --resolutions 1024
 # Logs (each ends with its markdown table) land in $OUT, or benchmarks/results/ where that is unset.
@@ -20,15 +20,25 @@ print(*(f'{m.__name__} {m.__version__}' for m in (torch, diffusers, transformers
 # Each group gets its own limit, cut to what is left of BUDGET seconds (default 570: a 600 s device call).
 budget=${BUDGET:-570}
 start_at=${FROM:-}
-bench() {  # NAME SECONDS ARGS...: one group of configurations, stopped after SECONDS
+group() {  # NAME SECONDS COMMAND...: one group, stopped after SECONDS, its output in $out/NAME.log
+  # (and on the screen, unless QUIET=1: a trainer's progress bars would push the tables out of the call's output)
   local name=$1 seconds=$2; shift 2
   [ -n "$start_at" ] && [ "$name" != "$start_at" ] && { echo "$name: skipped (FROM=$FROM)"; return; }
   start_at=""
   local left=$((budget - SECONDS))
   (( seconds > left )) && seconds=$left
   (( seconds < 30 )) && { echo "$name: skipped, ${left}s left"; return; }
+  if [ "${QUIET:-0}" = 1 ]; then
+    timeout "$seconds" "$@" > "$out/$name.log" 2>&1
+    echo "$name: exit $? (log: $name.log)"
+  else
+    timeout "$seconds" "$@" 2>&1 | tee "$out/$name.log"
+  fi
+}
+bench() {  # NAME SECONDS ARGS...: one group of benchmark configurations
+  local name=$1 seconds=$2; shift 2
   # EXTRA (word-split) goes last, e.g. EXTRA="--size tiny --resolutions 64" to try the groups on a CPU
-  timeout "$seconds" python3 benchmarks/benchmark_trainers.py --size full "$@" ${EXTRA:-} 2>&1 | tee "$out/$name.log"
+  group "$name" "$seconds" python3 benchmarks/benchmark_trainers.py --size full "$@" ${EXTRA:-}
 }
 
 if [ $# -gt 0 ]; then
@@ -51,6 +61,17 @@ bench srpo_lora_fast 260 --trainers srpo --modes lora --resolutions 720 --compil
 bench srpo_lora_more 190 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_flops \
   --variant="$fast --rollout_attention_backend _native_cudnn" \
   --variant="$fast --gradient_checkpointing_ratio 0.5" --variant="$fast --gradient_checkpointing_ratio 0"
+# The trainer itself on the GPU, on the tiny models (the groups above time Run objects built by the benchmark):
+# bf16, checkpointing, compiled blocks, LoRA merged for the rollout, batched rollout modulations, validation, and
+# every text-image and image-only reward (only HPSv2.1 has run on a GPU so far); what it wrote is listed at the end.
+# Before the cuDNN group: it checks paths users run, the cuDNN group a kernel that crashed once.
+QUIET=1 group smoke 90 bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp/tiny-models && accelerate launch --num_processes 1 \
+  train_srpo_flux.py --pretrained_model_name_or_path /tmp/tiny-models/flux --reward_models_dir /tmp/tiny-models/rewards \
+  --resolution 64 --num_inference_steps 4 --max_train_steps 4 --mixed_precision bf16 --gradient_checkpointing \
+  --vae_gradient_checkpointing --compile --compile_vae --compile_reward --batch_rollout_modulations \
+  --validation_prompt 'a photo of a cat' --validation_steps 4 \
+  --reward hpsv2:1,pickscore:0.05,imagereward:0.5,aesthetic:0.1 \
+  --output_dir /tmp/srpo-smoke && ls -R /tmp/srpo-smoke"
 # cuDNN's attention everywhere, training included, in its own process: torch 2.11's cuDNN backward once ended a
 # process with an illegal memory access on strided q/k/v (diffusers' _native_cudnn makes them contiguous).
 bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_flops \
@@ -58,16 +79,3 @@ bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 7
 # The baselines compiled (only their eager steps are recorded).
 bench baselines_compiled 200 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
 bench srpo_1024 150 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled
-# The trainer itself on the GPU, on the tiny models (the groups above time Run objects built by the benchmark):
-# bf16, checkpointing, compiled blocks, LoRA merged for the rollout, batched rollout modulations, validation, and every text-image and image-only
-# reward (only HPSv2.1 has run on a GPU so far); what it wrote is listed at the end.
-left=$((budget - SECONDS)); (( left > 90 )) && left=90
-(( left < 45 )) && { echo "smoke run: skipped, ${left}s left"; exit; }
-timeout "$left" bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp/tiny-models && accelerate launch --num_processes 1 \
-  train_srpo_flux.py --pretrained_model_name_or_path /tmp/tiny-models/flux --reward_models_dir /tmp/tiny-models/rewards \
-  --resolution 64 --num_inference_steps 4 --max_train_steps 4 --mixed_precision bf16 --gradient_checkpointing \
-  --vae_gradient_checkpointing --compile --compile_vae --compile_reward --batch_rollout_modulations \
-  --validation_prompt 'a photo of a cat' --validation_steps 4 \
-  --reward hpsv2:1,pickscore:0.05,imagereward:0.5,aesthetic:0.1 \
-  --output_dir /tmp/srpo-smoke && ls -R /tmp/srpo-smoke" > "$out/smoke.log" 2>&1
-echo "smoke run: exit $? (log: smoke.log)"
