@@ -1,6 +1,7 @@
 """The full-size benchmark runs end to end on the tiny models on the CPU."""
 
 import math
+import os
 
 from benchmarks import benchmark_trainers
 
@@ -162,3 +163,31 @@ def test_a_failing_configuration_does_not_stop_the_table(capsys):
     assert failed["s/step"].startswith("failed: ValueError: --gradient_checkpointing_ratio must lie in [0, 1]")
     assert float(measured["s/step"]) > 0
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_device_script_passes_only_flags_the_trainer_takes(monkeypatch):
+    """Every trainer flag benchmarks/run_on_device.sh passes (its $fast set, each --variant, the smoke
+    run's command line) parses: a typo there would cost part of a GPU lease. The script's syntax too."""
+    import re
+    import shlex
+    import subprocess
+
+    import torch
+
+    import train_srpo_flux
+
+    path = os.path.join(os.path.dirname(benchmark_trainers.__file__), "run_on_device.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    script = open(path).read()
+    fast = re.search(r'^fast="([^"]*)"', script, re.M).group(1)
+    variants = [variant.replace("$fast", fast) for variant in re.findall(r'--variant="([^"]*)"', script)]
+    smoke = re.search(r"train_srpo_flux\.py (.*?) --output_dir", script, re.S).group(1).replace("\\\n", " ")
+    smoke_flags = shlex.split(smoke)
+    for option in ("--pretrained_model_name_or_path", "--reward_models_dir"):  # folders that exist on the device only
+        index = smoke_flags.index(option)
+        del smoke_flags[index : index + 2]
+    assert len(variants) >= 4 and "--batch_rollout_modulations" in fast
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the cuDNN variants are refused without a GPU
+    benchmark_flags = ["--gradient_checkpointing", "--vae_gradient_checkpointing", "--compile"]  # build_run's, compiled
+    for flags in [benchmark_flags + shlex.split(variant) for variant in variants] + [smoke_flags]:
+        assert train_srpo_flux.parse_args(["--pretrained_model_name_or_path", "flux", *flags]), flags
