@@ -58,14 +58,15 @@ def test_tabulated_rollout_matches_per_step_layers(tiny_models, stop_index):
 
 def test_tabulated_rollout_under_bf16_autocast(tiny_models):
     """Under autocast the timestep is cast to the hidden states' bf16 as the model's forward does:
-    the batched rollout stays within bf16 rounding of the per-step one."""
+    the batched rollout matches the per-step one (exactly, on this project's CPU box; with the
+    timestep left in fp32 the relative error was 3.4e-3)."""
     module, run = _tiny_run(autocast=True)
     results = {}
     for batched in (False, True):
         run.args.batch_rollout_modulations = batched
         results[batched] = run.rollout(["a cat"], torch.Generator().manual_seed(1))[0]
     error = ((results[True] - results[False]).norm() / results[False].norm()).item()
-    assert error < 0.02, error
+    assert error < 1e-3, error
 
 
 def test_tabulated_rollout_compiles_once(tiny_models):
