@@ -1,6 +1,7 @@
 """FLUX model calls: text conditioning with an in-process cache, one velocity prediction, and the
 deterministic Euler ODE rollout (no gradient)."""
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -8,6 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rewards.base import host_to_device
+
+from .modulations import tabulated
 
 
 @dataclass
@@ -130,7 +133,16 @@ def ode_sample(velocity_fn, x, sigmas, checkpoint=False, progress=False, before_
 
 
 @torch.no_grad()
-def sample(transformer, noise, sigmas, guidance, cond: Conditioning, img_ids, progress=False, before_step=None):
-    """The rollout: from `noise` at sigmas[0] to sigmas[-1] without gradient. fp32 packed latents."""
-    return ode_sample(lambda x, sigma: velocity(transformer, x, sigma, guidance, cond, img_ids), noise, sigmas,
-                      progress=progress, before_step=before_step)
+def sample(transformer, noise, sigmas, guidance, cond: Conditioning, img_ids, progress=False, tabulate_modulations_of=None,
+           full_schedule=None):
+    """The rollout: from `noise` at sigmas[0] to sigmas[-1] without gradient. fp32 packed latents.
+    `tabulate_modulations_of`: the unwrapped transformer, whose modulation layers then run once for
+    every step of `full_schedule` (default `sigmas`; a rollout stopped early passes the whole schedule,
+    so that the tables keep one shape), see flux_rl/modulations.py (--batch_rollout_modulations)."""
+    if tabulate_modulations_of is None:
+        table = contextlib.nullcontext()
+    else:
+        table = tabulated(tabulate_modulations_of, sigmas if full_schedule is None else full_schedule, guidance, cond)
+    with table as steps:
+        return ode_sample(lambda x, sigma: velocity(transformer, x, sigma, guidance, cond, img_ids), noise, sigmas,
+                          progress=progress, before_step=steps.select if steps else None)

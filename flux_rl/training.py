@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from rewards.base import host_to_device
 
-from . import checkpoints, data, flux, hub, latents, models, modulations, schedules, validation
+from . import checkpoints, data, flux, hub, latents, models, schedules, validation
 from .args import launched_with_fsdp
 from .optim import AdamWStochasticBF16
 
@@ -73,12 +73,14 @@ class Run:
         sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
         merged = models.lora_merged(self.unwrapped()) if self.args.merge_lora_in_rollout else contextlib.nullcontext()
         backend = models.attention_backend_within(self.unwrapped(), self.args.rollout_attention_backend)
-        table = (modulations.tabulated(self.unwrapped(), self.rollout_sigmas, self.args.rollout_guidance, cond)
-                 if self.args.batch_rollout_modulations else contextlib.nullcontext())
-        with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, backend, table as steps:
+        with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, backend:  # a named range in profiles
             x = flux.sample(self.transformer, noise, sigmas, self.args.rollout_guidance, cond, self.img_ids,
-                            before_step=steps.select if steps else None)
+                            tabulate_modulations_of=self._modulations_model(), full_schedule=self.rollout_sigmas)
         return x, noise, cond
+
+    def _modulations_model(self):
+        """The model whose modulation layers a rollout runs once per schedule (--batch_rollout_modulations)."""
+        return self.unwrapped() if self.args.batch_rollout_modulations else None
 
     def next_batch(self, micro_step, generator):
         """(x0, noise, cond, prompts) of one micro-step: an online rollout from the initial noise,
@@ -159,7 +161,7 @@ class Run:
                 self.transformer, self.vae, self.prompt_encoder, self.args.validation_prompt, self.args.validation_seed,
                 self.args.resolution, self.args.resolution, self.rollout_sigmas, self.args.rollout_guidance,
                 self.vae_scale_factor, self.device, self.weight_dtype,
-                tabulate_modulations_of=self.unwrapped() if self.args.batch_rollout_modulations else None,
+                tabulate_modulations_of=self._modulations_model(),
             )
             with torch.no_grad():
                 scores, _ = self.reward(images, self.args.validation_prompt)

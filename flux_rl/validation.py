@@ -1,7 +1,6 @@
 """Validation: fixed prompts and seed rendered with the current weights, scored by the training
 reward, saved as a PNG grid under output_dir/validation/ and logged to every tracker."""
 
-import contextlib
 import os
 
 import numpy as np
@@ -10,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from rewards.base import host_to_device
 
-from . import flux, latents, modulations
+from . import flux, latents
 
 
 def image_grid(images: torch.Tensor, captions: list[str] | None = None, columns: int | None = None) -> Image.Image:
@@ -39,10 +38,7 @@ def render(transformer, vae, prompt_encoder, prompts, seed, height, width, sigma
     noise = host_to_device(latents.pack(torch.randn((len(prompts), *shape), generator=generator)), device)
     cond = prompt_encoder(prompts).to(device, dtype)
     ids = latents.image_ids(height, width, vae_scale_factor, device, dtype)
-    table = (modulations.tabulated(tabulate_modulations_of, sigmas, guidance, cond) if tabulate_modulations_of is not None
-             else contextlib.nullcontext())
-    with table as steps:
-        x0 = flux.sample(transformer, noise, sigmas, guidance, cond, ids, before_step=steps.select if steps else None)
+    x0 = flux.sample(transformer, noise, sigmas, guidance, cond, ids, tabulate_modulations_of=tabulate_modulations_of)
     return latents.decode(vae, x0, height, width, vae_scale_factor)
 
 

@@ -98,4 +98,3 @@ def test_tabulated_rollout_compiles_once(tiny_models):
     module.training_step(run, 1, defaultdict(list))
     run.rollout(["a dog"], torch.Generator().manual_seed(2))
     assert counter.frame_count == graphs
-
