@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import rewards
 from flux_rl import evaluation
-from flux_rl.args import run_cli
+from flux_rl.args import check_ranges, run_cli
 
 
 def parse_args(input_args=None):
@@ -49,8 +49,15 @@ def parse_args(input_args=None):
     unknown = [m for m in args.metrics if m not in evaluation.METRICS]
     if unknown:
         raise ValueError(f"unknown metric '{unknown[0]}'; choose from {', '.join(evaluation.METRICS)}")
-    if args.resolution % 16:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of 16")
+    if args.resolution <= 0 or args.resolution % 16:
+        raise ValueError(f"--resolution {args.resolution} must be a positive multiple of 16")
+    for flag in ("num_inference_steps", "batch_size", "num_grid_prompts", "prompts_per_style"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_ranges(args, [
+        ("guidance_scale", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
+        ("max_sequence_length", (1, 512), "FLUX.1's T5 takes at most 512 tokens"),
+    ])
     args.model_specs = evaluation.parse_model_specs(args.models)
     return args
 

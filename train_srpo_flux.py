@@ -87,6 +87,10 @@ def validate_args(args):
         raise ValueError("give either --train_data_dir (offline SRPO on images) or --dataset_name (prompts), not both")
     common.validate_common_args(args)
     common.validate_window_args(args)
+    common.check_ranges(args, [
+        ("monitor_steps", "non-negative", "0 turns the drift monitor off"),
+        ("aesthetic_noise_std", "positive", "the appendix S1 reward R(x) - R(x + noise) is 0 without noise"),
+    ])
     args.denoise_weights = common.parse_pair(args.denoise_weights, "denoise_weights")
     args.inversion_weights = common.parse_pair(args.inversion_weights, "inversion_weights")
     if args.controls_file:

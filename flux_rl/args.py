@@ -118,6 +118,8 @@ def validate_window_args(args):
     args.train_window = parse_pair(args.train_window, "train_window", int)
     if args.num_injections < 1:
         fail(f"--num_injections must be at least 1, got {args.num_injections}")
+    if args.window_shift <= 0:
+        fail(f"--window_shift must be positive, got {args.window_shift} (the release's schedule uses 3)")
     TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)  # raises on a bad window
 
 
@@ -156,6 +158,48 @@ def fail(message: str):
     raise ValueError(message)
 
 
+# (flag, wanted range, why): numbers outside these ranges would fail only after the models load
+# (a seed numpy refuses, an AdamW beta torch refuses) or, worse, train nothing without a word
+# (a zero LoRA alpha, loss scale or clipping norm leaves the weights where they are).
+# A range is "positive", "non-negative", "in [0, 1)" or a closed interval (least, most).
+COMMON_RANGES = [
+    ("max_sequence_length", (1, 512), "FLUX.1's T5 takes at most 512 tokens"),
+    ("text_cache_size", "non-negative", "0 keeps no prompt embedding cached"),
+    ("loss_scale", "positive", "0 trains nothing and a negative scale lowers the reward"),
+    ("rollout_shift", "non-negative", "0 uses diffusers' resolution-dependent shift"),
+    ("rollout_guidance", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
+    ("train_guidance", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
+    ("lora_alpha", "positive", "the LoRA update is scaled by alpha / rank, so 0 trains nothing"),
+    ("seed", (0, 2**32 - 1), "numpy takes seeds in that range"),
+    ("validation_seed", (0, 2**32 - 1), "numpy takes seeds in that range"),
+    ("lr_warmup_steps", "non-negative", "0 starts at the full learning rate"),
+    ("adam_beta1", "in [0, 1)", "AdamW refuses other betas"),
+    ("adam_beta2", "in [0, 1)", "AdamW refuses other betas"),
+    ("adam_weight_decay", "non-negative", "0 turns weight decay off"),
+    ("adam_epsilon", "non-negative", "AdamW refuses a negative epsilon"),
+    ("max_grad_norm", "positive", "gradients are clipped to this norm, so 0 trains nothing; a large value turns clipping off"),
+]
+
+
+def check_ranges(args, ranges):
+    """A one-line error for the first flag of `ranges` whose value lies outside its range."""
+    for flag, wanted, why in ranges:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if wanted == "positive":
+            ok = value > 0
+        elif wanted == "non-negative":
+            ok = value >= 0
+        elif wanted == "in [0, 1)":
+            ok = 0 <= value < 1
+        else:
+            ok = wanted[0] <= value <= wanted[1]
+            wanted = f"in [{wanted[0]}, {wanted[1]}]"
+        if not ok:
+            fail(f"--{flag} must be {wanted}, got {value} ({why})")
+
+
 def validate_common_args(args):
     """One-line errors that say what to change, before any model is loaded."""
     if not args.pretrained_model_name_or_path:
@@ -165,6 +209,7 @@ def validate_common_args(args):
     for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps", "checkpointing_steps"):
         if getattr(args, flag) < 1:
             fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_ranges(args, COMMON_RANGES)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         fail(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
     if args.learning_rate is None:

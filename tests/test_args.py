@@ -30,6 +30,16 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--rollout_attention_backend", "_native_cudnn"], "--rollout_attention_backend _native_cudnn needs a CUDA GPU"),
         (["--rollout_attention_backend", "cudnn"], "--rollout_attention_backend cudnn: choose one of diffusers' backends"),
         (["--attention_backend", "flash"], "--attention_backend flash: .*install `flash-attn"),
+        # Numbers that would fail only once the models are loaded, or train nothing without a word.
+        (["--seed", "-1"], r"--seed must be in \[0, 4294967295\], got -1"),
+        (["--max_grad_norm", "0"], "--max_grad_norm must be positive, got 0.0 .*trains nothing"),
+        (["--lora_alpha", "0"], "--lora_alpha must be positive"),
+        (["--loss_scale", "-1"], "--loss_scale must be positive"),
+        (["--adam_beta2", "1"], r"--adam_beta2 must be in \[0, 1\)"),
+        (["--max_sequence_length", "600"], r"--max_sequence_length must be in \[1, 512\]"),
+        (["--rollout_guidance", "-2"], "--rollout_guidance must be non-negative"),
+        (["--lr_warmup_steps", "-5"], "--lr_warmup_steps must be non-negative"),
+        (["--window_shift", "0"], "--window_shift must be positive"),
     ],
 )
 def test_argument_validation(extra, message, tmp_path):
@@ -40,6 +50,26 @@ def test_argument_validation(extra, message, tmp_path):
     with pytest.raises(ValueError, match=message) as error:
         train_direct_align.parse_args(args)
     assert "\n" not in str(error.value)
+
+
+def test_range_edges_that_mean_something_are_accepted(tmp_path):
+    """0 is a meaning, not a mistake, for these: diffusers' dynamic shift, no cache, no decay, seed 0."""
+    edges = ["--rollout_shift", "0", "--text_cache_size", "0", "--adam_weight_decay", "0", "--seed", "0",
+             "--lr_warmup_steps", "0", "--adam_beta1", "0", "--max_sequence_length", "512"]
+    args = train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path)] + edges)
+    assert (args.rollout_shift, args.text_cache_size, args.seed) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--monitor_steps", "-1"], "--monitor_steps must be non-negative"),
+    (["--aesthetic_noise_std", "0"], "--aesthetic_noise_std must be positive"),
+])
+def test_srpo_argument_validation(extra, message, tmp_path):
+    import train_srpo_flux
+
+    assert train_srpo_flux.parse_args(BASE + ["--output_dir", str(tmp_path), "--monitor_steps", "0"]).monitor_steps == 0
+    with pytest.raises(ValueError, match=message):
+        train_srpo_flux.parse_args(BASE + ["--output_dir", str(tmp_path)] + extra)
 
 
 def test_wandb_missing_fails_early(monkeypatch):

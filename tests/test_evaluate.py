@@ -93,6 +93,8 @@ def _images(output_dir):
         ([], "exactly one of"),
         (["--prompt_file", "p.txt", "--metrics", "hpsv2,fid"], "unknown metric 'fid'"),
         (["--prompt_file", "p.txt", "--models", "x=/does/not/exist"], "is not a folder"),
+        (["--prompt_file", "p.txt", "--batch_size", "0"], "--batch_size must be at least 1"),
+        (["--prompt_file", "p.txt", "--guidance_scale", "-1"], "--guidance_scale must be non-negative"),
     ],
 )
 def test_bad_evaluation_flags(extra, message):
