@@ -218,6 +218,10 @@ def validate_common_args(args):
         fail(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.rank < 1:
         fail(f"--rank must be at least 1, got {args.rank}")
+    if args.lora_target_modules and not args.full_finetune:
+        from .models import check_lora_targets, lora_targets
+
+        check_lora_targets(lora_targets(args))
     if not 0.0 <= args.gradient_checkpointing_ratio <= 1.0:
         fail(f"--gradient_checkpointing_ratio must lie in [0, 1] (the share of blocks recomputed), got {args.gradient_checkpointing_ratio}")
     if args.gradient_checkpointing_ratio != 1.0 and not args.gradient_checkpointing:
@@ -246,6 +250,7 @@ def validate_common_args(args):
     for flag in ("attention_backend", "rollout_attention_backend"):
         if getattr(args, flag, None) is not None:
             _check_attention_backend(flag, getattr(args, flag))
+    _check_names_used_after_loading(args)
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         fail(f"--report_to {args.report_to}: choose tensorboard, wandb, all or none")
     if args.validation_steps is not None and args.validation_steps < 1:
@@ -273,6 +278,26 @@ def validate_common_args(args):
     from rewards import parse_reward_spec
 
     parse_reward_spec(args.reward)
+
+
+def _check_names_used_after_loading(args):
+    """Names that diffusers and torch.compile would refuse only once the models are loaded."""
+    from diffusers.optimization import SchedulerType
+
+    schedulers = [kind.value for kind in SchedulerType]
+    if args.lr_scheduler not in schedulers:
+        fail(f"--lr_scheduler {args.lr_scheduler}: choose one of {', '.join(schedulers)}")
+    if not (args.compile or args.compile_vae or args.compile_reward):
+        return
+    import torch._dynamo
+    import torch._inductor
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if args.compile_backend not in backends:
+        fail(f"--compile_backend {args.compile_backend}: choose one of torch.compile's backends, e.g. inductor or aot_eager")
+    modes = list(torch._inductor.list_mode_options())
+    if args.compile_mode is not None and args.compile_mode not in modes:
+        fail(f"--compile_mode {args.compile_mode}: choose one of {', '.join(modes)}")
 
 
 def _check_attention_backend(flag: str, name: str):

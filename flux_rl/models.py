@@ -15,6 +15,36 @@ def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dt
     return FluxPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype)
 
 
+def lora_targets(args) -> list[str]:
+    """--lora_target_modules as a list; peft adapts each module whose name is a target or ends in '.' + target."""
+    if not args.lora_target_modules:
+        return DEFAULT_LORA_TARGETS
+    return [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+
+
+def check_lora_targets(targets: list[str]):
+    """Each target names at least one linear layer of FLUX's transformer, checked on a one-block
+    copy built on the meta device (module names do not depend on the model's size), before any
+    weights load. peft itself refuses only a list where nothing matches: a typo beside a good name
+    would train without that adapter and say nothing."""
+    from diffusers import FluxTransformer2DModel
+
+    from .tiny_models import TINY_TRANSFORMER
+
+    with torch.device("meta"):
+        skeleton = FluxTransformer2DModel(**TINY_TRANSFORMER)  # FLUX.1-dev's layout, one block of each kind
+    modules = dict(skeleton.named_modules())
+    for target in targets:
+        matches = [module for name, module in modules.items() if name == target or name.endswith("." + target)]
+        if not matches:
+            raise ValueError(f"--lora_target_modules: '{target}' names no layer of the FLUX transformer; "
+                             f"use names like {','.join(DEFAULT_LORA_TARGETS)},proj_mlp,proj_out,ff.net.2")
+        if not all(isinstance(module, torch.nn.Linear) for module in matches):
+            kind = next(type(m).__name__ for m in matches if not isinstance(m, torch.nn.Linear))
+            raise ValueError(f"--lora_target_modules: '{target}' names a {kind}, not a linear layer; name its projections "
+                             f"(e.g. to_q) instead")
+
+
 def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0):
     """Freeze the transformer and add LoRA adapters; LoRA parameters are kept in fp32 so that
     small updates survive with bf16 base weights."""
@@ -193,8 +223,7 @@ def prepare_for_training(transformer, args):
     elif args.full_finetune:
         transformer.float().requires_grad_(True)  # fp32 master weights under autocast
     else:
-        targets = args.lora_target_modules.split(",") if args.lora_target_modules else DEFAULT_LORA_TARGETS
-        add_lora(transformer, args.rank, args.lora_alpha, targets)
+        add_lora(transformer, args.rank, args.lora_alpha, lora_targets(args))
     if args.attention_backend:
         set_attention_backend(transformer, args.attention_backend)
     if args.gradient_checkpointing:

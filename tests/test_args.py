@@ -40,6 +40,12 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--rollout_guidance", "-2"], "--rollout_guidance must be non-negative"),
         (["--lr_warmup_steps", "-5"], "--lr_warmup_steps must be non-negative"),
         (["--window_shift", "0"], "--window_shift must be positive"),
+        # peft refuses only a list where nothing matches; a typo beside a good name would go unnoticed.
+        (["--lora_target_modules", "to_q,to_vv"], "--lora_target_modules: 'to_vv' names no layer of the FLUX transformer"),
+        (["--lora_target_modules", "attn"], "'attn' names a FluxAttention, not a linear layer"),
+        (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler cosine_annealing: choose one of linear, cosine"),
+        (["--compile", "--compile_mode", "max_autotune"], "--compile_mode max_autotune: choose one of .*max-autotune-no-cudagraphs"),
+        (["--compile_vae", "--compile_backend", "inductr"], "--compile_backend inductr: choose one of torch.compile's backends"),
     ],
 )
 def test_argument_validation(extra, message, tmp_path):
@@ -70,6 +76,21 @@ def test_srpo_argument_validation(extra, message, tmp_path):
     assert train_srpo_flux.parse_args(BASE + ["--output_dir", str(tmp_path), "--monitor_steps", "0"]).monitor_steps == 0
     with pytest.raises(ValueError, match=message):
         train_srpo_flux.parse_args(BASE + ["--output_dir", str(tmp_path)] + extra)
+
+
+def test_lora_target_modules_adapt_exactly_the_named_layers(tmp_path):
+    """Spaces after the commas are fine; every named layer gets an adapter and no other does."""
+    from diffusers import FluxTransformer2DModel
+
+    from flux_rl import models, tiny_models
+
+    args = train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--lora_target_modules", "to_q, proj_mlp"])
+    transformer = FluxTransformer2DModel(**dict(tiny_models.TINY_TRANSFORMER, num_layers=2, num_single_layers=3))
+    models.prepare_for_training(transformer, args)
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in transformer.named_parameters() if ".lora_A" in name}
+    expected = {f"transformer_blocks.{i}.attn.to_q" for i in range(2)}
+    expected |= {f"single_transformer_blocks.{i}.{layer}" for i in range(3) for layer in ("attn.to_q", "proj_mlp")}
+    assert adapted == expected
 
 
 def test_wandb_missing_fails_early(monkeypatch):
