@@ -5,6 +5,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from rewards.base import host_to_device
 
-from . import checkpoints, data, flux, hub, latents, models, schedules, validation
+from . import checkpoints, data, flux, hub, latents, models, preemption, schedules, validation
 from .args import launched_with_fsdp
 from .optim import AdamWStochasticBF16
 
@@ -144,12 +145,28 @@ class Run:
     def end_of_step(self, step: int):
         """Checkpoint and validate after optimiser step `step` (0-based)."""
         done = step + 1
-        if done % self.args.checkpointing_steps == 0 and done < self.args.max_train_steps:
-            checkpoints.save_checkpoint(
-                self.accelerator, self.args.output_dir, done, self.args.checkpoints_total_limit, _config(self.args), logger
-            )
+        if self._checkpoint_due(done):
+            self.save_checkpoint(done)
         if self.args.validation_steps and done % self.args.validation_steps == 0 and done < self.args.max_train_steps:
             self.validate(done)
+
+    def _checkpoint_due(self, done: int) -> bool:
+        return done % self.args.checkpointing_steps == 0 and done < self.args.max_train_steps
+
+    def save_checkpoint(self, done: int) -> str:
+        return checkpoints.save_checkpoint(
+            self.accelerator, self.args.output_dir, done, self.args.checkpoints_total_limit, _config(self.args), logger
+        )
+
+    def stop_for_resume(self, done: int, signal_number: int):
+        """After a stop signal (flux_rl/preemption.py): the steps done so far go into a checkpoint
+        (unless this step's regular one has them), and the process exits with 128 + the signal."""
+        path = self.save_checkpoint(done) if not self._checkpoint_due(done) else os.path.join(self.args.output_dir, f"checkpoint-{done}")
+        if self.accelerator.is_main_process:
+            logger.warning(f"{signal.Signals(signal_number).name} received: stopped after step {done} of "
+                           f"{self.args.max_train_steps}, saved {path}; continue with --resume_from_checkpoint latest")
+        self.accelerator.end_training()
+        raise SystemExit(128 + signal_number)
 
     def validate(self, step: int):
         """Every rank renders through the wrapped model (FSDP needs all ranks in each forward);
@@ -297,14 +314,21 @@ def setup(args, method: str) -> Run:
 
 def train(run: Run, training_step):
     """The loop every trainer shares. `training_step(run, step, logs)` runs the method's forward
-    and backward passes for one optimiser step (all its micro-steps) and appends to `logs`."""
-    for step in run.steps():
-        logs = defaultdict(list)
-        training_step(run, step, logs)
-        grad_norm = run.optimizer_step()
-        run.log(step, {**{k: mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
-        run.end_of_step(step)
-    finish(run)
+    and backward passes for one optimiser step (all its micro-steps) and appends to `logs`.
+    A stop signal (SIGTERM, SIGUSR1) ends the loop after the step it arrives in, with a checkpoint;
+    one that arrives during the last step or the final save lets the run finish."""
+    stop = preemption.StopRequest()
+    with stop.listening():
+        for step in run.steps():
+            logs = defaultdict(list)
+            training_step(run, step, logs)
+            grad_norm = run.optimizer_step()
+            run.log(step, {**{k: mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
+            run.end_of_step(step)
+            signal_number = stop.agreed(run.accelerator)
+            if signal_number and step + 1 < run.args.max_train_steps:
+                run.stop_for_resume(step + 1, signal_number)
+        finish(run)
 
 
 def finish(run: Run):

@@ -7,9 +7,12 @@ import sys
 from tests.conftest import REPO_ROOT
 
 
-def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 300, fsdp: bool = False) -> subprocess.CompletedProcess:
+def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 300, fsdp: bool = False,
+           expect_nonzero_exit: bool = False) -> subprocess.CompletedProcess:
     """`fsdp`: launch with configs/accelerate/fsdp.yaml as shipped (bar the process count and
-    precision), through tests/fsdp_on_cpu.py, which lets accelerate use FSDP without a GPU."""
+    precision), through tests/fsdp_on_cpu.py, which lets accelerate use FSDP without a GPU.
+    `expect_nonzero_exit`: the run should end with a non-zero status, as a stopped run does
+    (accelerate's launchers turn a process's own status into 1)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
     if fsdp:
         env["ACCELERATE_USE_CPU"] = "1"
@@ -26,7 +29,10 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
                os.path.join(REPO_ROOT, script), *args]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    if expect_nonzero_exit:
+        assert result.returncode != 0, f"{script} should have ended with a non-zero status:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    else:
+        assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
 
 

@@ -1,0 +1,67 @@
+"""A stop signal (SIGTERM from SLURM or a spot reclaim, SIGUSR1 as a warning) costs no trained
+step: the trainer finishes the step, writes a checkpoint and exits non-zero; resuming from it
+ends where an uninterrupted run ends (this is also the single-process exact-resume test)."""
+
+import glob
+import os
+import signal
+
+import torch
+from safetensors.torch import load_file
+
+from flux_rl.preemption import StopRequest
+from tests.launch import launch, tiny_args
+
+# As tests/test_train_direct_align.py's lora_run, whose final weights the resumed run must reach.
+LORA_RUN_FLAGS = ["--num_injections", "2", "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--rank", "4",
+                  "--lora_alpha", "8", "--max_train_steps", "5"]
+
+
+def test_signal_is_noted_then_the_previous_handler_is_back():
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda number, frame: seen.append(number))
+    try:
+        stop = StopRequest()
+        with stop.listening():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.signal_number == signal.SIGUSR1 and seen == []  # noted, nothing else
+            os.kill(os.getpid(), signal.SIGUSR1)  # a second one acts as before the trainer started
+            assert seen == [signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_sigterm_mid_step_saves_that_step_and_resume_matches(lora_run, tiny_models, tmp_path):
+    output_dir = str(tmp_path / "stopped")
+    result = launch("tests/signal_probe.py", ["train_direct_align", "SIGTERM", "2", "0"] + tiny_args(
+        tiny_models, output_dir, *LORA_RUN_FLAGS, "--checkpointing_steps", "100"), expect_nonzero_exit=True)
+    assert "SIGTERM received: stopped after step 3 of 5" in result.stderr
+    assert "exit status 143" in result.stderr  # 128 + SIGTERM, passed up by accelerate's launcher
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))] == ["checkpoint-3"]
+    assert not os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))  # not a finished run
+    stopped = load_file(os.path.join(output_dir, "checkpoint-3", "pytorch_lora_weights.safetensors"))
+    regular = load_file(os.path.join(lora_run, "checkpoint-3", "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(stopped[key], regular[key]) for key in regular)  # the signal changed nothing in step 3
+
+    launch("train_direct_align.py", tiny_args(tiny_models, output_dir, *LORA_RUN_FLAGS, "--resume_from_checkpoint", "latest"))
+    uninterrupted = load_file(os.path.join(lora_run, "pytorch_lora_weights.safetensors"))
+    resumed = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+    assert uninterrupted.keys() == resumed.keys()
+    assert any(not torch.equal(stopped[key], uninterrupted[key]) for key in uninterrupted)  # steps 4-5 moved it on
+    for key in uninterrupted:
+        assert torch.allclose(uninterrupted[key], resumed[key], atol=1e-7), key
+
+
+def test_signal_to_one_process_stops_both_after_the_same_step(tiny_models, tmp_path):
+    """SIGUSR1 to rank 1 only: rank 0 learns of it through the step's all-reduce, and both take
+    part in the checkpoint (each rank's RNG state is in it)."""
+    output_dir = str(tmp_path / "ddp-stopped")
+    result = launch("tests/signal_probe.py", ["train_srpo_flux", "SIGUSR1", "0", "1"] + tiny_args(
+        tiny_models, output_dir, "--max_train_steps", "3", "--rank", "4", "--checkpointing_steps", "100"),
+        num_processes=2, expect_nonzero_exit=True)
+    assert "SIGUSR1 received: stopped after step 1 of 3" in result.stderr
+    checkpoint = os.path.join(output_dir, "checkpoint-1")
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))] == ["checkpoint-1"]
+    assert {"random_states_0.pkl", "random_states_1.pkl", "training_state.json"} <= set(os.listdir(checkpoint))
+    assert not os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
