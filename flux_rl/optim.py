@@ -48,12 +48,13 @@ def stochastic_round_to_bf16(x: torch.Tensor, seed=0) -> torch.Tensor:
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, step_seed):
+def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, step_seed, skip=None):
     """torch.optim.AdamW's update of one flat parameter, in place, computed in fp32. `hyper` holds
     [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, bias correction 2, eps, lr / bias correction 1]
     (fp32, on the parameter's device: a tensor, so new values do not recompile the compiled
     version); `step_seed` an int64 tensor, offset here by the parameter's size. bf16 targets are
-    written with stochastic rounding."""
+    written with stochastic rounding. `skip` (a 0-dim tensor, non-zero: skip) keeps every value
+    as it was, on the device (stochastic rounding of a value already in bf16 returns it)."""
     seed = step_seed + weight.numel()  # inside the fused kernel: no extra launch per parameter
     one_minus_beta1, beta2, one_minus_beta2, decay, bias_correction2, eps, step_size = hyper.unbind()
     grad = grad.float()
@@ -61,6 +62,11 @@ def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, step_seed):
     new_exp_avg_sq = exp_avg_sq.float() * beta2 + one_minus_beta2 * grad * grad
     denominator = (new_exp_avg_sq / bias_correction2).sqrt() + eps
     new_weight = weight.float() * decay - step_size * new_exp_avg / denominator
+    if skip is not None:
+        keep = skip != 0
+        new_exp_avg = torch.where(keep, exp_avg.float(), new_exp_avg)
+        new_exp_avg_sq = torch.where(keep, exp_avg_sq.float(), new_exp_avg_sq)
+        new_weight = torch.where(keep, weight.float(), new_weight)
     for stream, (target, value) in enumerate(((exp_avg, new_exp_avg), (exp_avg_sq, new_exp_avg_sq), (weight, new_weight))):
         # Three independent random streams: seed * 3 + stream.
         target.copy_(stochastic_round_to_bf16(value, seed * 3 + stream) if target.dtype == torch.bfloat16 else value)
@@ -71,7 +77,9 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
     parameter; bf16 parameters and moments are written back with stochastic rounding, fp32 ones
     exactly (then it is plain AdamW). `compile`: fuse each parameter's update into one kernel with
     torch.compile (None: on CUDA parameters). The random bits depend only on the seed, the step
-    and the parameter's size, so a resumed run rounds as the uninterrupted one did."""
+    and the parameter's size, so a resumed run rounds as the uninterrupted one did. A `found_inf`
+    attribute (a 0-dim device tensor, as GradScaler sets on fused optimizers) skips the update
+    where it is non-zero; the step count still advances (it lives on the host)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, seed=0, compile=None,
                  compile_backend="inductor"):
@@ -113,7 +121,7 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
                     )
                 self._update(
                     device, parameter.view(-1), parameter.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
-                    *step_inputs[key],
+                    *step_inputs[key], getattr(self, "found_inf", None),
                 )
         return loss
 
@@ -126,3 +134,34 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
             warnings.warn(f"AdamWStochasticBF16: compiling the update failed ({str(error).splitlines()[0]}); using the eager update")
             self.compile = False
             return adamw_update(*tensors)
+
+
+def step_unless_not_finite(optimizer, grad_norm) -> torch.Tensor:
+    """optimizer.step(), skipped when `grad_norm` (the gradient's norm, from clipping) is nan or
+    inf. One such gradient (a bf16 overflow, a NaN out of a reward model) would otherwise turn
+    every trained weight into NaN, and every checkpoint written after it. Decided on the device: a
+    check on the host would make the GPU wait at every step. torch's fused AdamW and
+    AdamWStochasticBF16 read the flag as `found_inf` (the attribute GradScaler sets) and leave
+    weights and moments as they were; another optimizer (bitsandbytes') gets a zero gradient
+    instead, so that its moments decay by one step. Under fp16, accelerate's GradScaler skips such
+    steps itself. Returns the flag (1.0: skipped), on the device, for the step's logs."""
+    skipped = (~torch.isfinite(grad_norm)).float()
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if getattr(optimizer, "scaler", None) is not None:
+        optimizer.step()
+        return skipped
+    if isinstance(inner, AdamWStochasticBF16) or (isinstance(inner, torch.optim.Adam) and inner.defaults.get("fused")):
+        inner.found_inf = skipped
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+        return skipped
+    not_finite = skipped.bool()
+    with torch.no_grad():
+        for group in inner.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.grad.masked_fill_(not_finite, 0.0)
+    optimizer.step()
+    return skipped

@@ -17,7 +17,7 @@ from rewards.base import host_to_device
 
 from . import checkpoints, data, flux, hub, latents, models, preemption, schedules, validation
 from .args import launched_with_fsdp
-from .optim import AdamWStochasticBF16
+from .optim import AdamWStochasticBF16, step_unless_not_finite
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +115,13 @@ class Run:
         return self.accelerator.unwrap_model(self.transformer)
 
     def optimizer_step(self):
-        """Clip, step, zero; returns the gradient norm, still on the device."""
+        """Clip, step (skipped when the gradient is not finite), zero; returns the gradient norm
+        and the skip flag, still on the device."""
         grad_norm = self.accelerator.clip_grad_norm_(models.trainable_parameters(self.transformer), self.args.max_grad_norm)
-        self.optimizer.step()
+        skipped = step_unless_not_finite(self.optimizer, grad_norm)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, skipped
 
     def steps(self):
         """Yields the step indices still to run, with a progress bar."""
@@ -137,6 +138,8 @@ class Run:
         """`values` may be device tensors: the step's logs are read back here, once, after the
         optimiser step, not with an .item() per branch that would stall the GPU mid-step."""
         values = {k: float(v) for k, v in values.items()}
+        if values.get("update_skipped"):
+            logger.warning(f"step {step + 1}: the gradient norm is {values.get('grad_norm')}; the update was skipped")
         values["lr"] = self.lr_scheduler.get_last_lr()[0]
         values["step_time"] = time.time() - self._step_started
         self._last_loss = round(values.get("loss", 0.0), 5)
@@ -196,7 +199,9 @@ def make_optimizer(args, params):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    # fused: one kernel for all parameters, and it can skip a non-finite step on the device (optim.step_unless_not_finite)
+    fused = all(p.device.type in ("cuda", "cpu") for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def _config(args) -> dict:
@@ -322,8 +327,8 @@ def train(run: Run, training_step):
         for step in run.steps():
             logs = defaultdict(list)
             training_step(run, step, logs)
-            grad_norm = run.optimizer_step()
-            run.log(step, {**{k: mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm})
+            grad_norm, skipped = run.optimizer_step()
+            run.log(step, {**{k: mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm, "update_skipped": skipped})
             run.end_of_step(step)
             signal_number = stop.agreed(run.accelerator)
             if signal_number and step + 1 < run.args.max_train_steps:

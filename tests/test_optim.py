@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flux_rl.optim import AdamWStochasticBF16, random_bits16, stochastic_round_to_bf16
+from flux_rl.optim import AdamWStochasticBF16, random_bits16, step_unless_not_finite, stochastic_round_to_bf16
 
 
 def test_stochastic_rounding_is_unbiased_and_brackets():
@@ -148,3 +148,78 @@ def test_a_failing_compiler_falls_back_to_the_eager_update():
             parameter.grad = torch.randn(300, 70, generator=torch.Generator().manual_seed(step + 1)).to(torch.bfloat16)
             optimizer.step()
     assert torch.equal(parameter.detach(), expected) and optimizer.compile is False
+
+
+def _optimizers_under_test():
+    """Each kind the trainers make: torch's fused AdamW (LoRA, fp32-master full fine-tune), ours
+    for bf16 weights (eager; compiled on the GPU), and one without a skip flag (SGD with momentum
+    standing in for bitsandbytes' AdamW8bit, which has no CPU kernels)."""
+    kwargs = dict(lr=1e-2, weight_decay=0.1)
+    return {
+        "fused_adamw": (torch.float32, lambda params: torch.optim.AdamW(params, fused=True, **kwargs)),
+        "stochastic_bf16": (torch.bfloat16, lambda params: AdamWStochasticBF16(params, compile=False, **kwargs)),
+        "no_skip_flag": (torch.float32, lambda params: torch.optim.SGD(params, momentum=0.9, **kwargs)),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_optimizers_under_test()))
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_skips_the_update(kind, poison):
+    """Without the skip, clipping by a nan norm makes every gradient nan and the step every weight."""
+    dtype, make = _optimizers_under_test()[kind]
+    model = torch.nn.Linear(8, 4).to(dtype)
+    optimizer = make(model.parameters())
+
+    def step(gradient_fill=None):
+        optimizer.zero_grad()
+        model(torch.randn(16, 8, dtype=dtype, generator=torch.Generator().manual_seed(0))).float().pow(2).mean().backward()
+        if gradient_fill is not None:
+            model.weight.grad[0, 0] = gradient_fill
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        return step_unless_not_finite(optimizer, norm)
+
+    assert step().item() == 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    moments = {k: v.clone() for k, v in optimizer.state[model.weight].items() if torch.is_tensor(v)}
+    assert step(poison).item() == 1.0
+    assert not hasattr(optimizer, "found_inf")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if kind == "no_skip_flag":  # a zero gradient instead: only the momentum moves the weights
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    else:  # weights and moments exactly as they were
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        for name, value in moments.items():
+            if name != "step":
+                assert torch.equal(value, optimizer.state[model.weight][name]), name
+    if kind == "fused_adamw":
+        assert optimizer.state[model.weight]["step"].item() == 1  # torch takes the skipped step back
+    assert step().item() == 0.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(before[0], model.weight)
+
+
+def test_a_trainer_step_with_a_nan_reward_changes_no_weight(caplog):
+    """Through the trainers' own optimizer (fused AdamW for LoRA) and Run.optimizer_step: the
+    step is skipped, and the step's log says so."""
+    import logging
+    from collections import defaultdict
+
+    from accelerate import Accelerator
+
+    import train_direct_align
+    from benchmarks import benchmark_trainers
+    from flux_rl import models
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    run = benchmark_trainers.build_run(train_direct_align, [], "tiny", "lora", 64, 2, False, torch.device("cpu"), accelerator)
+    assert run.optimizer.defaults["fused"]
+    reward = run.reward
+    run.reward = lambda images, prompts: (lambda value, parts: (value * float("nan"), parts))(*reward(images, prompts))
+    before = [p.detach().clone() for p in models.trainable_parameters(run.transformer)]
+    train_direct_align.training_step(run, 0, defaultdict(list))
+    grad_norm, skipped = run.optimizer_step()
+    assert torch.isnan(grad_norm) and skipped.item() == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, models.trainable_parameters(run.transformer)))
+    with caplog.at_level(logging.WARNING):
+        run.log(0, {"grad_norm": grad_norm, "update_skipped": skipped})
+    assert "step 1: the gradient norm is nan; the update was skipped" in caplog.text
