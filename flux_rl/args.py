@@ -271,10 +271,12 @@ def validate_common_args(args):
     looks_local = args.dataset_name and (args.dataset_name.startswith((".", "/")) or os.path.splitext(args.dataset_name)[1])
     if looks_local and not os.path.exists(args.dataset_name):
         fail(f"--dataset_name {args.dataset_name}: no such file or folder")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        candidates = [args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)]
-        if not any(os.path.isdir(c) for c in candidates):
-            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder; use 'latest' or a checkpoint-N path")
+    if args.resume_from_checkpoint:
+        from .checkpoints import check_resume_config, resolve_resume
+
+        path = resolve_resume(args.resume_from_checkpoint, args.output_dir)  # one-line error when missing
+        if path:
+            check_resume_config(path, args)
     from rewards import parse_reward_spec
 
     parse_reward_spec(args.reward)

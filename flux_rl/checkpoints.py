@@ -61,6 +61,38 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
     return path
 
 
+# Flags that decide what a checkpoint holds: with another value the saved weights or optimizer
+# state do not load (rank, targets, the optimizer's kind) or load and mean something else (alpha
+# scales the saved LoRA update; a full fine-tune's weights are not a LoRA).
+STRUCTURAL_FLAGS = ("full_finetune", "bf16_weights", "use_8bit_adam", "rank", "lora_alpha", "lora_target_modules")
+
+
+def check_resume_config(path: str, args):
+    """A one-line error, before any model loads, when the checkpoint at `path` was written with
+    other STRUCTURAL_FLAGS than this run's (accelerate would fail later with a size mismatch, or
+    not at all)."""
+    state_file = os.path.join(path, "training_state.json")
+    if not os.path.exists(state_file):
+        raise ValueError(f"--resume_from_checkpoint: {path} has no training_state.json; it is not a complete checkpoint of this trainer")
+    with open(state_file) as f:
+        saved = json.load(f).get("config", {})
+    for flag in STRUCTURAL_FLAGS:
+        if flag not in saved or (args.full_finetune and flag in ("rank", "lora_alpha", "lora_target_modules")):
+            continue
+        before, now = _normalised(flag, saved[flag]), _normalised(flag, getattr(args, flag, None))
+        if before != now:
+            raise ValueError(f"--resume_from_checkpoint: {os.path.basename(path)} was trained with --{flag} {saved[flag]}, this run "
+                             f"has {getattr(args, flag, None)}; resume with the checkpoint's value or start a new --output_dir")
+
+
+def _normalised(flag, value):
+    if flag == "lora_target_modules":
+        return [name.strip() for name in value.split(",") if name.strip()] if value else None
+    if flag == "lora_alpha" and value is not None:
+        return float(value)
+    return value
+
+
 def load_checkpoint(accelerator, path: str) -> int:
     """Restore everything saved by save_checkpoint; returns the step to continue from."""
     accelerator.load_state(path)

@@ -93,6 +93,32 @@ def test_lora_target_modules_adapt_exactly_the_named_layers(tmp_path):
     assert adapted == expected
 
 
+@pytest.mark.parametrize("saved, flags, message", [
+    ({"rank": 4}, ["--rank", "8"], "checkpoint-3 was trained with --rank 4, this run has 8"),
+    ({"lora_alpha": 8.0}, ["--lora_alpha", "64"], "--lora_alpha 8.0"),
+    ({"lora_target_modules": "to_q,to_k"}, ["--lora_target_modules", "to_q"], "--lora_target_modules to_q,to_k"),
+    ({"full_finetune": False}, ["--full_finetune"], "--full_finetune False"),
+    ({"use_8bit_adam": True}, [], "--use_8bit_adam True"),
+    ({"rank": 4, "lora_alpha": 8, "lora_target_modules": "to_q, to_k", "learning_rate": 1.0}, ["--rank", "4", "--lora_alpha", "8",
+     "--lora_target_modules", "to_q,to_k"], None),  # same structure (an int alpha, spaces); other flags may change
+])
+def test_resume_refuses_a_checkpoint_of_another_structure(saved, flags, message, tmp_path):
+    """Before loading: a checkpoint written with another rank, alpha, LoRA targets or optimizer kind
+    would fail in accelerate's load_state with a size mismatch, or load and mean something else."""
+    import json
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "training_state.json").write_text(json.dumps({"global_step": 3, "config": saved}))
+    args = BASE + ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"] + flags
+    if message is None:
+        assert train_direct_align.parse_args(args).resume_from_checkpoint == "latest"
+        return
+    with pytest.raises(ValueError, match=message) as error:
+        train_direct_align.parse_args(args)
+    assert "\n" not in str(error.value)
+
+
 def test_wandb_missing_fails_early(monkeypatch):
     import importlib.util
 
