@@ -4,8 +4,11 @@ SIGTERM is what SLURM (scancel, the time limit), Kubernetes and spot-instance re
 SIGUSR1 is the early warning of `sbatch --signal=USR1@300`. The handler only notes the signal:
 the trainer finishes the step it is in, writes a checkpoint like any other, and exits with
 status 128 + the signal's number (143 for SIGTERM), so that a job script can tell a stop from a
-finished run and start again with `--resume_from_checkpoint latest`. A second signal of the same
-kind does what it did before the trainer started (ends the process at once).
+finished run and start again with `--resume_from_checkpoint latest`.
+
+A second signal is noted like the first, not taken as "end now": under SLURM a multi-GPU job's
+workers get SIGTERM twice, once from SLURM and once passed on by the launcher (torchrun), within
+milliseconds. Ctrl-C (SIGINT) still interrupts at once, and SIGKILL ends anything.
 """
 
 import contextlib
@@ -24,7 +27,6 @@ class StopRequest:
 
     def _note(self, signal_number, frame):
         self.signal_number = signal_number
-        signal.signal(signal_number, self._previous[signal_number])
 
     @contextlib.contextmanager
     def listening(self):
