@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, rotation to the newest N, and `--resume_from_checkpoint latest`.
+"""Checkpoints: atomic writes, rotation to the newest N, and `--resume_from_checkpoint latest`;
+the final weights are put in place by a rename too (`publish`).
 
 A checkpoint is `accelerator.save_state` (model through the save hooks, optimizer, LR scheduler,
 RNG states) plus `training_state.json` (the step and the run's configuration). It is written to
@@ -43,6 +44,27 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
                     logger.info(f"removed old checkpoint {stale}")
     accelerator.wait_for_everyone()
     return final
+
+
+def publish(output_dir: str, name: str, write) -> str:
+    """Puts output_dir/name (a file or a folder) in place by a rename: `write(folder)` first writes
+    `name` into a fresh staging folder beside it. A process killed while writing (the final 24 GB
+    of a full fine-tune take a minute) leaves the previous copy or none, never half a file."""
+    staging = os.path.join(output_dir, f".{name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    write(staging)
+    source, target = os.path.join(staging, name), os.path.join(output_dir, name)
+    if os.path.isdir(target):  # a folder cannot be renamed over a full one: the old one steps aside first
+        previous = target + ".old"
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(target, previous)
+        os.replace(source, target)
+        shutil.rmtree(previous)
+    else:
+        os.replace(source, target)
+    shutil.rmtree(staging)
+    return target
 
 
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what save_lora writes and load_lora_weights looks for
 DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
 
 
@@ -242,7 +243,8 @@ def save_lora(output_dir: str, transformer, state_dict=None):
     `state_dict`: the full model state when it had to be gathered first (FSDP)."""
     from diffusers import FluxPipeline
 
-    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state_dict(transformer, state_dict))
+    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state_dict(transformer, state_dict),
+                                   weight_name=LORA_WEIGHTS_NAME)
 
 
 def lora_state_dict(transformer, state_dict=None, adapter_name: str = "default") -> dict:

@@ -344,9 +344,11 @@ def finish(run: Run):
     if accelerator.is_main_process:
         transformer = run.unwrapped()
         if args.full_finetune:
-            models.save_full_model(os.path.join(args.output_dir, "transformer"), transformer, state_dict=state)
+            checkpoints.publish(args.output_dir, "transformer", lambda folder: models.save_full_model(
+                os.path.join(folder, "transformer"), transformer, state_dict=state))
         else:
-            models.save_lora(args.output_dir, transformer, state_dict=state)
+            checkpoints.publish(args.output_dir, models.LORA_WEIGHTS_NAME, lambda folder: models.save_lora(
+                folder, transformer, state_dict=state))
     run.validate(args.max_train_steps)
     if accelerator.is_main_process:
         hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id if args.push_to_hub else None)

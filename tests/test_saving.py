@@ -39,3 +39,38 @@ def test_save_full_model_shards_load_back(tiny_flux, tmp_path):
     reloaded = FluxTransformer2DModel.from_pretrained(str(tmp_path)).state_dict()
     for key, value in transformer.state_dict().items():
         assert torch.equal(reloaded[key], value), key
+
+
+def test_publish_replaces_whole_or_not_at_all(tmp_path):
+    """The final weights go in by a rename: a write that dies halfway leaves the previous copy as it
+    was (a file, or a folder of shards), and a finished one replaces it whole."""
+    import pytest
+
+    from flux_rl.checkpoints import publish
+
+    (tmp_path / "weights.safetensors").write_text("previous")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "shard-1").write_text("previous")
+
+    def dies_halfway(name):
+        def write(folder):
+            target = os.path.join(folder, name)
+            if name == "transformer":
+                os.makedirs(target)
+                target = os.path.join(target, "shard-1")
+            with open(target, "w") as f:
+                f.write("half")
+            raise OSError("No space left on device")
+        return write
+
+    for name in ("weights.safetensors", "transformer"):
+        with pytest.raises(OSError):
+            publish(str(tmp_path), name, dies_halfway(name))
+    assert (tmp_path / "weights.safetensors").read_text() == "previous"
+    assert (tmp_path / "transformer" / "shard-1").read_text() == "previous"
+
+    publish(str(tmp_path), "weights.safetensors", lambda folder: open(os.path.join(folder, "weights.safetensors"), "w").write("new"))
+    publish(str(tmp_path), "transformer", lambda folder: os.makedirs(os.path.join(folder, "transformer", "shard-2")))
+    assert (tmp_path / "weights.safetensors").read_text() == "new"
+    assert os.listdir(tmp_path / "transformer") == ["shard-2"]  # the old shards do not linger
+    assert sorted(os.listdir(tmp_path)) == ["transformer", "weights.safetensors"]  # no staging or .old left
