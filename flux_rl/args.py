@@ -95,7 +95,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--tracker_project_name", type=str, default=None)
     a("--validation_prompt", type=str, nargs="+", default=None)
     a("--validation_steps", type=int, default=None, help="Render validation images every N steps (and at the end).")
-    a("--validation_seed", type=int, default=0)
+    a("--validation_seed", type=int, default=0, help="Image i of each validation prompt uses seed + i.")
+    a("--num_validation_images", type=int, default=1,
+      help="Images per validation prompt, rendered one batch of the prompts at a time (a grid row per prompt).")
     a("--push_to_hub", action="store_true")
     a("--hub_model_id", type=str, default=None)
     a("--hub_token", type=str, default=None)
@@ -206,7 +208,8 @@ def validate_common_args(args):
         fail("--pretrained_model_name_or_path is required (e.g. black-forest-labs/FLUX.1-dev, or tiny-models/flux for the smoke run)")
     if args.resolution <= 0 or args.resolution % 16:
         fail(f"--resolution {args.resolution} must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps", "checkpointing_steps"):
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps", "checkpointing_steps",
+                 "num_validation_images"):
         if getattr(args, flag) < 1:
             fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     check_ranges(args, COMMON_RANGES)

@@ -174,20 +174,29 @@ class Run:
     def validate(self, step: int):
         """Every rank renders through the wrapped model (FSDP needs all ranks in each forward);
         the main process logs."""
-        if not self.args.validation_prompt:
+        prompts, count = self.args.validation_prompt, self.args.num_validation_images
+        if not prompts:
             return None
-        with self.accelerator.autocast():
-            images = validation.render(
-                self.transformer, self.vae, self.prompt_encoder, self.args.validation_prompt, self.args.validation_seed,
-                self.args.resolution, self.args.resolution, self.rollout_sigmas, self.args.rollout_guidance,
-                self.vae_scale_factor, self.device, self.weight_dtype,
-                tabulate_modulations_of=self._modulations_model(),
-            )
-            with torch.no_grad():
-                scores, _ = self.reward(images, self.args.validation_prompt)
+        images, scores = [], []
+        # One batch of the prompts per seed: the batch the rollout's compiled graphs already know,
+        # and no more memory than one image per prompt.
+        for index in range(count):
+            with self.accelerator.autocast():
+                batch = validation.render(
+                    self.transformer, self.vae, self.prompt_encoder, prompts, self.args.validation_seed + index,
+                    self.args.resolution, self.args.resolution, self.rollout_sigmas, self.args.rollout_guidance,
+                    self.vae_scale_factor, self.device, self.weight_dtype,
+                    tabulate_modulations_of=self._modulations_model(),
+                )
+                with torch.no_grad():
+                    scores.append(self.reward(batch, prompts)[0])
+            images.append(batch)
         if not self.accelerator.is_main_process:
             return None
-        return validation.log_validation(self.accelerator, images, self.args.validation_prompt, scores, step, self.args.output_dir)
+        # prompt-major: with several seeds, row p of the grid holds prompt p's images, one column per seed
+        images, scores = torch.stack(images, 1).flatten(0, 1), torch.stack(scores, 1).flatten()
+        return validation.log_validation(self.accelerator, images, [p for p in prompts for _ in range(count)], scores, step,
+                                         self.args.output_dir, columns=count if count > 1 else None)
 
 
 def make_optimizer(args, params):

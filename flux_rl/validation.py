@@ -42,9 +42,10 @@ def render(transformer, vae, prompt_encoder, prompts, seed, height, width, sigma
     return latents.decode(vae, x0, height, width, vae_scale_factor)
 
 
-def log_validation(accelerator, images, prompts, scores, step, output_dir, tag="validation"):
+def log_validation(accelerator, images, prompts, scores, step, output_dir, tag="validation", columns=None):
+    """`prompts` and `scores`: one per image. `columns`: tiles per grid row (default up to 4)."""
     captions = [f"{s:.3f}" for s in scores.tolist()]
-    grid = image_grid(images, captions)
+    grid = image_grid(images, captions, columns)
     os.makedirs(os.path.join(output_dir, tag), exist_ok=True)
     path = os.path.join(output_dir, tag, f"step-{step:06d}.png")
     grid.save(path)

@@ -17,7 +17,7 @@ SCRIPT = "train_srpo_flux.py"
 def test_online_lora_batch_two(tiny_models, tiny_flux, tmp_path):
     output_dir = str(tmp_path / "srpo")
     launch(SCRIPT, tiny_args(tiny_models, output_dir, "--max_train_steps", "3", "--train_batch_size", "2",
-                             "--validation_prompt", "a cat", "--rank", "4"))
+                             "--validation_prompt", "a cat", "a red car", "--num_validation_images", "3", "--rank", "4"))
     tags = scalar_tags(output_dir)
     for tag in ["loss", "grad_norm", "lr", "step_time", "denoise/score", "inversion/score", "denoise/k", "inversion/k",
                 "denoise/hpsv2/wanted", "denoise/hpsv2/unwanted", "inversion/hpsv2/wanted", "drift/saturation",
@@ -29,7 +29,11 @@ def test_online_lora_batch_two(tiny_models, tiny_flux, tmp_path):
     assert all(0.01 <= k <= 0.3 for k in tags["inversion/k"]) and all(0.1 <= k <= 0.25 for k in tags["denoise/k"])
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     pipe.load_lora_weights(output_dir)
-    assert os.path.exists(os.path.join(output_dir, "validation", "step-000003.png"))
+    grid = Image.open(os.path.join(output_dir, "validation", "step-000003.png"))
+    assert grid.size == (3 * 64, 2 * 64)  # a row per prompt, a column per seed
+    # Below each tile's caption (its reward): validation_seed + i gives three different images of "a cat".
+    tiles = [grid.crop((64 * column, 16, 64 * (column + 1), 64)).tobytes() for column in range(3)]
+    assert len(set(tiles)) == 3
 
 
 def test_full_finetune(tiny_models, tiny_flux, tmp_path):
