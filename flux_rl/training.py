@@ -21,6 +21,10 @@ from .optim import AdamWStochasticBF16, step_unless_not_finite
 
 logger = logging.getLogger(__name__)
 
+# A bf16 overflow now and then costs one skipped update; this many in a row means the run cannot
+# train (a reward or a learning rate that gives NaN for every image), so it stops with a checkpoint.
+MAX_SKIPPED_IN_A_ROW = 10
+
 
 @dataclass
 class Run:
@@ -42,6 +46,7 @@ class Run:
     start_step: int = 0
     _step_started: float = field(default_factory=time.time)
     _last_loss: float = 0.0
+    skipped_in_a_row: int = 0  # updates skipped for a non-finite gradient, up to the last logged step
 
     @property
     def device(self):
@@ -138,7 +143,8 @@ class Run:
         """`values` may be device tensors: the step's logs are read back here, once, after the
         optimiser step, not with an .item() per branch that would stall the GPU mid-step."""
         values = {k: float(v) for k, v in values.items()}
-        if values.get("update_skipped"):
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if values.get("update_skipped") else 0
+        if self.skipped_in_a_row and self.accelerator.is_main_process:
             logger.warning(f"step {step + 1}: the gradient norm is {values.get('grad_norm')}; the update was skipped")
         values["lr"] = self.lr_scheduler.get_last_lr()[0]
         values["step_time"] = time.time() - self._step_started
@@ -161,15 +167,31 @@ class Run:
             self.accelerator, self.args.output_dir, done, self.args.checkpoints_total_limit, _config(self.args), logger
         )
 
+    def _checkpoint_now(self, done: int) -> str:
+        """A checkpoint of step `done`, unless end_of_step has just written it."""
+        return os.path.join(self.args.output_dir, f"checkpoint-{done}") if self._checkpoint_due(done) else self.save_checkpoint(done)
+
     def stop_for_resume(self, done: int, signal_number: int):
-        """After a stop signal (flux_rl/preemption.py): the steps done so far go into a checkpoint
-        (unless this step's regular one has them), and the process exits with 128 + the signal."""
-        path = self.save_checkpoint(done) if not self._checkpoint_due(done) else os.path.join(self.args.output_dir, f"checkpoint-{done}")
+        """After a stop signal (flux_rl/preemption.py): the steps done so far go into a checkpoint,
+        and the process exits with 128 + the signal."""
+        path = self._checkpoint_now(done)
         if self.accelerator.is_main_process:
             logger.warning(f"{signal.Signals(signal_number).name} received: stopped after step {done} of "
                            f"{self.args.max_train_steps}, saved {path}; continue with --resume_from_checkpoint latest")
         self.accelerator.end_training()
         raise SystemExit(128 + signal_number)
+
+    def stop_after_skipped_updates(self, done: int):
+        """MAX_SKIPPED_IN_A_ROW updates in a row were skipped (optim.step_unless_not_finite): the
+        weights have not moved since, and a run that cannot take a step should not hold the GPUs.
+        Every rank sees the same (global) gradient norm, so all stop here together."""
+        path = self._checkpoint_now(done)
+        self.accelerator.end_training()
+        raise RuntimeError(
+            f"steps {done - self.skipped_in_a_row + 1}-{done} all had a non-finite gradient, so every update was skipped; "
+            f"the weights of step {done - self.skipped_in_a_row} are in {path}. Look at the losses and rewards logged "
+            f"for these steps, then resume from it with a lower --learning_rate or --max_grad_norm"
+        )
 
     def validate(self, step: int):
         """Every rank renders through the wrapped model (FSDP needs all ranks in each forward);
@@ -330,7 +352,8 @@ def train(run: Run, training_step):
     """The loop every trainer shares. `training_step(run, step, logs)` runs the method's forward
     and backward passes for one optimiser step (all its micro-steps) and appends to `logs`.
     A stop signal (SIGTERM, SIGUSR1) ends the loop after the step it arrives in, with a checkpoint;
-    one that arrives during the last step or the final save lets the run finish."""
+    one that arrives during the last step or the final save lets the run finish. So do
+    MAX_SKIPPED_IN_A_ROW skipped updates in a row, with an error."""
     stop = preemption.StopRequest()
     with stop.listening():
         for step in run.steps():
@@ -342,6 +365,8 @@ def train(run: Run, training_step):
             signal_number = stop.agreed(run.accelerator)
             if signal_number and step + 1 < run.args.max_train_steps:
                 run.stop_for_resume(step + 1, signal_number)
+            if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                run.stop_after_skipped_updates(step + 1)
         finish(run)
 
 

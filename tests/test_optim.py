@@ -223,3 +223,30 @@ def test_a_trainer_step_with_a_nan_reward_changes_no_weight(caplog):
     with caplog.at_level(logging.WARNING):
         run.log(0, {"grad_norm": grad_norm, "update_skipped": skipped})
     assert "step 1: the gradient norm is nan; the update was skipped" in caplog.text
+
+
+def test_a_run_that_cannot_take_a_step_stops_with_a_checkpoint(tiny_models, tmp_path):
+    """Two good steps, then a NaN reward for every image: ten skipped updates in a row end the run
+    with an error and a checkpoint holding the weights of step 2, instead of idling to the end."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    from flux_rl.training import MAX_SKIPPED_IN_A_ROW
+    from tests.launch import launch, tiny_args
+
+    output_dir = str(tmp_path / "nan")
+    result = launch("tests/nan_reward_probe.py", ["train_direct_align", "2"] + tiny_args(
+        tiny_models, output_dir, "--max_train_steps", "40", "--rank", "4", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "20", "--num_inference_steps", "2"), expect_nonzero_exit=True)
+    last = 2 + MAX_SKIPPED_IN_A_ROW
+    assert f"steps 3-{last} all had a non-finite gradient" in result.stderr
+    assert result.stderr.count("the update was skipped") == MAX_SKIPPED_IN_A_ROW
+    names = sorted(int(p.rsplit("-", 1)[1]) for p in glob.glob(os.path.join(output_dir, "checkpoint-*")))
+    assert names == list(range(2, last + 1, 2))
+    after_good_steps = load_file(os.path.join(output_dir, "checkpoint-2", "pytorch_lora_weights.safetensors"))
+    at_stop = load_file(os.path.join(output_dir, f"checkpoint-{last}", "pytorch_lora_weights.safetensors"))
+    for key, value in after_good_steps.items():
+        assert torch.equal(value, at_stop[key]) and torch.isfinite(value).all(), key
+    assert any(value.abs().sum() > 0 for key, value in after_good_steps.items() if "lora_B" in key)  # it had trained
