@@ -352,8 +352,8 @@ def train(run: Run, training_step):
     """The loop every trainer shares. `training_step(run, step, logs)` runs the method's forward
     and backward passes for one optimiser step (all its micro-steps) and appends to `logs`.
     A stop signal (SIGTERM, SIGUSR1) ends the loop after the step it arrives in, with a checkpoint;
-    one that arrives during the last step or the final save lets the run finish. So do
-    MAX_SKIPPED_IN_A_ROW skipped updates in a row, with an error."""
+    one that arrives during the last step or the final save lets the run finish.
+    MAX_SKIPPED_IN_A_ROW skipped updates in a row end the loop too, with a checkpoint and an error."""
     stop = preemption.StopRequest()
     with stop.listening():
         for step in run.steps():
