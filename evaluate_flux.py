@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import rewards
 from flux_rl import evaluation
-from flux_rl.args import check_ranges, run_cli
+from flux_rl.args import COMMON_RANGES, check_ranges, run_cli
 
 
 def parse_args(input_args=None):
@@ -56,7 +56,7 @@ def parse_args(input_args=None):
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     check_ranges(args, [
         ("guidance_scale", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
-        ("max_sequence_length", (1, 512), "FLUX.1's T5 takes at most 512 tokens"),
+        *[entry for entry in COMMON_RANGES if entry[0] == "max_sequence_length"],
     ])
     args.model_specs = evaluation.parse_model_specs(args.models)
     return args

@@ -224,7 +224,7 @@ def validate_common_args(args):
     if args.lora_target_modules and not args.full_finetune:
         from .models import check_lora_targets, lora_targets
 
-        check_lora_targets(lora_targets(args))
+        check_lora_targets(lora_targets(args.lora_target_modules))
     if not 0.0 <= args.gradient_checkpointing_ratio <= 1.0:
         fail(f"--gradient_checkpointing_ratio must lie in [0, 1] (the share of blocks recomputed), got {args.gradient_checkpointing_ratio}")
     if args.gradient_checkpointing_ratio != 1.0 and not args.gradient_checkpointing:

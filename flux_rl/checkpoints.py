@@ -109,7 +109,9 @@ def check_resume_config(path: str, args):
 
 def _normalised(flag, value):
     if flag == "lora_target_modules":
-        return [name.strip() for name in value.split(",") if name.strip()] if value else None
+        from .models import lora_targets
+
+        return lora_targets(value)  # the list peft gets: the defaults for None, spaces dropped
     if flag == "lora_alpha" and value is not None:
         return float(value)
     return value

@@ -16,11 +16,12 @@ def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dt
     return FluxPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype)
 
 
-def lora_targets(args) -> list[str]:
-    """--lora_target_modules as a list; peft adapts each module whose name is a target or ends in '.' + target."""
-    if not args.lora_target_modules:
+def lora_targets(flag_value: str | None) -> list[str]:
+    """--lora_target_modules as a list (None: the defaults); peft adapts each module whose name is a
+    target or ends in '.' + target."""
+    if not flag_value:
         return DEFAULT_LORA_TARGETS
-    return [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+    return [name.strip() for name in flag_value.split(",") if name.strip()]
 
 
 def check_lora_targets(targets: list[str]):
@@ -224,7 +225,7 @@ def prepare_for_training(transformer, args):
     elif args.full_finetune:
         transformer.float().requires_grad_(True)  # fp32 master weights under autocast
     else:
-        add_lora(transformer, args.rank, args.lora_alpha, lora_targets(args))
+        add_lora(transformer, args.rank, args.lora_alpha, lora_targets(args.lora_target_modules))
     if args.attention_backend:
         set_attention_backend(transformer, args.attention_backend)
     if args.gradient_checkpointing:

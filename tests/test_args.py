@@ -101,6 +101,8 @@ def test_lora_target_modules_adapt_exactly_the_named_layers(tmp_path):
     ({"use_8bit_adam": True}, [], "--use_8bit_adam True"),
     ({"rank": 4, "lora_alpha": 8, "lora_target_modules": "to_q, to_k", "learning_rate": 1.0}, ["--rank", "4", "--lora_alpha", "8",
      "--lora_target_modules", "to_q,to_k"], None),  # same structure (an int alpha, spaces); other flags may change
+    ({"lora_target_modules": None}, ["--lora_target_modules", "to_k, to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"],
+     None),  # the defaults named out loud are the defaults
 ])
 def test_resume_refuses_a_checkpoint_of_another_structure(saved, flags, message, tmp_path):
     """Before loading: a checkpoint written with another rank, alpha, LoRA targets or optimizer kind
