@@ -143,7 +143,7 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
         torch.set_default_dtype(previous_dtype)
     models.prepare_vae(vae, args)  # exactly what the trainers do with these flags
     models.prepare_for_training(transformer, args)
-    optimizer = training.make_optimizer(args, models.trainable_parameters(transformer))
+    optimizer = training.make_optimizer(args, models.trainable_parameters(transformer), args.learning_rate)
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     return (MetaRun if device.type == "meta" else training.Run)(

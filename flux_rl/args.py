@@ -75,8 +75,12 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--gradient_accumulation_steps", type=int, default=1, help="Rollouts accumulated per optimiser step.")
     a("--max_train_steps", type=int, default=20)
     a("--learning_rate", type=float, default=None, help="Default: 5e-6 with --full_finetune (the SRPO release), 1e-4 for LoRA.")
+    a("--scale_lr", action="store_true",
+      help="Multiply --learning_rate by the images per optimiser step (GPUs x --train_batch_size x accumulation), as diffusers' examples do.")
     a("--lr_scheduler", type=str, default="constant")
     a("--lr_warmup_steps", type=int, default=0)
+    a("--lr_num_cycles", type=int, default=1, help="Hard restarts of the cosine_with_restarts schedule.")
+    a("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule (1: linear decay).")
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-4)
@@ -175,6 +179,8 @@ COMMON_RANGES = [
     ("seed", (0, 2**32 - 1), "numpy takes seeds in that range"),
     ("validation_seed", (0, 2**32 - 1), "numpy takes seeds in that range"),
     ("lr_warmup_steps", "non-negative", "0 starts at the full learning rate"),
+    ("lr_num_cycles", "positive", "cosine_with_restarts runs at least one cosine"),
+    ("lr_power", "positive", "the polynomial schedule decays as (1 - progress) ** power"),
     ("adam_beta1", "in [0, 1)", "AdamW refuses other betas"),
     ("adam_beta2", "in [0, 1)", "AdamW refuses other betas"),
     ("adam_weight_decay", "non-negative", "0 turns weight decay off"),
@@ -219,6 +225,8 @@ def validate_common_args(args):
         args.learning_rate = 5e-6 if args.full_finetune else 1e-4
     if args.learning_rate <= 0:
         fail(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.lr_scheduler == "polynomial" and args.learning_rate <= 1e-7:
+        fail(f"--lr_scheduler polynomial decays to 1e-7, so --learning_rate must be above it, got {args.learning_rate}")
     if args.rank < 1:
         fail(f"--rank must be at least 1, got {args.rank}")
     if args.lora_target_modules and not args.full_finetune:

@@ -221,9 +221,16 @@ class Run:
                                          self.args.output_dir, columns=count if count > 1 else None)
 
 
-def make_optimizer(args, params):
+def initial_learning_rate(args, num_processes: int) -> float:
+    """--learning_rate; with --scale_lr times the images of an optimiser step, diffusers' examples' rule."""
+    if not args.scale_lr:
+        return args.learning_rate
+    return args.learning_rate * num_processes * args.train_batch_size * args.gradient_accumulation_steps
+
+
+def make_optimizer(args, params, lr: float):
     """AdamW (fp32 states), bitsandbytes' AdamW8bit, or AdamW with stochastic rounding for bf16 weights."""
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.bf16_weights:
         return AdamWStochasticBF16(params, seed=args.seed, **kwargs)
     if args.use_8bit_adam:
@@ -233,6 +240,18 @@ def make_optimizer(args, params):
     # fused: one kernel for all parameters, and it can skip a non-finite step on the device (optim.step_unless_not_finite)
     fused = all(p.device.type in ("cuda", "cpu") for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+def make_lr_scheduler(args, optimizer, num_processes: int):
+    """diffusers' schedule named by --lr_scheduler. accelerate steps a prepared scheduler once per
+    process at each optimiser step, so its lengths are counted in process-steps (as diffusers'
+    examples do)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes, num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
 
 
 def _config(args) -> dict:
@@ -265,7 +284,6 @@ def setup(args, method: str) -> Run:
     """Everything up to the first training step, including resume."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
 
     import rewards
 
@@ -306,13 +324,9 @@ def setup(args, method: str) -> Run:
     schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
 
     params = models.trainable_parameters(transformer)
-    optimizer = make_optimizer(args, params)
-    # accelerate steps a prepared scheduler once per process at each optimiser step, so its
-    # lengths are counted in process-steps (as diffusers' examples do).
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    learning_rate = initial_learning_rate(args, accelerator.num_processes)
+    optimizer = make_optimizer(args, params, learning_rate)
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
     vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -343,7 +357,8 @@ def setup(args, method: str) -> Run:
         f"{method}: {accelerator.num_processes} process(es), effective batch {effective_batch} "
         f"(= {args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
         f"trainable parameters {trainable:,} of {total:,} ({'full fine-tune' if args.full_finetune else f'LoRA rank {args.rank}'}), "
-        f"{args.max_train_steps} steps, rollout {args.num_inference_steps} steps at {args.resolution}px"
+        f"{args.max_train_steps} steps, learning rate {learning_rate:g}{' (--scale_lr)' if args.scale_lr else ''} "
+        f"({args.lr_scheduler}), rollout {args.num_inference_steps} steps at {args.resolution}px"
     )
     return run
 

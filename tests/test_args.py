@@ -1,5 +1,7 @@
 """Bad input fails in one line that says what to change, before any model is loaded."""
 
+import math
+
 import pytest
 
 import train_direct_align
@@ -40,6 +42,9 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--rollout_guidance", "-2"], "--rollout_guidance must be non-negative"),
         (["--lr_warmup_steps", "-5"], "--lr_warmup_steps must be non-negative"),
         (["--window_shift", "0"], "--window_shift must be positive"),
+        (["--lr_num_cycles", "0"], "--lr_num_cycles must be positive"),
+        (["--lr_power", "-1"], "--lr_power must be positive"),
+        (["--lr_scheduler", "polynomial", "--learning_rate", "1e-8"], "--lr_scheduler polynomial decays to 1e-7, so --learning_rate"),
         # peft refuses only a list where nothing matches; a typo beside a good name would go unnoticed.
         (["--lora_target_modules", "to_q,to_vv"], "--lora_target_modules: 'to_vv' names no layer of the FLUX transformer"),
         (["--lora_target_modules", "attn"], "'attn' names a FluxAttention, not a linear layer"),
@@ -64,6 +69,38 @@ def test_range_edges_that_mean_something_are_accepted(tmp_path):
              "--lr_warmup_steps", "0", "--adam_beta1", "0", "--max_sequence_length", "512"]
     args = train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path)] + edges)
     assert (args.rollout_shift, args.text_cache_size, args.seed) == (0, 0, 0)
+
+
+def test_learning_rate_schedule_flags(tmp_path):
+    """diffusers' --scale_lr, --lr_power (polynomial) and --lr_num_cycles (cosine_with_restarts), to their formulas."""
+    import torch
+
+    from flux_rl import training
+
+    def schedule(*flags, processes=1):
+        args = train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--learning_rate", "1e-3",
+                                                     "--max_train_steps", "10", *flags])
+        parameter = torch.nn.Parameter(torch.zeros(1))
+        optimizer = training.make_optimizer(args, [parameter], training.initial_learning_rate(args, processes))
+        scheduler = training.make_lr_scheduler(args, optimizer, processes)
+        lrs = []
+        for _ in range(10):
+            for _ in range(processes):  # accelerate steps a prepared scheduler once per process
+                optimizer.step()
+                scheduler.step()
+            lrs.append(scheduler.get_last_lr()[0])
+        return lrs
+
+    progress = [s / 10 for s in range(1, 11)]
+    assert schedule("--lr_scheduler", "polynomial", "--lr_power", "2") == pytest.approx(
+        [(1e-3 - 1e-7) * (1 - p) ** 2 + 1e-7 for p in progress])
+    restarts = schedule("--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2")
+    assert restarts[:-1] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * (2 * p % 1))) for p in progress[:-1]])
+    assert restarts[4] == pytest.approx(1e-3)  # the restart, halfway
+    # 2 processes x batch 3 x accumulation 2 images per optimiser step
+    scaled = schedule("--scale_lr", "--train_batch_size", "3", "--gradient_accumulation_steps", "2", processes=2)
+    assert scaled == pytest.approx([1.2e-2] * 10)
+    assert schedule("--train_batch_size", "3") == pytest.approx([1e-3] * 10)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -4,17 +4,27 @@ each rank trained on different prompts."""
 import json
 import os
 
+import pytest
 import torch
 
 from tests.launch import launch, tiny_args
 
 
 def test_ddp_two_processes(tiny_models, tmp_path):
+    import math
+
+    from tests.tensorboard_logs import scalar_tags
+
     output_dir = str(tmp_path / "ddp")
     launch("tests/ddp_probe.py", ["train_srpo_flux"] + tiny_args(
         tiny_models, output_dir, "--max_train_steps", "3", "--rank", "4", "--gradient_accumulation_steps", "2",
         "--checkpointing_steps", "2", "--gradient_checkpointing", "--validation_prompt", "a cat", "--validation_steps", "2",
+        "--scale_lr", "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2",
     ), num_processes=2)
+    # --scale_lr: 1e-3 x 2 processes x batch 1 x accumulation 2. Two cosines over the 3 steps (counted
+    # in process-steps, 6): after step s, 0.5 (1 + cos(pi ((2 * 2s / 6) mod 1))), 0 at the end.
+    expected = [4e-3 * 0.5 * (1 + math.cos(math.pi * ((2 * 2 * s / 6) % 1))) if s < 3 else 0.0 for s in (1, 2, 3)]
+    assert scalar_tags(output_dir)["lr"] == pytest.approx(expected, rel=1e-6)
     ranks = [json.load(open(os.path.join(output_dir, f"rank{i}.json"))) for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     prompts = [r["prompts"] for r in ranks]
