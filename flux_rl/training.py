@@ -242,16 +242,28 @@ def make_optimizer(args, params, lr: float):
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
-def make_lr_scheduler(args, optimizer, num_processes: int):
-    """diffusers' schedule named by --lr_scheduler. accelerate steps a prepared scheduler once per
-    process at each optimiser step, so its lengths are counted in process-steps (as diffusers'
-    examples do)."""
+def make_lr_scheduler(args, optimizer):
+    """diffusers' schedule named by --lr_scheduler, counted in optimiser steps: the Accelerator is
+    made with step_scheduler_with_optimizer=False, so the scheduler steps once per optimiser step
+    whatever the number of processes. (diffusers' examples let accelerate step it once per process
+    and count in process-steps; a run resumed on fewer GPUs then finds its schedule ahead, e.g. a
+    linear decay already at 0 when 2 GPUs' checkpoint resumes on 1.)"""
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=args.max_train_steps * num_processes, num_cycles=args.lr_num_cycles, power=args.lr_power,
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps,
+        num_cycles=args.lr_num_cycles, power=args.lr_power,
     )
+
+
+def continue_lr_schedule(lr_scheduler, step: int):
+    """Put a resumed scheduler at optimiser step `step`: the learning rate is a function of the
+    step alone. A checkpoint written before the scheduler counted optimiser steps holds
+    step x processes; LambdaLR.step() recomputes every group's rate from the position."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper, or torch's own
+    if scheduler.last_epoch != step:
+        scheduler.last_epoch = step - 1
+        scheduler.step()
 
 
 def _config(args) -> dict:
@@ -292,6 +304,7 @@ def setup(args, method: str) -> Run:
         mixed_precision=args.mixed_precision,
         fsdp_plugin=_fsdp_plugin(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")),
         log_with=report_to,
+        step_scheduler_with_optimizer=False,  # the LR schedule counts optimiser steps (make_lr_scheduler)
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     # open_clip logs its loading steps at INFO on the root logger: keep the root at WARNING.
@@ -326,7 +339,7 @@ def setup(args, method: str) -> Run:
     params = models.trainable_parameters(transformer)
     learning_rate = initial_learning_rate(args, accelerator.num_processes)
     optimizer = make_optimizer(args, params, learning_rate)
-    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(args, optimizer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
     vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -344,6 +357,7 @@ def setup(args, method: str) -> Run:
     resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume_path:
         run.start_step = checkpoints.load_checkpoint(accelerator, resume_path)
+        continue_lr_schedule(lr_scheduler, run.start_step)
         logger.info(f"resumed from {resume_path} at step {run.start_step}")
     elif args.resume_from_checkpoint:
         logger.info("no checkpoint to resume from yet; starting a new run")

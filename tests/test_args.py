@@ -82,12 +82,11 @@ def test_learning_rate_schedule_flags(tmp_path):
                                                      "--max_train_steps", "10", *flags])
         parameter = torch.nn.Parameter(torch.zeros(1))
         optimizer = training.make_optimizer(args, [parameter], training.initial_learning_rate(args, processes))
-        scheduler = training.make_lr_scheduler(args, optimizer, processes)
+        scheduler = training.make_lr_scheduler(args, optimizer)
         lrs = []
         for _ in range(10):
-            for _ in range(processes):  # accelerate steps a prepared scheduler once per process
-                optimizer.step()
-                scheduler.step()
+            optimizer.step()
+            scheduler.step()
             lrs.append(scheduler.get_last_lr()[0])
         return lrs
 

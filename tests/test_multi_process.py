@@ -21,9 +21,9 @@ def test_ddp_two_processes(tiny_models, tmp_path):
         "--checkpointing_steps", "2", "--gradient_checkpointing", "--validation_prompt", "a cat", "--validation_steps", "2",
         "--scale_lr", "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2",
     ), num_processes=2)
-    # --scale_lr: 1e-3 x 2 processes x batch 1 x accumulation 2. Two cosines over the 3 steps (counted
-    # in process-steps, 6): after step s, 0.5 (1 + cos(pi ((2 * 2s / 6) mod 1))), 0 at the end.
-    expected = [4e-3 * 0.5 * (1 + math.cos(math.pi * ((2 * 2 * s / 6) % 1))) if s < 3 else 0.0 for s in (1, 2, 3)]
+    # --scale_lr: 1e-3 x 2 processes x batch 1 x accumulation 2. Two cosines over the 3 steps:
+    # after step s, 0.5 (1 + cos(pi ((2 s / 3) mod 1))), 0 at the end.
+    expected = [4e-3 * 0.5 * (1 + math.cos(math.pi * ((2 * s / 3) % 1))) if s < 3 else 0.0 for s in (1, 2, 3)]
     assert scalar_tags(output_dir)["lr"] == pytest.approx(expected, rel=1e-6)
     ranks = [json.load(open(os.path.join(output_dir, f"rank{i}.json"))) for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -40,12 +40,15 @@ def test_ddp_two_processes(tiny_models, tmp_path):
 
 
 def test_ddp_resume_matches_uninterrupted(tiny_models, tmp_path):
-    """Two processes, interrupted after a checkpoint and resumed, end where an uninterrupted run ends."""
+    """Two processes, interrupted after a checkpoint and resumed, end where an uninterrupted run ends.
+    Resumed on ONE process, the learning rate goes on from the step (it is counted in optimiser steps)."""
     import shutil
 
     from safetensors.torch import load_file
 
-    common = ["--rank", "4", "--checkpointing_steps", "2", "--train_batch_size", "1"]
+    from tests.tensorboard_logs import scalar_tags
+
+    common = ["--rank", "4", "--checkpointing_steps", "2", "--train_batch_size", "1", "--lr_scheduler", "linear"]
     full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
     launch("train_direct_align.py", tiny_args(tiny_models, full_dir, "--max_train_steps", "4", *common), num_processes=2)
     os.makedirs(resumed_dir)
@@ -57,3 +60,17 @@ def test_ddp_resume_matches_uninterrupted(tiny_models, tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.allclose(expected[key], got[key], atol=1e-7), key
+    linear = [1e-3 * (1 - s / 4) for s in (1, 2, 3, 4)]
+    assert scalar_tags(full_dir)["lr"] == pytest.approx(linear, abs=1e-9)
+
+    # On one process, from the checkpoint as an earlier version wrote it: its scheduler counted
+    # process-steps (4 at step 2 of 2 processes); the schedule must go on from step 2, not 4.
+    one_dir = str(tmp_path / "one_process")
+    shutil.copytree(os.path.join(full_dir, "checkpoint-2"), os.path.join(one_dir, "checkpoint-2"))
+    scheduler_file = os.path.join(one_dir, "checkpoint-2", "scheduler.bin")
+    state = torch.load(scheduler_file, weights_only=False)
+    assert state["last_epoch"] == 2  # counted in optimiser steps now
+    torch.save({**state, "last_epoch": 4}, scheduler_file)
+    launch("train_direct_align.py", tiny_args(tiny_models, one_dir, "--max_train_steps", "4", "--resume_from_checkpoint",
+                                              "latest", *common), num_processes=1)
+    assert scalar_tags(one_dir)["lr"] == pytest.approx(linear[2:], abs=1e-9)
