@@ -27,6 +27,7 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = parser.add_argument
     a("--pretrained_model_name_or_path", type=str, required=True)
+    a("--cache_dir", type=str, default=None, help="Where FLUX is downloaded and cached (default: the Hugging Face cache).")
     a("--models", type=str, nargs="*", default=[], help="Trained outputs as name=folder (LoRA or full fine-tune).")
     a("--hpdv2_benchmark_dir", type=str, default=None, help="Folder with anime/concept-art/paintings/photo.json.")
     a("--prompt_file", type=str, default=None, help="Any prompt file the trainers read (txt/json/csv/...).")
@@ -137,7 +138,7 @@ def main(args):
     # Loaded first so that a missing reward model fails before hours of generation; kept on the
     # CPU until scoring, so generation has the GPU memory.
     metric_models = load_metric_models(args, "cpu", dtype)
-    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype).to(device)
+    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype, cache_dir=args.cache_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     generate(args, pipe, variants, items, device)
     del pipe

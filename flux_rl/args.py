@@ -11,6 +11,8 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--pretrained_model_name_or_path", type=str, default=None, help="FLUX folder or hub id, e.g. black-forest-labs/FLUX.1-dev.")
     a("--revision", type=str, default=None)
     a("--variant", type=str, default=None)
+    a("--cache_dir", type=str, default=None,
+      help="Where FLUX and hub datasets are downloaded and cached (default: the Hugging Face cache, HF_HOME).")
     a("--dataset_name", type=str, default=None, help="Hub dataset or local json/jsonl/csv/parquet/txt of prompts (default: built-in smoke prompts).")
     a("--prompt_column", type=str, default="prompt")
     a("--dataset_split", type=str, default="train")

@@ -12,8 +12,9 @@ BUILTIN_PROMPTS = os.path.join(os.path.dirname(__file__), "assets", "smoke_promp
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split: str = "train") -> list[str]:
+def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split: str = "train", cache_dir: str | None = None) -> list[str]:
     """A hub dataset id, a local json/jsonl/csv/parquet/txt file, or None for the built-in list.
+    `cache_dir`: where `datasets` downloads and caches (None: its default).
 
     HPDv2: its hub loading script does not run on datasets >= 4; download train.json and pass
     the file (see README)."""
@@ -24,12 +25,12 @@ def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split:
     if os.path.isfile(path):
         if extension not in LOCAL_FORMATS:
             raise ValueError(f"--dataset_name {path}: unknown file type '{extension}'; use one of {', '.join(LOCAL_FORMATS)}")
-        dataset = load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
+        dataset = load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train", cache_dir=cache_dir)
         if extension == ".txt":
             prompt_column = "text"
     else:
         try:
-            dataset = load_dataset(path, split=split)
+            dataset = load_dataset(path, split=split, cache_dir=cache_dir)
         except RuntimeError as error:
             if "scripts are no longer supported" in str(error):
                 raise ValueError(
@@ -78,14 +79,14 @@ def step_generator(seed: int, micro_step: int, process_index: int, device="cpu")
     return torch.Generator(device).manual_seed(seed + 1_000_003 * micro_step + 7919 * process_index)
 
 
-def load_image_dataset(train_data_dir: str, prompt_column: str = "prompt"):
+def load_image_dataset(train_data_dir: str, prompt_column: str = "prompt", cache_dir: str | None = None):
     """An image folder with a metadata.jsonl / metadata.csv (file_name + prompt column), read by
     datasets' imagefolder builder: the real images of offline SRPO."""
     from datasets import load_dataset
 
     if not os.path.isdir(train_data_dir):
         raise ValueError(f"--train_data_dir {train_data_dir}: no such folder")
-    dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train")
+    dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
     if prompt_column not in dataset.column_names:
         raise ValueError(
             f"--prompt_column '{prompt_column}' not in {train_data_dir}; add a metadata.jsonl with "

@@ -10,10 +10,11 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what save_lora writes 
 DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
 
 
-def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dtype=torch.float32):
+def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dtype=torch.float32, cache_dir=None):
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype)
+    return FluxPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
+                                        cache_dir=cache_dir)
 
 
 def lora_targets(flag_value: str | None) -> list[str]:

@@ -317,7 +317,8 @@ def setup(args, method: str) -> Run:
         os.makedirs(args.output_dir, exist_ok=True)
 
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
-    pipeline = models.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype=weight_dtype)
+    pipeline = models.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype=weight_dtype,
+                                    cache_dir=args.cache_dir)
     models.prepare_vae(pipeline.vae, args).to(accelerator.device)
     for encoder in (pipeline.text_encoder, pipeline.text_encoder_2):
         encoder.requires_grad_(False).eval().to("cpu" if args.offload_text_encoders else accelerator.device)
@@ -330,10 +331,10 @@ def setup(args, method: str) -> Run:
         reward.compile_image_towers(args.compile_backend, args.compile_mode)
     image_dataset = None
     if getattr(args, "train_data_dir", None):
-        image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column)
+        image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column, args.cache_dir)
         items = list(range(len(image_dataset)))
     else:
-        items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split)
+        items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split, args.cache_dir)
     schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
 
     params = models.trainable_parameters(transformer)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -52,12 +53,20 @@ def test_offline_srpo_on_pngs(tiny_models, tmp_path):
         for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
             Image.new("RGB", (80, 96), colour).save(image_dir / f"{i}.png")
             f.write(json.dumps({"file_name": f"{i}.png", "prompt": f"a plain colour field number {i}"}) + "\n")
+    # FLUX by hub id from a --cache_dir laid out as huggingface_hub caches a download (offline)
+    cache_dir = tmp_path / "hf-cache"
+    commit = "0" * 40
+    (cache_dir / "models--tiny-org--flux" / "refs").mkdir(parents=True)
+    (cache_dir / "models--tiny-org--flux" / "refs" / "main").write_text(commit)
+    shutil.copytree(os.path.join(tiny_models, "flux"), cache_dir / "models--tiny-org--flux" / "snapshots" / commit)
     output_dir = str(tmp_path / "offline")
     launch(SCRIPT, tiny_args(tiny_models, output_dir, "--max_train_steps", "2", "--train_data_dir", str(image_dir),
-                             "--train_batch_size", "2", "--rank", "4"))
+                             "--train_batch_size", "2", "--rank", "4",
+                             "--pretrained_model_name_or_path", "tiny-org/flux", "--cache_dir", str(cache_dir)))
     tags = scalar_tags(output_dir)
     assert len(tags["loss"]) == 2 and "inversion/score" in tags
     assert os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+    assert os.listdir(cache_dir / "imagefolder"), "datasets' cache of the image folder belongs in --cache_dir too"
 
 
 def test_aesthetic_relative_form(tiny_models, tmp_path):
