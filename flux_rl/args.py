@@ -268,6 +268,8 @@ def validate_common_args(args):
         fail(f"--report_to {args.report_to}: choose tensorboard, wandb, all or none")
     if args.validation_steps is not None and args.validation_steps < 1:
         fail(f"--validation_steps must be at least 1, got {args.validation_steps}")
+    if args.validation_steps is not None and not args.validation_prompt:
+        fail("--validation_steps renders --validation_prompt, which is not given: add e.g. --validation_prompt \"a photo of a cat\"")
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id (e.g. your-name/flux-srpo-lora)")
     if args.hub_token and args.report_to in ("wandb", "all"):

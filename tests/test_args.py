@@ -43,6 +43,7 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--lr_warmup_steps", "-5"], "--lr_warmup_steps must be non-negative"),
         (["--window_shift", "0"], "--window_shift must be positive"),
         (["--lr_num_cycles", "0"], "--lr_num_cycles must be positive"),
+        (["--validation_steps", "5"], "--validation_steps renders --validation_prompt, which is not given"),
         (["--lr_power", "-1"], "--lr_power must be positive"),
         (["--lr_scheduler", "polynomial", "--learning_rate", "1e-8"], "--lr_scheduler polynomial decays to 1e-7, so --learning_rate"),
         # peft refuses only a list where nothing matches; a typo beside a good name would go unnoticed.
