@@ -78,7 +78,7 @@ def training_step(run, step, logs):
         # --rollout_attention_backend, --batch_rollout_modulations): to sigmas[-2] for DRaFT-LV,
         # to sigmas[-k-1] for DRaFT-K.
         stop = len(sigmas) - 2 if args.draft_lv else len(sigmas) - 1 - args.draft_k
-        x_stop, _, cond = run.rollout(prompts, generator, stop_index=stop)
+        x_stop, _, cond = run.rollout(prompts, generator, stop_index=stop, micro_step=micro_step)
         velocity_fn = run.velocity_fn(cond, args.rollout_guidance)
         last_micro = micro == args.gradient_accumulation_steps - 1
         if args.draft_lv:

@@ -68,7 +68,7 @@ def training_step(run, step, logs):
         generator = step_generator(args.seed, micro_step, accelerator.process_index)
         prompts = run.batches.batch(micro_step)
         stop = int(torch.randint(low, high + 1, (1,), generator=generator))
-        x_t, _, cond = run.rollout(prompts, generator, stop_index=stop)
+        x_t, _, cond = run.rollout(prompts, generator, stop_index=stop, micro_step=micro_step)
         sigma = float(run.rollout_sigmas[stop])
         with run.sync_gradients(micro == args.gradient_accumulation_steps - 1):
             x0_hat = refl_predict_x0(x_t, sigma, run.velocity_fn(cond, args.rollout_guidance))

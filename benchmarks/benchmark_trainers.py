@@ -73,10 +73,12 @@ TRAINERS = {
 class RandomPromptEncoder:
     """Stands in for FLUX's text encoders: random embeddings of the real shapes, fixed per prompt."""
 
+    lookahead = 0  # nothing to encode ahead
+
     def __init__(self, joint_dim, pooled_dim, sequence_length):
         self.joint_dim, self.pooled_dim, self.sequence_length = joint_dim, pooled_dim, sequence_length
 
-    def __call__(self, prompts):
+    def __call__(self, prompts, upcoming=()):
         generator = torch.Generator().manual_seed(len(prompts))
         return Conditioning(
             torch.randn(len(prompts), self.sequence_length, self.joint_dim, generator=generator),

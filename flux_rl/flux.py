@@ -39,7 +39,13 @@ class PromptEncoder:
     step. The cache keeps the `cache_size` most recent prompts: one T5 embedding of FLUX is 4 MB
     (512 x 4096 bf16), so all of HPDv2's 107k prompts would need 400 GB.
     `offload`: the text encoders live on the CPU and visit `device` only to encode (saves about
-    10 GB of GPU memory for T5-XXL, costs a transfer on each step with new prompts)."""
+    10 GB of GPU memory for T5-XXL). Each visit moves T5-XXL's 9.5 GB to the GPU and back (seconds
+    over PCIe from pageable memory, estimated; benchmarks/time_text_encoder_visits.py times it),
+    so a visit also encodes the `upcoming` prompts the caller passes (the next micro-steps'
+    prompts, up to `lookahead`): one visit per `lookahead` new prompts instead of one per step."""
+
+    LOOKAHEAD = 64  # prompts encoded per visit with offload: 256 MB of cache at 512 T5 tokens
+    ENCODE_BATCH = 16  # prompts per text-encoder call, which bounds T5's activations on the GPU
 
     def __init__(self, pipeline, max_sequence_length=512, device="cpu", cache_size=2048, offload=False):
         self.pipeline = pipeline
@@ -48,30 +54,38 @@ class PromptEncoder:
         self.cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
         self.cache_size = cache_size
         self.offload = offload
+        self.lookahead = self.LOOKAHEAD if offload else 0
         self.text_ids = None
 
     def _encode(self, prompts):
+        """Embeddings of `prompts` into the cache, ENCODE_BATCH at a time, in one visit of the encoders."""
         encoders = [self.pipeline.text_encoder, self.pipeline.text_encoder_2]
         if self.offload:
             for encoder in encoders:
                 encoder.to(self.device)
         try:
-            return self.pipeline.encode_prompt(
-                prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
-            )
+            for start in range(0, len(prompts), self.ENCODE_BATCH):
+                chunk = prompts[start : start + self.ENCODE_BATCH]
+                embeds, pooled, text_ids = self.pipeline.encode_prompt(
+                    prompt=chunk, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+                )
+                for prompt, e, p in zip(chunk, embeds.cpu(), pooled.cpu()):
+                    self.cache[prompt] = (e, p)
+                self.text_ids = text_ids.cpu()
         finally:
             if self.offload:
                 for encoder in encoders:
                     encoder.to("cpu")
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> Conditioning:
+    def __call__(self, prompts: list[str], upcoming: list[str] = ()) -> Conditioning:
+        """Conditioning of `prompts`. `upcoming`: prompts wanted soon, encoded now too when the
+        encoders must visit the GPU anyway (with offload; as many as the cache keeps beside `prompts`)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
         if missing:
-            embeds, pooled, text_ids = self._encode(missing)
-            for prompt, e, p in zip(missing, embeds.cpu(), pooled.cpu()):
-                self.cache[prompt] = (e, p)
-            self.text_ids = text_ids.cpu()
+            room = min(self.lookahead, self.cache_size - len(set(prompts)))
+            ahead = [p for p in dict.fromkeys(upcoming) if p not in self.cache and p not in missing]
+            self._encode(missing + ahead[: max(room, 0)])
         for prompt in prompts:
             self.cache.move_to_end(prompt)
         embeds = torch.stack([self.cache[p][0] for p in prompts])

@@ -47,6 +47,7 @@ class Run:
     _step_started: float = field(default_factory=time.time)
     _last_loss: float = 0.0
     skipped_in_a_row: int = 0  # updates skipped for a non-finite gradient, up to the last logged step
+    _dataset_prompts: list = None  # offline SRPO: the image dataset's prompt column, read once
 
     @property
     def device(self):
@@ -62,19 +63,40 @@ class Run:
 
         return run_model
 
-    def condition(self, prompts):
-        return self.prompt_encoder(prompts).to(self.device, self.weight_dtype)
+    def condition(self, prompts, micro_step=None):
+        """Text conditioning of `prompts`, on the device. With `micro_step`, the prompts of the
+        micro-steps after it are offered to the encoder to encode ahead (PromptEncoder.lookahead)."""
+        upcoming = self.upcoming_prompts(micro_step) if micro_step is not None else ()
+        return self.prompt_encoder(prompts, upcoming).to(self.device, self.weight_dtype)
+
+    def prompts_of(self, micro_step):
+        """The prompts of this process's batch at global micro-step `micro_step`."""
+        items = self.batches.batch(micro_step)
+        if self.image_dataset is None:
+            return items
+        if self._dataset_prompts is None:
+            self._dataset_prompts = self.image_dataset[self.args.prompt_column]  # the column alone: no image decoded
+        return [self._dataset_prompts[i] for i in items]
+
+    def upcoming_prompts(self, micro_step):
+        """Prompts of the micro-steps after `micro_step`, up to the encoder's look-ahead, within the run."""
+        wanted, prompts = getattr(self.prompt_encoder, "lookahead", 0), []
+        later, end = micro_step + 1, self.args.max_train_steps * self.args.gradient_accumulation_steps
+        while len(prompts) < wanted and later < end:
+            prompts += self.prompts_of(later)
+            later += 1
+        return prompts[:wanted]
 
     def initial_noise(self, batch, generator):
         channels = self.unwrapped().config.in_channels // 4
         shape = latents.latent_shape(self.vae_scale_factor, channels, self.args.resolution, self.args.resolution)
         return host_to_device(latents.pack(torch.randn((batch, *shape), generator=generator)), self.device)
 
-    def rollout(self, prompts, generator, stop_index=None):
+    def rollout(self, prompts, generator, stop_index=None, micro_step=None):
         """(x, noise, cond): the ODE image of `noise` (or the state at rollout_sigmas[stop_index]),
         no gradient. Direct-Align later injects this same noise, as the release does, so
-        x_sigma stays near the sampled trajectory."""
-        cond = self.condition(prompts)
+        x_sigma stays near the sampled trajectory. `micro_step`: see condition."""
+        cond = self.condition(prompts, micro_step)
         noise = self.initial_noise(len(prompts), generator)
         sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
         merged = models.lora_merged(self.unwrapped()) if self.args.merge_lora_in_rollout else contextlib.nullcontext()
@@ -93,13 +115,13 @@ class Run:
         or, with --train_data_dir (offline SRPO), VAE-encoded real images and fresh noise."""
         items = self.batches.batch(micro_step)
         if self.image_dataset is None:
-            x0, noise, cond = self.rollout(items, generator)
+            x0, noise, cond = self.rollout(items, generator, micro_step=micro_step)
             return x0, noise, cond, items
         rows = [self.image_dataset[i] for i in items]
         prompts = [row[self.args.prompt_column] for row in rows]
         images = host_to_device(torch.stack([data.image_to_tensor(row["image"], self.args.resolution) for row in rows]), self.device)
         x0 = latents.encode(self.vae, images)
-        return x0, self.initial_noise(len(rows), generator), self.condition(prompts), prompts
+        return x0, self.initial_noise(len(rows), generator), self.condition(prompts, micro_step), prompts
 
     def decode(self, packed):
         with self.accelerator.autocast(), torch.profiler.record_function("vae_decode"):

@@ -2,8 +2,9 @@
 
     accelerate launch ... tests/ddp_probe.py train_srpo_flux <trainer flags>
 
-Writes rank<i>.json (world size, prompts drawn) and rank<i>_weights.pt (trainable weights, the
-whole tensors: under FSDP each rank gathers the shards)."""
+Writes rank<i>.json (world size, prompts drawn, the prompts of each visit of the text encoders)
+and rank<i>_weights.pt (trainable weights, the whole tensors: under FSDP each rank gathers the
+shards)."""
 
 import importlib
 import json
@@ -14,17 +15,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flux_rl import data, training  # noqa: E402
+from flux_rl import flux, training  # noqa: E402
 
-seen_prompts = []
-original_batch = data.BatchSchedule.batch
+seen_prompts, encoder_visits = [], []
+original_next_batch = training.Run.next_batch
+original_encode = flux.PromptEncoder._encode
 original_finish = training.finish
 
 
-def recording_batch(self, micro_step):
-    items = original_batch(self, micro_step)
-    seen_prompts.extend(items)
-    return items
+def recording_next_batch(self, micro_step, generator):
+    batch = original_next_batch(self, micro_step, generator)
+    seen_prompts.extend(batch[3])
+    return batch
+
+
+def recording_encode(self, prompts):
+    encoder_visits.append(list(prompts))
+    return original_encode(self, prompts)
 
 
 def recording_finish(run):
@@ -39,13 +46,14 @@ def recording_finish(run):
     with open(os.path.join(run.args.output_dir, f"rank{rank}.json"), "w") as f:
         plugin = getattr(run.accelerator.state, "fsdp_plugin", None)
         policy = getattr(plugin, "mixed_precision_policy", None)
-        json.dump({"world_size": run.accelerator.num_processes, "prompts": seen_prompts,
+        json.dump({"world_size": run.accelerator.num_processes, "prompts": seen_prompts, "encoder_visits": encoder_visits,
                    "fsdp_reduce_dtype": str(getattr(policy, "reduce_dtype", None)),
                    "fsdp_param_dtype": str(getattr(policy, "param_dtype", None))}, f)
     original_finish(run)
 
 
-data.BatchSchedule.batch = recording_batch
+training.Run.next_batch = recording_next_batch
+flux.PromptEncoder._encode = recording_encode
 training.finish = recording_finish
 module = importlib.import_module(sys.argv[1])
 module.main(module.parse_args(sys.argv[2:]))

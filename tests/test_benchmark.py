@@ -3,6 +3,8 @@
 import math
 import os
 
+import pytest
+
 from benchmarks import benchmark_trainers
 
 
@@ -191,3 +193,17 @@ def test_device_script_passes_only_flags_the_trainer_takes(monkeypatch):
     benchmark_flags = ["--gradient_checkpointing", "--vae_gradient_checkpointing", "--compile"]  # build_run's, compiled
     for flags in [benchmark_flags + shlex.split(variant) for variant in variants] + [smoke_flags]:
         assert train_srpo_flux.parse_args(["--pretrained_model_name_or_path", "flux", *flags]), flags
+
+
+def test_text_encoder_visit_timing_on_the_cpu():
+    """benchmarks/time_text_encoder_visits.py at tiny size: the table's per-prompt columns follow
+    from its measured ones and PromptEncoder's look-ahead."""
+    from benchmarks import time_text_encoder_visits
+    from flux_rl.flux import PromptEncoder
+
+    lines = time_text_encoder_visits.main(["--size", "tiny", "--device", "cpu", "--repeats", "1", "--t5_tokens", "64"])
+    visit, one, batch, per_prompt_alone, per_prompt_ahead = (float(cell) for cell in lines[-1].strip("| ").split(" | "))
+    assert min(visit, one, batch) > 0
+    assert per_prompt_alone == pytest.approx(visit + one, abs=2e-3)
+    ahead = PromptEncoder.LOOKAHEAD
+    assert per_prompt_ahead == pytest.approx((visit + ahead / PromptEncoder.ENCODE_BATCH * batch) / ahead, abs=2e-4)

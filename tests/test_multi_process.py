@@ -19,7 +19,7 @@ def test_ddp_two_processes(tiny_models, tmp_path):
     launch("tests/ddp_probe.py", ["train_srpo_flux"] + tiny_args(
         tiny_models, output_dir, "--max_train_steps", "3", "--rank", "4", "--gradient_accumulation_steps", "2",
         "--checkpointing_steps", "2", "--gradient_checkpointing", "--validation_prompt", "a cat", "--validation_steps", "2",
-        "--scale_lr", "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2",
+        "--scale_lr", "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2", "--offload_text_encoders",
     ), num_processes=2)
     # --scale_lr: 1e-3 x 2 processes x batch 1 x accumulation 2. Two cosines over the 3 steps:
     # after step s, 0.5 (1 + cos(pi ((2 s / 3) mod 1))), 0 at the end.
@@ -30,6 +30,10 @@ def test_ddp_two_processes(tiny_models, tmp_path):
     prompts = [r["prompts"] for r in ranks]
     assert len(prompts[0]) == len(prompts[1]) == 3 * 2
     assert all(a != b for a, b in zip(*prompts)), "both ranks drew the same prompt in a micro-step"
+    # --offload_text_encoders: the encoders' first visit encodes every prompt the rank will train on
+    # (its 6 micro-steps, read ahead from its own share of the schedule), the second the validation prompt.
+    for rank in ranks:
+        assert rank["encoder_visits"] == [list(dict.fromkeys(rank["prompts"])), ["a cat"]]
     weights = [torch.load(os.path.join(output_dir, f"rank{i}_weights.pt")) for i in range(2)]
     assert weights[0].keys() == weights[1].keys() and weights[0]
     for key in weights[0]:

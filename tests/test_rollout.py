@@ -64,6 +64,33 @@ def test_prompt_cache_is_bounded_and_offload_returns_encoders(tiny_flux):
     assert next(pipe.text_encoder_2.parameters()).device.type == "cpu"
 
 
+def test_offloaded_encoders_encode_upcoming_prompts_in_the_same_visit(tiny_flux):
+    """With offload, one visit of the encoders also encodes the prompts of the next micro-steps
+    (within the look-ahead and the room the cache has), ENCODE_BATCH at a time; each embedding
+    is the one a visit for that prompt alone gives."""
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    encoder = flux.PromptEncoder(pipe, max_sequence_length=32, cache_size=4, offload=True)
+    encoder.ENCODE_BATCH = 2
+    reference = flux.PromptEncoder(pipe, max_sequence_length=32)
+    calls, visits = [], []
+    original_encode_prompt, original_to = pipe.encode_prompt, pipe.text_encoder_2.to
+    pipe.encode_prompt = lambda **kw: calls.append(kw["prompt"]) or original_encode_prompt(**kw)
+    pipe.text_encoder_2.to = lambda device: visits.append(str(device)) or original_to(device)
+
+    first = encoder(["a"], upcoming=["b", "a", "c", "d", "e"])  # room for 3 more beside "a": b, c, d
+    assert calls == [["a", "b"], ["c", "d"]] and visits == ["cpu", "cpu"]  # one visit (there and back), two calls
+    assert list(encoder.cache) == ["b", "c", "d", "a"]
+    for prompt in ["b", "c", "d"]:
+        encoder([prompt], upcoming=["e", "f"])
+    assert len(calls) == 2, "prompts encoded ahead are not encoded again"
+    later = encoder(["e"], upcoming=["f"])
+    assert calls[2:] == [["e", "f"]]
+    for got, prompt in [(first, "a"), (later, "e")]:
+        assert torch.allclose(got.prompt_embeds, reference([prompt]).prompt_embeds, atol=1e-6)
+        assert torch.allclose(got.pooled_embeds, reference([prompt]).pooled_embeds, atol=1e-6)
+    assert flux.PromptEncoder(pipe, offload=False).lookahead == 0  # on the GPU for good: one prompt costs little
+
+
 def test_vae_encode_decode_shapes(tiny_flux):
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     images = torch.rand(1, 3, 64, 64)
