@@ -10,10 +10,15 @@ Same prompts and seeds for every model (the base model is always included as `ba
 already in output_dir/images are kept, so an interrupted run continues where it stopped. Writes
 scores.csv (per image), table.md (mean per metric per model, overall and per style), grids/
 (side-by-side images, same prompt and seed), distributions.png.
+
+On several GPUs, `accelerate launch --num_processes 8 evaluate_flux.py ...`: each process
+generates its share of the images (every 8th, same seeds as on one GPU), then the main process
+scores them all and writes the report.
 """
 
 import argparse
 import os
+import sys
 
 import torch
 from tqdm.auto import tqdm
@@ -67,14 +72,24 @@ def image_path(args, model, style, index):
     return os.path.join(args.output_dir, "images", model, style, f"{index:05d}.png")
 
 
-def generate(args, pipe, variants, items, device):
+def images_to_generate(args, variants, items, state) -> dict:
+    """{variant name: the items whose image is missing}, this process's share of them. Listed by
+    every process before any generates, so that all split the same lists."""
+    todo = {variant.name: [item for item in items if not os.path.exists(image_path(args, variant.name, item[0], item[1]))]
+            for variant in variants}
+    state.wait_for_everyone()
+    return {name: missing[state.process_index :: state.num_processes] for name, missing in todo.items()}
+
+
+def generate(args, pipe, variants, todo, device, show_progress=True):
     for variant in variants:
-        todo = [item for item in items if not os.path.exists(image_path(args, variant.name, item[0], item[1]))]
-        if not todo:
+        if not todo[variant.name]:
             continue
         variant.apply(pipe)
-        for start in tqdm(range(0, len(todo), args.batch_size), desc=f"generating {variant.name}"):
-            batch = todo[start : start + args.batch_size]
+        todo_of_variant = todo[variant.name]
+        for start in tqdm(range(0, len(todo_of_variant), args.batch_size), desc=f"generating {variant.name}",
+                          disable=not show_progress):
+            batch = todo_of_variant[start : start + args.batch_size]
             generators = [torch.Generator("cpu").manual_seed(args.seed + index) for _, index, _ in batch]
             images = pipe(
                 [prompt for _, _, prompt in batch], height=args.resolution, width=args.resolution,
@@ -128,20 +143,32 @@ def write_report(args, variants, items, rows):
 
 
 def main(args):
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from diffusers import FluxPipeline
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32) if device == "cuda" else torch.float32
+    # One process (python evaluate_flux.py) or one per GPU (accelerate launch). AcceleratorState reads
+    # ACCELERATE_USE_CPU itself; PartialState must be told (processes on the CPU, over gloo).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    device = state.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32) if device.type == "cuda" else torch.float32
     items = evaluation.load_benchmark(args.hpdv2_benchmark_dir, args.prompt_file, args.prompts_per_style)
     variants = [evaluation.ModelVariant("base", None)] + [evaluation.ModelVariant(n, p) for n, p in args.model_specs]
-    os.makedirs(args.output_dir, exist_ok=True)
+    if state.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
     # Loaded first so that a missing reward model fails before hours of generation; kept on the
     # CPU until scoring, so generation has the GPU memory.
-    metric_models = load_metric_models(args, "cpu", dtype)
+    metric_models = load_metric_models(args, "cpu", dtype) if state.is_main_process else None
+    todo = images_to_generate(args, variants, items, state)
     pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype, cache_dir=args.cache_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
-    generate(args, pipe, variants, items, device)
+    generate(args, pipe, variants, todo, device, show_progress=state.is_main_process)
+    count = sum(len(share) for share in todo.values())
+    print(f"process {state.process_index} of {state.num_processes}: generated {count} images", file=sys.stderr)
     del pipe
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
     rows = score(args, metric_models, variants, items, device, dtype)
     write_report(args, variants, items, rows)
     print(open(os.path.join(args.output_dir, "table.md")).read())
