@@ -75,7 +75,7 @@ class Run:
         if self.image_dataset is None:
             return items
         if self._dataset_prompts is None:
-            self._dataset_prompts = self.image_dataset[self.args.prompt_column]  # the column alone: no image decoded
+            self._dataset_prompts = list(self.image_dataset[self.args.prompt_column])  # the column alone: no image decoded
         return [self._dataset_prompts[i] for i in items]
 
     def upcoming_prompts(self, micro_step):
