@@ -21,11 +21,10 @@ tags:
 
 ```python
 import torch
-from diffusers import FluxPipeline
+from diffusers import {imports}
 
-pipe = FluxPipeline.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
-{load_line}
-image = pipe("{prompt}", num_inference_steps=50, guidance_scale=3.5).images[0]
+{load_code}
+image = pipe({prompt}, num_inference_steps=50, guidance_scale=3.5).images[0]
 ```
 
 ## Training configuration
@@ -37,12 +36,17 @@ image = pipe("{prompt}", num_inference_steps=50, guidance_scale=3.5).images[0]
 
 
 def write_model_card(output_dir, args, method, repo_id=None):
-    use_lora = getattr(args, "use_lora", True)
-    load_line = (
-        f'pipe.load_lora_weights("{repo_id or output_dir}")'
-        if use_lora
-        else f'# full fine-tune: pass FluxTransformer2DModel.from_pretrained("{repo_id or output_dir}", subfolder="transformer")'
-    )
+    use_lora = not args.full_finetune
+    weights = repo_id or output_dir
+    if use_lora:
+        imports = "FluxPipeline"
+        load_code = (f'pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16).to("cuda")\n'
+                     f'pipe.load_lora_weights("{weights}")')
+    else:  # the trained transformer replaces the base model's; the rest of the pipeline is the base model's
+        imports = "FluxPipeline, FluxTransformer2DModel"
+        load_code = (f'transformer = FluxTransformer2DModel.from_pretrained("{weights}", subfolder="transformer", torch_dtype=torch.bfloat16)\n'
+                     f'pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", transformer=transformer, '
+                     'torch_dtype=torch.bfloat16).to("cuda")')
     secret = {"hub_token"}
     config = "\n".join(f"{k} = {v}" for k, v in sorted(vars(args).items()) if k not in secret)
     text = CARD.format(
@@ -53,8 +57,9 @@ def write_model_card(output_dir, args, method, repo_id=None):
         title=os.path.basename(os.path.abspath(output_dir)),
         reward=args.reward,
         steps=args.max_train_steps,
-        load_line=load_line,
-        prompt=(args.validation_prompt or ["a photo of a cat"])[0],
+        imports=imports,
+        load_code=load_code,
+        prompt=repr((args.validation_prompt or ["a photo of a cat"])[0]),  # a Python literal, whatever its quotes
         config=config,
     )
     with open(os.path.join(output_dir, "README.md"), "w") as f:

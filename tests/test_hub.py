@@ -3,6 +3,7 @@
 import argparse
 
 import huggingface_hub
+import pytest
 
 from flux_rl import hub
 
@@ -27,3 +28,41 @@ def test_model_card_and_push(tmp_path, monkeypatch):
     assert hub.push_to_hub(str(tmp_path), "me/flux-srpo", "hf_secret_token") == "me/flux-srpo"
     assert calls["create"][0] == "me/flux-srpo" and calls["create"][1]["exist_ok"]
     assert calls["upload"]["folder_path"] == str(tmp_path) and "checkpoint-*" in calls["upload"]["ignore_patterns"]
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_model_card_code_runs(tiny_flux, tmp_path, full_finetune):
+    """The card's "Use" snippet, run as written (on the CPU, in fp32, 2 steps at 64 px), loads the
+    trained weights: a LoRA through load_lora_weights, a full fine-tune as the pipeline's transformer."""
+    import os
+    import re
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from flux_rl import models
+
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
+    if full_finetune:
+        with torch.no_grad():
+            transformer.x_embedder.bias.fill_(0.25)
+        transformer.save_pretrained(str(tmp_path / "transformer"))
+    else:
+        models.add_lora(transformer, rank=4, alpha=4, target_modules=models.DEFAULT_LORA_TARGETS)
+        models.save_lora(str(tmp_path), transformer)
+    args = argparse.Namespace(pretrained_model_name_or_path=tiny_flux, full_finetune=full_finetune, reward="hpsv2:1.0",
+                              max_train_steps=2, validation_prompt=['a "quoted" cat'])
+    hub.write_model_card(str(tmp_path), args, "srpo")
+    card = (tmp_path / "README.md").read_text()
+    assert ("Fully fine-tuned transformer" in card) == full_finetune and ("- lora" in card) != full_finetune
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = code.replace('.to("cuda")', "").replace("torch.bfloat16", "torch.float32")
+    code = code.replace("num_inference_steps=50", "num_inference_steps=2, height=64, width=64")
+    namespace = {}
+    exec(code, namespace)
+    pipe = namespace["pipe"]
+    assert namespace["image"].size == (64, 64)
+    if full_finetune:
+        assert torch.all(pipe.transformer.x_embedder.bias == 0.25)
+    else:
+        assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
