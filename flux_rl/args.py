@@ -99,8 +99,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     a("--logging_dir", type=str, default="logs")
     a("--tracker_project_name", type=str, default=None)
-    a("--validation_prompt", type=str, nargs="+", default=None)
-    a("--validation_steps", type=int, default=None, help="Render validation images every N steps (and at the end).")
+    a("--validation_prompt", type=str, nargs="+", default=None,
+      help="Prompts rendered before the first step (the untrained model), every --validation_steps and at the end.")
+    a("--validation_steps", type=int, default=None, help="Render the validation prompts every N steps (besides before the first step and at the end).")
     a("--validation_seed", type=int, default=0, help="Image i of each validation prompt uses seed + i.")
     a("--num_validation_images", type=int, default=1,
       help="Images per validation prompt, rendered one batch of the prompts at a time (a grid row per prompt).")

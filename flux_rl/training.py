@@ -403,11 +403,14 @@ def setup(args, method: str) -> Run:
 def train(run: Run, training_step):
     """The loop every trainer shares. `training_step(run, step, logs)` runs the method's forward
     and backward passes for one optimiser step (all its micro-steps) and appends to `logs`.
+    With --validation_prompt, a fresh run renders them before its first step too (step 0).
     A stop signal (SIGTERM, SIGUSR1) ends the loop after the step it arrives in, with a checkpoint;
     one that arrives during the last step or the final save lets the run finish.
     MAX_SKIPPED_IN_A_ROW skipped updates in a row end the loop too, with a checkpoint and an error."""
     stop = preemption.StopRequest()
     with stop.listening():
+        if run.start_step == 0:
+            run.validate(0)  # the untrained model: what every later validation image is compared with
         for step in run.steps():
             logs = defaultdict(list)
             training_step(run, step, logs)

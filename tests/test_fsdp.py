@@ -37,7 +37,7 @@ def test_fsdp_full_finetune_matches_ddp(tiny_models, tmp_path):
         assert torch.allclose(fsdp_model[key], ddp_model[key], atol=1e-6), key
         assert torch.allclose(fsdp_model[key], weights[0][key]), key
     assert any(not torch.equal(fsdp_model[k], base[k]) for k in base), "training changed nothing"
-    assert sorted(os.listdir(os.path.join(fsdp_dir, "validation"))) == ["step-000002.png", "step-000003.png"]
+    assert sorted(os.listdir(os.path.join(fsdp_dir, "validation"))) == ["step-000000.png", "step-000002.png", "step-000003.png"]
     checkpoint = os.listdir(os.path.join(fsdp_dir, "checkpoint-2"))
     assert "pytorch_model_fsdp_0" in checkpoint and "optimizer_0" in checkpoint, checkpoint  # each rank wrote its shard
 

@@ -30,16 +30,16 @@ def test_ddp_two_processes(tiny_models, tmp_path):
     prompts = [r["prompts"] for r in ranks]
     assert len(prompts[0]) == len(prompts[1]) == 3 * 2
     assert all(a != b for a, b in zip(*prompts)), "both ranks drew the same prompt in a micro-step"
-    # --offload_text_encoders: the encoders' first visit encodes every prompt the rank will train on
-    # (its 6 micro-steps, read ahead from its own share of the schedule), the second the validation prompt.
+    # --offload_text_encoders: the first visit encodes the validation prompt (step 0), the second
+    # every prompt the rank will train on (its 6 micro-steps, read ahead from its own share of the schedule).
     for rank in ranks:
-        assert rank["encoder_visits"] == [list(dict.fromkeys(rank["prompts"])), ["a cat"]]
+        assert rank["encoder_visits"] == [["a cat"], list(dict.fromkeys(rank["prompts"]))]
     weights = [torch.load(os.path.join(output_dir, f"rank{i}_weights.pt")) for i in range(2)]
     assert weights[0].keys() == weights[1].keys() and weights[0]
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
     assert os.path.exists(os.path.join(output_dir, "checkpoint-2"))
-    assert sorted(os.listdir(os.path.join(output_dir, "validation"))) == ["step-000002.png", "step-000003.png"]
+    assert sorted(os.listdir(os.path.join(output_dir, "validation"))) == ["step-000000.png", "step-000002.png", "step-000003.png"]
     assert os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
 
 

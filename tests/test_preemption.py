@@ -48,7 +48,10 @@ def test_sigterm_mid_step_saves_that_step_and_resume_matches(lora_run, tiny_mode
     regular = load_file(os.path.join(lora_run, "checkpoint-3", "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(stopped[key], regular[key]) for key in regular)  # the signal changed nothing in step 3
 
-    launch("train_direct_align.py", tiny_args(tiny_models, output_dir, *LORA_RUN_FLAGS, "--resume_from_checkpoint", "latest"))
+    launch("train_direct_align.py", tiny_args(tiny_models, output_dir, *LORA_RUN_FLAGS, "--resume_from_checkpoint", "latest",
+                                              "--validation_prompt", "a cat"))
+    # A resumed run renders no step-0 image (that was the untrained model), only its final one.
+    assert os.listdir(os.path.join(output_dir, "validation")) == ["step-000005.png"]
     uninterrupted = load_file(os.path.join(lora_run, "pytorch_lora_weights.safetensors"))
     resumed = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
     assert uninterrupted.keys() == resumed.keys()

@@ -24,9 +24,9 @@ def test_tensorboard_and_wandb_log_the_same_run(tiny_models, tmp_path, monkeypat
     for key in ("loss", "reward", "reward/hpsv2", "grad_norm", "lr"):
         assert len(wandb_values[key]) == 2, key
         assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-8) for a, b in zip(wandb_values[key], tensorboard_values[key])), key
-    assert wandb_values["_step"] == [1, 2]
+    assert wandb_values["_step"] == [0, 1, 2]  # step 0: the untrained model's validation image
     # One captioned validation image per validation step, stored with the run.
-    assert wandb_values["validation/count"] == [1, 1]
+    assert wandb_values["validation/count"] == [1, 1, 1]
     assert all(caption[0].startswith("a cat | ") for caption in wandb_values["validation/captions"])
     for (filename,) in wandb_values["validation/filenames"]:
         assert os.path.getsize(os.path.join(run_dir, "files", filename)) > 0
