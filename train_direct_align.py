@@ -12,7 +12,7 @@ Smoke run on the built-in tiny models (CPU, a minute):
 FLUX.1-dev with HPSv2.1 (one GPU, LoRA):
 
     accelerate launch train_direct_align.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
-        --dataset_name hpdv2_train.json --reward hpsv2:1.0 --mixed_precision bf16 --gradient_checkpointing \
+        --dataset_name data/hpdv2/prompts.txt --reward hpsv2:1.0 --mixed_precision bf16 --gradient_checkpointing \
         --max_train_steps 200 --learning_rate 1e-4 --output_dir output/direct-align-hps
 
 Per optimiser step: for each of `--gradient_accumulation_steps` rollouts, sample x0 from the

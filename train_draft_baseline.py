@@ -15,7 +15,7 @@ The loss averages the n rewards. Following the paper's algorithm the base sample
 step with gradient, for n + 1 terms as one public FLUX re-implementation does.
 
     accelerate launch train_draft_baseline.py --draft_lv --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
-        --dataset_name hpdv2_prompts.txt --reward hpsv2:1.0 --mixed_precision bf16 --gradient_checkpointing \
+        --dataset_name data/hpdv2/prompts.txt --reward hpsv2:1.0 --mixed_precision bf16 --gradient_checkpointing \
         --output_dir output/draft-lv-hps
 """
 

@@ -14,7 +14,7 @@ The pretraining-loss regulariser of ReFL's SDXL LoRA variant is not included (it
 the method the SRPO paper compares with).
 
     accelerate launch train_refl_baseline.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
-        --dataset_name hpdv2_prompts.txt --reward hpsv2:1.0 --mixed_precision bf16 --gradient_checkpointing \
+        --dataset_name data/hpdv2/prompts.txt --reward hpsv2:1.0 --mixed_precision bf16 --gradient_checkpointing \
         --output_dir output/refl-hps
 """
 

@@ -21,7 +21,7 @@ Smoke run on the built-in tiny models (CPU):
 FLUX.1-dev with HPSv2.1 and the authors' settings (defaults = their release):
 
     accelerate launch train_srpo_flux.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
-        --dataset_name hpdv2_prompts.txt --mixed_precision bf16 --gradient_checkpointing \
+        --dataset_name data/hpdv2/prompts.txt --mixed_precision bf16 --gradient_checkpointing \
         --output_dir output/srpo-hps
 """
 
