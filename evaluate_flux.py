@@ -83,10 +83,10 @@ def images_to_generate(args, variants, items, state) -> dict:
 
 def generate(args, pipe, variants, todo, device, show_progress=True):
     for variant in variants:
-        if not todo[variant.name]:
+        todo_of_variant = todo[variant.name]
+        if not todo_of_variant:
             continue
         variant.apply(pipe)
-        todo_of_variant = todo[variant.name]
         for start in tqdm(range(0, len(todo_of_variant), args.batch_size), desc=f"generating {variant.name}",
                           disable=not show_progress):
             batch = todo_of_variant[start : start + args.batch_size]
