@@ -76,9 +76,9 @@ QUIET=1 group smoke 90 bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp
 # process with an illegal memory access on strided q/k/v (diffusers' _native_cudnn makes them contiguous).
 bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_flops \
   --variant="$fast --attention_backend _native_cudnn"
-# The baselines compiled (only their eager steps are recorded).
 # What --offload_text_encoders costs per new prompt: T5-XXL + CLIP (9.7 GB) to the GPU and back, and their encode
 # time; each visit now encodes 64 prompts ahead. About 40 s.
 group text_encoder_visits 60 python3 benchmarks/time_text_encoder_visits.py
+# The baselines compiled (only their eager steps are recorded).
 bench baselines_compiled 200 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
 bench srpo_1024 150 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled

@@ -14,12 +14,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import benchmark_trainers  # noqa: E402
 from flux_rl.flux import PromptEncoder  # noqa: E402
 
 SIZES = {
@@ -53,16 +53,8 @@ def build_encoders(size: str):
 
 
 def timed(function, device, repeats):
-    seconds = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    """Median seconds of `repeats` calls, the device drained before and after each (benchmark_trainers.timed)."""
+    return statistics.median(benchmark_trainers.timed(function, device) for _ in range(repeats))
 
 
 def main(argv=None) -> list[str]:
