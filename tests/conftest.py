@@ -9,12 +9,39 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 
+def made_once(tmp_path_factory, name: str, make) -> str:
+    """A folder that `make(folder)` fills once per test session, shared by pytest-xdist's workers
+    (each worker has its own session; the folder sits beside their base folders, behind a lock)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".complete").exists():
+            folder.mkdir(exist_ok=True)
+            make(str(folder))
+            (folder / ".complete").touch()
+    return str(folder)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker():
+    """Under pytest-xdist each worker is one of the box's cores: torch's own threads would
+    only compete with the other worker's."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """The tiny FLUX pipeline and reward folders, written once per test session."""
     from flux_rl.tiny_models import write_all
 
-    return write_all(str(tmp_path_factory.mktemp("tiny-models")))
+    return made_once(tmp_path_factory, "tiny-models", write_all)
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +60,8 @@ def lora_run(tiny_models, tmp_path_factory):
     checkpoints and final weights are what the resume tests (and the preemption test) must reach."""
     from tests.launch import launch, tiny_args
 
-    output_dir = str(tmp_path_factory.mktemp("direct-align-lora"))
-    launch("train_direct_align.py", tiny_args(
+    return made_once(tmp_path_factory, "direct-align-lora", lambda output_dir: launch("train_direct_align.py", tiny_args(
         tiny_models, output_dir, "--max_train_steps", "5", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
         "--validation_prompt", "a cat", "a dog", "--validation_steps", "2", "--num_injections", "2",
         "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--rank", "4", "--lora_alpha", "8",
-    ))
-    return output_dir
+    )))

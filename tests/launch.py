@@ -1,6 +1,7 @@
 """Run a training script through `accelerate launch` on the CPU, as a user would."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -25,6 +26,8 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
         # `--cpu --num_processes 2` silently runs one process; this runs two over gloo.
         env["ACCELERATE_USE_CPU"] = "1"
         launcher = ["--multi_gpu", "--num_processes", str(num_processes)]
+    if num_processes > 1:  # pytest-xdist's workers may launch at the same time: not both on torch's default port
+        launcher += ["--main_process_port", str(free_port())]
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
                os.path.join(REPO_ROOT, script), *args]
@@ -34,6 +37,12 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
     else:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tiny_args(tiny_models: str, output_dir: str, *extra: str) -> list[str]:
