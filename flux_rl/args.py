@@ -144,9 +144,15 @@ def parse_pair(text, flag: str, cast=float) -> tuple:
     return first, second
 
 
+class ConfigurationError(ValueError):
+    """Bad input found once the run has started (a dataset column, a checkpoint folder): shown in
+    one line, like the errors of the parser, since its traceback would say nothing more."""
+
+
 def run_cli(parse_args, main):
     """`python script.py ...`: a configuration error prints one line and exits with status 2,
-    as argparse does, instead of a traceback."""
+    as argparse does, instead of a traceback. While parsing every ValueError is the input's;
+    once running, only a ConfigurationError is (any other error keeps its traceback)."""
     import sys
 
     try:
@@ -154,7 +160,11 @@ def run_cli(parse_args, main):
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    main(args)
+    try:
+        main(args)
+    except ConfigurationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def launched_with_fsdp() -> bool:
@@ -164,7 +174,7 @@ def launched_with_fsdp() -> bool:
 
 
 def fail(message: str):
-    raise ValueError(message)
+    raise ConfigurationError(message)
 
 
 # (flag, wanted range, why): numbers outside these ranges would fail only after the models load

@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 
+from .args import ConfigurationError
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -78,7 +80,7 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
     if not os.path.isdir(path):
         candidate = os.path.join(output_dir, path)
         if not os.path.isdir(candidate):
-            raise ValueError(f"--resume_from_checkpoint {path}: no such checkpoint folder; use 'latest' or a checkpoint-N path")
+            raise ConfigurationError(f"--resume_from_checkpoint {path}: no such checkpoint folder; use 'latest' or a checkpoint-N path")
         path = candidate
     return path
 
@@ -95,7 +97,7 @@ def check_resume_config(path: str, args):
     not at all)."""
     state_file = os.path.join(path, "training_state.json")
     if not os.path.exists(state_file):
-        raise ValueError(f"--resume_from_checkpoint: {path} has no training_state.json; it is not a complete checkpoint of this trainer")
+        raise ConfigurationError(f"--resume_from_checkpoint: {path} has no training_state.json; it is not a complete checkpoint of this trainer")
     with open(state_file) as f:
         saved = json.load(f).get("config", {})
     for flag in STRUCTURAL_FLAGS:
@@ -103,7 +105,7 @@ def check_resume_config(path: str, args):
             continue
         before, now = _normalised(flag, saved[flag]), _normalised(flag, getattr(args, flag, None))
         if before != now:
-            raise ValueError(f"--resume_from_checkpoint: {os.path.basename(path)} was trained with --{flag} {saved[flag]}, this run "
+            raise ConfigurationError(f"--resume_from_checkpoint: {os.path.basename(path)} was trained with --{flag} {saved[flag]}, this run "
                              f"has {getattr(args, flag, None)}; resume with the checkpoint's value or start a new --output_dir")
 
 

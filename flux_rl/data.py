@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from .args import ConfigurationError
+
 BUILTIN_PROMPTS = os.path.join(os.path.dirname(__file__), "assets", "smoke_prompts.txt")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -24,7 +26,7 @@ def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split:
     extension = os.path.splitext(path)[1].lower()
     if os.path.isfile(path):
         if extension not in LOCAL_FORMATS:
-            raise ValueError(f"--dataset_name {path}: unknown file type '{extension}'; use one of {', '.join(LOCAL_FORMATS)}")
+            raise ConfigurationError(f"--dataset_name {path}: unknown file type '{extension}'; use one of {', '.join(LOCAL_FORMATS)}")
         dataset = load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train", cache_dir=cache_dir)
         if extension == ".txt":
             prompt_column = "text"
@@ -33,16 +35,16 @@ def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split:
             dataset = load_dataset(path, split=split, cache_dir=cache_dir)
         except RuntimeError as error:
             if "scripts are no longer supported" in str(error):
-                raise ValueError(
+                raise ConfigurationError(
                     f"--dataset_name {path} needs a loading script, which datasets >= 4 no longer runs; download its "
                     "data files and pass one (HPDv2: see README, Prompts)"
                 ) from None
             raise
     if prompt_column not in dataset.column_names:
-        raise ValueError(f"--prompt_column '{prompt_column}' not in {path}; its columns are {dataset.column_names}")
+        raise ConfigurationError(f"--prompt_column '{prompt_column}' not in {path}; its columns are {dataset.column_names}")
     prompts = [p.strip() for p in dataset[prompt_column] if isinstance(p, str) and p.strip()]
     if not prompts:
-        raise ValueError(f"no prompts found in column '{prompt_column}' of {path}")
+        raise ConfigurationError(f"no prompts found in column '{prompt_column}' of {path}")
     return prompts
 
 
@@ -85,10 +87,10 @@ def load_image_dataset(train_data_dir: str, prompt_column: str = "prompt", cache
     from datasets import load_dataset
 
     if not os.path.isdir(train_data_dir):
-        raise ValueError(f"--train_data_dir {train_data_dir}: no such folder")
+        raise ConfigurationError(f"--train_data_dir {train_data_dir}: no such folder")
     dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
     if prompt_column not in dataset.column_names:
-        raise ValueError(
+        raise ConfigurationError(
             f"--prompt_column '{prompt_column}' not in {train_data_dir}; add a metadata.jsonl with "
             f'lines like {{"file_name": "0.png", "{prompt_column}": "a cat"}} (columns now: {dataset.column_names})'
         )

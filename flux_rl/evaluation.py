@@ -8,6 +8,8 @@ from collections import defaultdict
 
 import torch
 
+from .args import ConfigurationError
+
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 METRICS = ("hpsv2", "pickscore", "aesthetic", "imagereward", "clip", "sgp_hps")
 METRIC_NOTES = {
@@ -31,7 +33,7 @@ def load_benchmark(hpdv2_benchmark_dir=None, prompt_file=None, prompts_per_style
         for style in HPDV2_STYLES:
             path = os.path.join(hpdv2_benchmark_dir, f"{style}.json")
             if not os.path.exists(path):
-                raise ValueError(f"--hpdv2_benchmark_dir {hpdv2_benchmark_dir}: missing {style}.json (download benchmark/ from zhwang/HPDv2)")
+                raise ConfigurationError(f"--hpdv2_benchmark_dir {hpdv2_benchmark_dir}: missing {style}.json (download benchmark/ from zhwang/HPDv2)")
             with open(path) as f:
                 prompts = json.load(f)
             items += [(style, i, p) for i, p in enumerate(prompts[:prompts_per_style])]
@@ -46,9 +48,9 @@ def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
     for spec in specs or []:
         name, _, path = spec.rpartition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
         if not os.path.isdir(path):
-            raise ValueError(f"--models {spec}: {path} is not a folder (a trainer's --output_dir)")
+            raise ConfigurationError(f"--models {spec}: {path} is not a folder (a trainer's --output_dir)")
         if name == "base" or any(name == seen for seen, _ in models):
-            raise ValueError(f"--models {spec}: the name '{name}' is taken; write name=path")
+            raise ConfigurationError(f"--models {spec}: the name '{name}' is taken; write name=path")
         models.append((name, path))
     return models
 
@@ -63,7 +65,7 @@ class ModelVariant:
         if path is not None and not self.is_lora:
             folder = os.path.join(path, "transformer")
             if not os.path.exists(os.path.join(folder, "config.json")):
-                raise ValueError(f"{path}: neither pytorch_lora_weights.safetensors nor transformer/ found")
+                raise ConfigurationError(f"{path}: neither pytorch_lora_weights.safetensors nor transformer/ found")
 
     def apply(self, pipe):
         from diffusers import FluxTransformer2DModel

@@ -332,13 +332,24 @@ def setup(args, method: str) -> Run:
     # open_clip logs its loading steps at INFO on the root logger: keep the root at WARNING.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("flux_rl").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
+    # Smallest first, so that a wrong column or reward file is reported before FLUX's 33 GB load.
+    image_dataset = None
+    if getattr(args, "train_data_dir", None):
+        image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column, args.cache_dir)
+        items = list(range(len(image_dataset)))
+    else:
+        items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split, args.cache_dir)
+    schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
+    reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)
+    if args.compile_reward:
+        reward.compile_image_towers(args.compile_backend, args.compile_mode)
+    set_seed(args.seed)  # after the rewards' random initialisation: the LoRA init must not depend on the reward chosen
     pipeline = models.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype=weight_dtype,
                                     cache_dir=args.cache_dir)
     models.prepare_vae(pipeline.vae, args).to(accelerator.device)
@@ -347,17 +358,6 @@ def setup(args, method: str) -> Run:
     transformer = pipeline.transformer
     models.prepare_for_training(transformer, args).to(accelerator.device)
     models.register_save_load_hooks(accelerator, use_lora=not args.full_finetune)
-
-    reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)
-    if args.compile_reward:
-        reward.compile_image_towers(args.compile_backend, args.compile_mode)
-    image_dataset = None
-    if getattr(args, "train_data_dir", None):
-        image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column, args.cache_dir)
-        items = list(range(len(image_dataset)))
-    else:
-        items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split, args.cache_dir)
-    schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
 
     params = models.trainable_parameters(transformer)
     learning_rate = initial_learning_rate(args, accelerator.num_processes)

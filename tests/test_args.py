@@ -196,28 +196,43 @@ def test_missing_model_path_fails():
         train_direct_align.parse_args(["--pretrained_model_name_or_path", "./tiny-models/nope"])
 
 
-def test_command_line_error_is_one_line(tmp_path):
+def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
+    """Each script run as `python script.py` would run it (in one interpreter: torch imported
+    once, not five times); also an error found once running (a dataset without the prompt
+    column), which must come before FLUX loads: FLUX's folder here is empty, so loading it first
+    would fail with another error."""
+    import json
     import subprocess
     import sys
 
     from tests.conftest import REPO_ROOT
 
-    scripts = ["train_srpo_flux.py", "train_direct_align.py", "train_refl_baseline.py", "train_draft_baseline.py"]
-    # Each script run as `python script.py` would run it, in one interpreter (torch imported once, not four times).
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"caption": "a red car"}\n')
+    empty = tmp_path / "no-flux-here"
+    empty.mkdir()
+    bad_resolution = ["--pretrained_model_name_or_path", "x", "--resolution", "100"]
+    bad_column = ["--pretrained_model_name_or_path", str(empty), "--reward_models_dir", tiny_rewards, "--dataset_name",
+                  str(captions), "--report_to", "none", "--output_dir", str(tmp_path / "out")]
+    runs = [[script, *bad_resolution] for script in
+            ("train_srpo_flux.py", "train_direct_align.py", "train_refl_baseline.py", "train_draft_baseline.py")]
+    runs.append(["train_srpo_flux.py", *bad_column])
     driver = """
-import runpy, sys
-for script in sys.argv[1:]:
-    sys.argv = [script, "--pretrained_model_name_or_path", "x", "--resolution", "100"]
+import json, runpy, sys
+for argv in json.loads(sys.argv[1]):
+    sys.argv = argv
     try:
-        runpy.run_path(script, run_name="__main__")
+        runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as exit:
-        print(f"{script} exited with {exit.code}", file=sys.stderr)
+        print(f"{argv[0]} exited with {exit.code}", file=sys.stderr)
 """
-    result = subprocess.run([sys.executable, "-c", driver, *scripts], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", driver, json.dumps(runs)], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or " exited with " in line]
-    message = "error: --resolution 100 must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)"
-    assert lines == [line for script in scripts for line in (message, f"{script} exited with 2")], result.stderr
+    resolution = "error: --resolution 100 must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)"
+    column = f"error: --prompt_column 'prompt' not in {captions}; its columns are ['caption']"
+    assert lines == [line for run in runs[:4] for line in (resolution, f"{run[0]} exited with 2")] + [
+        column, "train_srpo_flux.py exited with 2"], result.stderr
     assert "Traceback" not in result.stderr
 
 
