@@ -96,6 +96,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
+    a("--overwrite_output_dir", action="store_true",
+      help="Start a new run in an --output_dir that holds an earlier run's checkpoints or weights (its checkpoints are "
+           "removed at start). Without it such a run is refused, so that nothing trained is overwritten by accident.")
     a("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     a("--logging_dir", type=str, default="logs")
     a("--tracker_project_name", type=str, default=None)
@@ -297,12 +300,15 @@ def validate_common_args(args):
     looks_local = args.dataset_name and (args.dataset_name.startswith((".", "/")) or os.path.splitext(args.dataset_name)[1])
     if looks_local and not os.path.exists(args.dataset_name):
         fail(f"--dataset_name {args.dataset_name}: no such file or folder")
-    if args.resume_from_checkpoint:
-        from .checkpoints import check_resume_config, resolve_resume
+    from .checkpoints import check_resume_config, earlier_run_outputs, resolve_resume
 
-        path = resolve_resume(args.resume_from_checkpoint, args.output_dir)  # one-line error when missing
-        if path:
-            check_resume_config(path, args)
+    path = resolve_resume(args.resume_from_checkpoint, args.output_dir)  # one-line error when missing
+    if path:
+        check_resume_config(path, args)
+    elif not args.overwrite_output_dir and (earlier := earlier_run_outputs(args.output_dir)):
+        # A new run would replace checkpoint-N folders of the same names and rotate the newer ones away.
+        fail(f"--output_dir {args.output_dir} holds an earlier run's {', '.join(earlier[-3:])}: continue it with "
+             "--resume_from_checkpoint latest, or start over with --overwrite_output_dir, or choose another --output_dir")
     from rewards import parse_reward_spec
 
     parse_reward_spec(args.reward)

@@ -69,6 +69,24 @@ def publish(output_dir: str, name: str, write) -> str:
     return target
 
 
+FINAL_WEIGHTS = ("pytorch_lora_weights.safetensors", "transformer")  # what a finished run leaves (models.save_trained)
+
+
+def earlier_run_outputs(output_dir: str) -> list[str]:
+    """Checkpoints and final weights a new run in output_dir would overwrite or rotate away."""
+    found = [os.path.basename(path) for path in list_checkpoints(output_dir)]
+    return found + [name for name in FINAL_WEIGHTS if os.path.exists(os.path.join(output_dir, name))]
+
+
+def remove_earlier_checkpoints(output_dir: str, logger=None):
+    """--overwrite_output_dir: the earlier run's checkpoints go, so that rotation and 'latest'
+    see only this run's (its final weights are replaced when this run saves its own)."""
+    for path in list_checkpoints(output_dir):
+        shutil.rmtree(path)
+        if logger:
+            logger.info(f"--overwrite_output_dir: removed {path} of an earlier run")
+
+
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
     """'latest' -> the newest checkpoint in output_dir (None if there is none yet); else a path."""
     if not resume_from_checkpoint:

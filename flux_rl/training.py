@@ -336,6 +336,9 @@ def setup(args, method: str) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            checkpoints.remove_earlier_checkpoints(args.output_dir, logger)
+    accelerator.wait_for_everyone()
 
     # Smallest first, so that a wrong column or reward file is reported before FLUX's 33 GB load.
     image_dataset = None

@@ -57,11 +57,18 @@ def tiny_rewards(tiny_models):
 @pytest.fixture(scope="session")
 def lora_run(tiny_models, tmp_path_factory):
     """A 5-step Direct-Align LoRA run through `accelerate launch`, checkpointing every step; its
-    checkpoints and final weights are what the resume tests (and the preemption test) must reach."""
+    checkpoints and final weights are what the resume tests (and the preemption test) must reach.
+    It starts in a folder holding an earlier run's checkpoint-999 with --overwrite_output_dir,
+    which must remove it (else rotation would keep it: test_checkpoint_rotation_keeps_newest)."""
     from tests.launch import launch, tiny_args
 
-    return made_once(tmp_path_factory, "direct-align-lora", lambda output_dir: launch("train_direct_align.py", tiny_args(
-        tiny_models, output_dir, "--max_train_steps", "5", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
-        "--validation_prompt", "a cat", "a dog", "--validation_steps", "2", "--num_injections", "2",
-        "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--rank", "4", "--lora_alpha", "8",
-    )))
+    def train(output_dir):
+        os.makedirs(os.path.join(output_dir, "checkpoint-999"))
+        launch("train_direct_align.py", tiny_args(
+            tiny_models, output_dir, "--max_train_steps", "5", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
+            "--validation_prompt", "a cat", "a dog", "--validation_steps", "2", "--num_injections", "2",
+            "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--rank", "4", "--lora_alpha", "8",
+            "--overwrite_output_dir",
+        ))
+
+    return made_once(tmp_path_factory, "direct-align-lora", train)

@@ -158,6 +158,27 @@ def test_resume_refuses_a_checkpoint_of_another_structure(saved, flags, message,
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("earlier, flags, message", [
+    (["checkpoint-500"], [], "holds an earlier run's checkpoint-500: continue it with --resume_from_checkpoint latest"),
+    (["pytorch_lora_weights.safetensors"], [], "holds an earlier run's pytorch_lora_weights.safetensors"),
+    (["transformer"], ["--resume_from_checkpoint", "latest"], "holds an earlier run's transformer"),  # finished, no checkpoint
+    (["checkpoint-500", "pytorch_lora_weights.safetensors"], ["--overwrite_output_dir"], None),
+    (["logs", "validation"], [], None),  # nothing trained in there
+])
+def test_new_run_refused_where_an_earlier_run_left_weights(earlier, flags, message, tmp_path):
+    """A new run in the same --output_dir would replace checkpoint-N folders of the same names,
+    rotate the earlier run's newer ones away and overwrite its final weights."""
+    for name in earlier:
+        (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_bytes(b"")
+    args = BASE + ["--output_dir", str(tmp_path), *flags]
+    if message is None:
+        train_direct_align.parse_args(args)
+        return
+    with pytest.raises(ValueError, match=message) as error:
+        train_direct_align.parse_args(args)
+    assert "--overwrite_output_dir" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_wandb_missing_fails_early(monkeypatch):
     import importlib.util
 

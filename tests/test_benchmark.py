@@ -162,7 +162,7 @@ def test_a_failing_configuration_does_not_stop_the_table(capsys):
         "--variant=--gradient_checkpointing_ratio 2", "--variant=--gradient_checkpointing_ratio 0.5",
     ])
     failed, measured = table(lines)
-    assert failed["s/step"].startswith("failed: ValueError: --gradient_checkpointing_ratio must lie in [0, 1]")
+    assert failed["s/step"].startswith("failed: ConfigurationError: --gradient_checkpointing_ratio must lie in [0, 1]")
     assert float(measured["s/step"]) > 0
     assert "Traceback" in capsys.readouterr().err
 
