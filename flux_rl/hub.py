@@ -1,10 +1,10 @@
 """Model card and Hub upload for a finished run."""
 
 import os
+import re
 
 CARD = """---
-base_model: {base_model}
-library_name: diffusers
+{base_model_line}library_name: diffusers
 license: other
 tags:
 - flux
@@ -35,22 +35,36 @@ image = pipe({prompt}, num_inference_steps=50, guidance_scale=3.5).images[0]
 """
 
 
+def hub_id_of(model: str) -> str | None:
+    """The Hub id of a model named by its id or by a snapshot folder of the Hub's cache
+    (.../models--black-forest-labs--FLUX.1-dev/snapshots/<hash>); None for any other folder."""
+    if not os.path.isdir(model):
+        return model
+    match = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", os.path.abspath(model).replace(os.sep, "/") + "/")
+    return f"{match[1]}/{match[2]}" if match else None
+
+
 def write_model_card(output_dir, args, method, repo_id=None):
     use_lora = not args.full_finetune
     weights = repo_id or output_dir
+    # The Hub refuses a card whose base_model is not a model id (a local path would fail the push
+    # at the end of training): a local copy of FLUX gets no base_model line.
+    base_id = hub_id_of(args.pretrained_model_name_or_path)
+    base = base_id or args.pretrained_model_name_or_path
     if use_lora:
         imports = "FluxPipeline"
-        load_code = (f'pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16).to("cuda")\n'
+        load_code = (f'pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")\n'
                      f'pipe.load_lora_weights("{weights}")')
     else:  # the trained transformer replaces the base model's; the rest of the pipeline is the base model's
         imports = "FluxPipeline, FluxTransformer2DModel"
         load_code = (f'transformer = FluxTransformer2DModel.from_pretrained("{weights}", subfolder="transformer", torch_dtype=torch.bfloat16)\n'
-                     f'pipe = FluxPipeline.from_pretrained("{args.pretrained_model_name_or_path}", transformer=transformer, '
+                     f'pipe = FluxPipeline.from_pretrained("{base}", transformer=transformer, '
                      'torch_dtype=torch.bfloat16).to("cuda")')
     secret = {"hub_token"}
     config = "\n".join(f"{k} = {v}" for k, v in sorted(vars(args).items()) if k not in secret)
     text = CARD.format(
-        base_model=args.pretrained_model_name_or_path,
+        base_model_line=f"base_model: {base_id}\n" if base_id else "",
+        base_model=base,
         method=method,
         kind="lora" if use_lora else "full-fine-tune",
         kind_text="LoRA adapter" if use_lora else "Fully fine-tuned transformer",

@@ -66,3 +66,27 @@ def test_model_card_code_runs(tiny_flux, tmp_path, full_finetune):
         assert torch.all(pipe.transformer.x_embedder.bias == 0.25)
     else:
         assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_card_names_a_base_model_only_by_its_hub_id(tmp_path):
+    """The Hub refuses a card whose base_model is not a model id, so a run from a local copy of
+    FLUX would fail its push at the end of training: an id, or a folder of the Hub's cache, gives
+    the id; any other folder gives no base_model line (and the usage code names the folder)."""
+    from huggingface_hub import ModelCard
+
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / "0ef5fff"
+    local = tmp_path / "my-flux"
+    for folder in (snapshot, local):
+        folder.mkdir(parents=True)
+    assert hub.hub_id_of("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
+    assert hub.hub_id_of(str(snapshot)) == "black-forest-labs/FLUX.1-dev"
+    assert hub.hub_id_of(str(local)) is None
+    for base, expected in ((str(snapshot), "black-forest-labs/FLUX.1-dev"), (str(local), None)):
+        args = argparse.Namespace(pretrained_model_name_or_path=base, full_finetune=False, reward="hpsv2:1.0",
+                                  max_train_steps=2, validation_prompt=None)
+        out = tmp_path / f"out-{expected is None}"
+        out.mkdir()
+        hub.write_model_card(str(out), args, "srpo")
+        card = ModelCard.load(str(out / "README.md"))
+        assert card.data.to_dict().get("base_model") == expected and card.data.library_name == "diffusers"
+        assert f'FluxPipeline.from_pretrained("{expected or local}"' in card.text
