@@ -307,8 +307,10 @@ def validate_common_args(args):
         check_resume_config(path, args)
     elif not args.overwrite_output_dir and (earlier := earlier_run_outputs(args.output_dir)):
         # A new run would replace checkpoint-N folders of the same names and rotate the newer ones away.
-        fail(f"--output_dir {args.output_dir} holds an earlier run's {', '.join(earlier[-3:])}: continue it with "
-             "--resume_from_checkpoint latest, or start over with --overwrite_output_dir, or choose another --output_dir")
+        resumable = any(name.startswith("checkpoint-") for name in earlier)
+        fail(f"--output_dir {args.output_dir} holds an earlier run's {', '.join(earlier[-3:])}: "
+             + ("continue it with --resume_from_checkpoint latest, or " if resumable else "")
+             + "start over with --overwrite_output_dir, or choose another --output_dir")
     from rewards import parse_reward_spec
 
     parse_reward_spec(args.reward)

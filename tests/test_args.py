@@ -160,8 +160,8 @@ def test_resume_refuses_a_checkpoint_of_another_structure(saved, flags, message,
 
 @pytest.mark.parametrize("earlier, flags, message", [
     (["checkpoint-500"], [], "holds an earlier run's checkpoint-500: continue it with --resume_from_checkpoint latest"),
-    (["pytorch_lora_weights.safetensors"], [], "holds an earlier run's pytorch_lora_weights.safetensors"),
-    (["transformer"], ["--resume_from_checkpoint", "latest"], "holds an earlier run's transformer"),  # finished, no checkpoint
+    (["pytorch_lora_weights.safetensors"], [], "holds an earlier run's pytorch_lora_weights.safetensors: start over with"),
+    (["transformer"], ["--resume_from_checkpoint", "latest"], "holds an earlier run's transformer: start over"),  # nothing to resume
     (["checkpoint-500", "pytorch_lora_weights.safetensors"], ["--overwrite_output_dir"], None),
     (["logs", "validation"], [], None),  # nothing trained in there
 ])
