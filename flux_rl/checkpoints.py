@@ -117,7 +117,12 @@ def check_resume_config(path: str, args):
     if not os.path.exists(state_file):
         raise ConfigurationError(f"--resume_from_checkpoint: {path} has no training_state.json; it is not a complete checkpoint of this trainer")
     with open(state_file) as f:
-        saved = json.load(f).get("config", {})
+        state = json.load(f)
+    saved = state.get("config", {})
+    if args.max_train_steps <= state.get("global_step", 0):
+        # Nothing would be trained, and the final save would replace the run's weights with the checkpoint's.
+        raise ConfigurationError(f"--resume_from_checkpoint: {os.path.basename(path)} is at step {state['global_step']}, and "
+                                 f"--max_train_steps {args.max_train_steps} leaves nothing to train; raise --max_train_steps")
     for flag in STRUCTURAL_FLAGS:
         if flag not in saved or (args.full_finetune and flag in ("rank", "lora_alpha", "lora_target_modules")):
             continue

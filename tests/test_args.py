@@ -136,6 +136,7 @@ def test_lora_target_modules_adapt_exactly_the_named_layers(tmp_path):
     ({"lora_target_modules": "to_q,to_k"}, ["--lora_target_modules", "to_q"], "--lora_target_modules to_q,to_k"),
     ({"full_finetune": False}, ["--full_finetune"], "--full_finetune False"),
     ({"use_8bit_adam": True}, [], "--use_8bit_adam True"),
+    ({}, ["--max_train_steps", "3"], "checkpoint-3 is at step 3, and --max_train_steps 3 leaves nothing to train"),
     ({"rank": 4, "lora_alpha": 8, "lora_target_modules": "to_q, to_k", "learning_rate": 1.0}, ["--rank", "4", "--lora_alpha", "8",
      "--lora_target_modules", "to_q,to_k"], None),  # same structure (an int alpha, spaces); other flags may change
     ({"lora_target_modules": None}, ["--lora_target_modules", "to_k, to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"],
@@ -143,7 +144,8 @@ def test_lora_target_modules_adapt_exactly_the_named_layers(tmp_path):
 ])
 def test_resume_refuses_a_checkpoint_of_another_structure(saved, flags, message, tmp_path):
     """Before loading: a checkpoint written with another rank, alpha, LoRA targets or optimizer kind
-    would fail in accelerate's load_state with a size mismatch, or load and mean something else."""
+    would fail in accelerate's load_state with a size mismatch, or load and mean something else;
+    one at or past --max_train_steps would train nothing and overwrite the final weights with its own."""
     import json
 
     checkpoint = tmp_path / "checkpoint-3"
