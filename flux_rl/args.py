@@ -14,7 +14,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--cache_dir", type=str, default=None,
       help="Where FLUX and hub datasets are downloaded and cached (default: the Hugging Face cache, HF_HOME).")
     a("--dataset_name", type=str, default=None, help="Hub dataset or local json/jsonl/csv/parquet/txt of prompts (default: built-in smoke prompts).")
-    a("--prompt_column", type=str, default="prompt")
+    a("--dataset_config_name", type=str, default=None, help="Configuration (subset) of a hub dataset that has several.")
+    a("--prompt_column", "--caption_column", dest="prompt_column", type=str, default="prompt",
+      help="Column holding the prompts (--caption_column, as diffusers' examples name it, is the same flag).")
     a("--dataset_split", type=str, default="train")
     a("--max_sequence_length", type=int, default=512, help="T5 tokens, as the release.")
     a("--text_cache_size", type=int, default=2048, help="Prompts whose text embeddings stay cached (4 MB each at full size).")

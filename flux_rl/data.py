@@ -14,9 +14,12 @@ BUILTIN_PROMPTS = os.path.join(os.path.dirname(__file__), "assets", "smoke_promp
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split: str = "train", cache_dir: str | None = None) -> list[str]:
-    """A hub dataset id, a local json/jsonl/csv/parquet/txt file, or None for the built-in list.
-    `cache_dir`: where `datasets` downloads and caches (None: its default).
+def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split: str = "train", cache_dir: str | None = None,
+                 config_name: str | None = None) -> list[str]:
+    """A hub dataset id (or a local dataset folder, as a hub dataset is laid out), a local
+    json/jsonl/csv/parquet/txt file, or None for the built-in list. `config_name`: the dataset's
+    configuration (subset), for datasets that have several. `cache_dir`: where `datasets`
+    downloads and caches (None: its default).
 
     HPDv2: its hub loading script does not run on datasets >= 4; download train.json and pass
     the file (see README)."""
@@ -32,7 +35,12 @@ def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split:
             prompt_column = "text"
     else:
         try:
-            dataset = load_dataset(path, split=split, cache_dir=cache_dir)
+            dataset = load_dataset(path, config_name, split=split, cache_dir=cache_dir)
+        except ValueError as error:  # an unknown configuration or split: datasets' message names the ones there are
+            raise ConfigurationError(f"--dataset_name {path}: {error}".replace("\n", " ")) from None
+        except (FileNotFoundError, ConnectionError) as error:  # no such dataset, or offline without it in the cache
+            raise ConfigurationError(f"--dataset_name {path}: {error}; a local file needs its extension "
+                                     f"({', '.join(LOCAL_FORMATS)})".replace("\n", " ")) from None
         except RuntimeError as error:
             if "scripts are no longer supported" in str(error):
                 raise ConfigurationError(
