@@ -33,7 +33,8 @@ def parse_args(input_args=None):
     a = parser.add_argument
     a("--pretrained_model_name_or_path", type=str, required=True)
     a("--cache_dir", type=str, default=None, help="Where FLUX is downloaded and cached (default: the Hugging Face cache).")
-    a("--models", type=str, nargs="*", default=[], help="Trained outputs as name=folder (LoRA or full fine-tune).")
+    a("--models", type=str, nargs="*", default=[],
+      help="Trained outputs as name=folder or name=hub-id (LoRA or full fine-tune, as the trainers save and push them).")
     a("--hpdv2_benchmark_dir", type=str, default=None, help="Folder with anime/concept-art/paintings/photo.json.")
     a("--prompt_file", type=str, default=None, help="Any prompt file the trainers read (txt/json/csv/...).")
     a("--prompts_per_style", type=int, default=None, help="First N prompts of each style (the human study used 125).")
@@ -64,7 +65,7 @@ def parse_args(input_args=None):
         ("guidance_scale", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
         *[entry for entry in COMMON_RANGES if entry[0] == "max_sequence_length"],
     ])
-    args.model_specs = evaluation.parse_model_specs(args.models)
+    args.model_specs = evaluation.parse_model_specs(args.models, args.cache_dir)
     return args
 
 

@@ -42,17 +42,34 @@ def load_benchmark(hpdv2_benchmark_dir=None, prompt_file=None, prompts_per_style
     return [("prompts", i, p) for i, p in enumerate(prompts[:prompts_per_style])]
 
 
-def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
-    """['srpo=output/srpo', ...] -> [('srpo', 'output/srpo'), ...]; a bare path is named by its folder."""
+def parse_model_specs(specs: list[str], cache_dir: str | None = None) -> list[tuple[str, str]]:
+    """['srpo=output/srpo', 'hub=me/flux-srpo-lora', ...] -> [('srpo', 'output/srpo'), ...]: a trainer's
+    --output_dir, or a Hub repository it was pushed to (its weights are downloaded, into `cache_dir`
+    if given); a bare path or id is named by its last part."""
     models = []
     for spec in specs or []:
         name, _, path = spec.rpartition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
         if not os.path.isdir(path):
-            raise ConfigurationError(f"--models {spec}: {path} is not a folder (a trainer's --output_dir)")
+            path = _download(spec, path, cache_dir)
         if name == "base" or any(name == seen for seen, _ in models):
             raise ConfigurationError(f"--models {spec}: the name '{name}' is taken; write name=path")
         models.append((name, path))
     return models
+
+
+def _download(spec: str, repo_id: str, cache_dir: str | None) -> str:
+    """A trained output pushed to the Hub (--push_to_hub): only its weights, as the trainers write them."""
+    import re
+
+    from huggingface_hub import snapshot_download
+
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", repo_id):
+        raise ConfigurationError(f"--models {spec}: {repo_id} is neither a folder (a trainer's --output_dir) nor a Hub repository id")
+    try:
+        return snapshot_download(repo_id, allow_patterns=["pytorch_lora_weights.safetensors", "transformer/*"], cache_dir=cache_dir)
+    except Exception as error:  # not on the Hub, private, or offline and not in the cache: the Hub's message says which
+        raise ConfigurationError(f"--models {spec}: {repo_id} is not a folder, and the Hub gave no copy of it: "
+                                 f"{type(error).__name__}: {error}".replace("\n", " ")) from None
 
 
 class ModelVariant:
