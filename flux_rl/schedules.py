@@ -50,8 +50,10 @@ class TrainingWindow:
     """
 
     def __init__(self, start=5, end=25, shift=3.0, gt_ratio=0.9, grid_size=1000, schedule_steps=50, margin=5):
-        if not 0 <= start < end <= schedule_steps:
-            raise ValueError(f"--train_window {start},{end} must satisfy 0 <= start < end <= {schedule_steps}")
+        if not 1 <= start < end <= schedule_steps:
+            # start 0 is pure noise (sigma 1): a branch starting there has no x0 to recover (Eq. 4 divides by 1 - sigma).
+            raise ValueError(f"--train_window {start},{end} must satisfy 1 <= start < end <= {schedule_steps} "
+                             "(step 0 is pure noise, from which no x0 can be recovered)")
         if not 0.0 < gt_ratio < 1.0:
             raise ValueError(f"--gt_ratio {gt_ratio} must lie strictly between 0 and 1")
         schedule = fixed_shift_sigmas(schedule_steps, shift).double()

@@ -17,6 +17,7 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
         (["--reward", "hpsv9:1"], "unknown reward 'hpsv9'"),
         (["--train_window", "30,5"], "--train_window 30,5"),
+        (["--train_window", "0,25"], "step 0 is pure noise"),
         (["--train_window", "a,b"], "two comma-separated numbers"),
         (["--gt_ratio", "1.5"], "--gt_ratio"),
         (["--push_to_hub"], "--hub_model_id"),
