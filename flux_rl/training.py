@@ -342,11 +342,12 @@ def setup(args, method: str) -> Run:
 
     # Smallest first, so that a wrong column or reward file is reported before FLUX's 33 GB load.
     image_dataset = None
-    if getattr(args, "train_data_dir", None):
-        image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column, args.cache_dir)
-        items = list(range(len(image_dataset)))
-    else:
-        items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split, args.cache_dir, args.dataset_config_name)
+    with accelerator.main_process_first():  # one process downloads and converts into datasets' cache; the others read it
+        if getattr(args, "train_data_dir", None):
+            image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column, args.cache_dir)
+            items = list(range(len(image_dataset)))
+        else:
+            items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split, args.cache_dir, args.dataset_config_name)
     schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
     reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)
