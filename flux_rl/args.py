@@ -37,7 +37,8 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--full_finetune", action="store_true", help="Train all transformer weights instead of LoRA.")
     a("--rank", type=int, default=64)
     a("--lora_alpha", type=float, default=64)
-    a("--lora_target_modules", type=str, default=None, help="Comma-separated module names (default: all attention projections).")
+    a("--lora_target_modules", "--lora_layers", dest="lora_target_modules", type=str, default=None,
+      help="Comma-separated module names (default: all attention projections); --lora_layers, diffusers' FLUX name, is the same flag.")
     a("--gradient_checkpointing", action="store_true", help="Recompute each transformer block in the backward pass.")
     a("--gradient_checkpointing_ratio", type=float, default=1.0,
       help="With --gradient_checkpointing: the share of transformer blocks to recompute (spread evenly). Lower is faster "

@@ -70,12 +70,14 @@ def test_missing_column_and_unknown_dataset(tmp_path, monkeypatch):
         load_prompts("nobody/no-such-prompts", cache_dir=str(tmp_path / "cache"))  # offline here: not in the cache
 
 
-def test_caption_column_is_the_prompt_column():
+def test_flags_named_as_in_diffusers_examples():
+    """--caption_column and --lora_layers (diffusers' FLUX examples) are our --prompt_column and --lora_target_modules."""
     import train_srpo_flux
 
     args = train_srpo_flux.parse_args(["--pretrained_model_name_or_path", "x", "--caption_column", "text",
-                                       "--dataset_config_name", "photos"])
+                                       "--dataset_config_name", "photos", "--lora_layers", "attn.to_q,proj_mlp"])
     assert args.prompt_column == "text" and args.dataset_config_name == "photos"
+    assert args.lora_target_modules == "attn.to_q,proj_mlp"
 
 
 def test_batch_order_splits_each_global_batch_between_processes():

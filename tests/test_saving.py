@@ -19,6 +19,31 @@ def test_lora_state_dict_matches_peft(tiny_flux):
         assert torch.equal(ours[key], peft[key]), key
 
 
+def test_lora_on_diffusers_flux_layer_list_loads_into_the_pipeline(tiny_flux, tmp_path):
+    """--lora_layers as diffusers' FLUX LoRA example lists them (feed-forward and the single blocks'
+    MLP and output too, plus the top-level proj_out): every adapted layer comes back, with its
+    weights, through FluxPipeline.load_lora_weights."""
+    from diffusers import FluxPipeline
+
+    layers = ("attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,"
+              "ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2,proj_mlp,proj_out")
+    transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
+    models.add_lora(transformer, 4, 4, models.lora_targets(layers))
+    torch.manual_seed(0)
+    for name, parameter in transformer.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_()
+    models.save_lora(str(tmp_path), transformer)
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.load_lora_weights(str(tmp_path))
+    trained = {name.replace(".default", ""): p for name, p in transformer.named_parameters() if "lora_" in name}
+    loaded = {name.replace(".default_0", ""): p for name, p in pipe.transformer.named_parameters() if "lora_" in name}
+    assert trained.keys() == loaded.keys()
+    assert {name.split(".lora_")[0] for name in trained} >= {"proj_out", "transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.proj_mlp"}
+    for name in trained:
+        assert torch.equal(trained[name], loaded[name]), name
+
+
 def test_save_full_model_writes_the_given_state(tiny_flux, tmp_path):
     transformer = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
     state = {k: v.clone() for k, v in transformer.state_dict().items()}
