@@ -42,6 +42,7 @@ import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -120,8 +121,10 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
               checkpointing=True):
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
+    # --output_dir: the step writes nothing, and ./output may hold a user's run (which a trainer would refuse to start over)
     flags = ["--pretrained_model_name_or_path", "random-weights", "--resolution", str(resolution),
-             "--num_inference_steps", str(rollout_steps), "--report_to", "none", *extra_flags]
+             "--num_inference_steps", str(rollout_steps), "--report_to", "none",
+             "--output_dir", os.path.join(tempfile.gettempdir(), "benchmark-writes-nothing"), *extra_flags]
     if checkpointing:
         flags += ["--gradient_checkpointing", "--vae_gradient_checkpointing"]
     if compiled:
