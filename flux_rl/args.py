@@ -37,6 +37,8 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--full_finetune", action="store_true", help="Train all transformer weights instead of LoRA.")
     a("--rank", type=int, default=64)
     a("--lora_alpha", type=float, default=64)
+    a("--lora_dropout", type=float, default=0.0,
+      help="Dropout on the LoRA adapters' input in the steps that carry gradient; the rollout and validation run without it.")
     a("--lora_target_modules", "--lora_layers", dest="lora_target_modules", type=str, default=None,
       help="Comma-separated module names (default: all attention projections); --lora_layers, diffusers' FLUX name, is the same flag.")
     a("--gradient_checkpointing", action="store_true", help="Recompute each transformer block in the backward pass.")
@@ -195,6 +197,7 @@ COMMON_RANGES = [
     ("rollout_guidance", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
     ("train_guidance", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
     ("lora_alpha", "positive", "the LoRA update is scaled by alpha / rank, so 0 trains nothing"),
+    ("lora_dropout", "in [0, 1)", "it is the probability of dropping an adapter input"),
     ("seed", (0, 2**32 - 1), "numpy takes seeds in that range"),
     ("validation_seed", (0, 2**32 - 1), "numpy takes seeds in that range"),
     ("lr_warmup_steps", "non-negative", "0 starts at the full learning rate"),
@@ -256,6 +259,8 @@ def validate_common_args(args):
         fail(f"--gradient_checkpointing_ratio must lie in [0, 1] (the share of blocks recomputed), got {args.gradient_checkpointing_ratio}")
     if args.gradient_checkpointing_ratio != 1.0 and not args.gradient_checkpointing:
         fail("--gradient_checkpointing_ratio needs --gradient_checkpointing (without it no block is recomputed)")
+    if args.lora_dropout and args.full_finetune:
+        fail("--lora_dropout is for LoRA training; drop it with --full_finetune")
     if args.bf16_weights and not args.full_finetune:
         fail("--bf16_weights is for --full_finetune (LoRA weights are small and stay fp32)")
     if args.merge_lora_in_rollout and args.full_finetune:

@@ -61,6 +61,20 @@ def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], dr
 
 
 @contextlib.contextmanager
+def without_dropout(model):
+    """No-grad sampling (rollout, validation) in eval mode, so --lora_dropout does not perturb the
+    sampler; the model's mode is restored after it. A model in eval mode already passes through."""
+    if not model.training:
+        yield model
+        return
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train()
+
+
+@contextlib.contextmanager
 def lora_merged(model):
     """For no-grad sampling: each LoRA adapter folded into its base weight, W + scale * B @ A
     (rounded once to the weight's dtype), so every adapted projection runs one matmul instead of
@@ -226,7 +240,12 @@ def prepare_for_training(transformer, args):
     elif args.full_finetune:
         transformer.float().requires_grad_(True)  # fp32 master weights under autocast
     else:
-        add_lora(transformer, args.rank, args.lora_alpha, lora_targets(args.lora_target_modules))
+        add_lora(transformer, args.rank, args.lora_alpha, lora_targets(args.lora_target_modules), getattr(args, "lora_dropout", 0.0))
+        if getattr(args, "lora_dropout", 0.0):
+            # peft's dropout acts in training mode only. The whole step stays in it, so that a block that gradient
+            # checkpointing recomputes in the backward draws the same mask (torch.utils.checkpoint replays the RNG);
+            # rollouts and validation switch to eval mode (without_dropout).
+            transformer.train()
     if args.attention_backend:
         set_attention_backend(transformer, args.attention_backend)
     if args.gradient_checkpointing:

@@ -101,7 +101,8 @@ class Run:
         sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
         merged = models.lora_merged(self.unwrapped()) if self.args.merge_lora_in_rollout else contextlib.nullcontext()
         backend = models.attention_backend_within(self.unwrapped(), self.args.rollout_attention_backend)
-        with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, backend:  # a named range in profiles
+        with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, backend, \
+                models.without_dropout(self.unwrapped()):  # record_function: a named range in profiles
             x = flux.sample(self.transformer, noise, sigmas, self.args.rollout_guidance, cond, self.img_ids,
                             tabulate_modulations_of=self._modulations_model(), full_schedule=self.rollout_sigmas)
         return x, noise, cond
@@ -225,7 +226,7 @@ class Run:
         # One batch of the prompts per seed: the batch the rollout's compiled graphs already know,
         # and no more memory than one image per prompt.
         for index in range(count):
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), models.without_dropout(self.unwrapped()):
                 batch = validation.render(
                     self.transformer, self.vae, self.prompt_encoder, prompts, self.args.validation_seed + index,
                     self.args.resolution, self.args.resolution, self.rollout_sigmas, self.args.rollout_guidance,
