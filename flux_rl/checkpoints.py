@@ -69,13 +69,13 @@ def publish(output_dir: str, name: str, write) -> str:
     return target
 
 
-FINAL_WEIGHTS = ("pytorch_lora_weights.safetensors", "transformer")  # what a finished run leaves (models.save_trained)
-
-
 def earlier_run_outputs(output_dir: str) -> list[str]:
-    """Checkpoints and final weights a new run in output_dir would overwrite or rotate away."""
+    """Checkpoints and final weights (training.finish: the LoRA file or transformer/) a new run in
+    output_dir would overwrite or rotate away."""
+    from .models import LORA_WEIGHTS_NAME
+
     found = [os.path.basename(path) for path in list_checkpoints(output_dir)]
-    return found + [name for name in FINAL_WEIGHTS if os.path.exists(os.path.join(output_dir, name))]
+    return found + [name for name in (LORA_WEIGHTS_NAME, "transformer") if os.path.exists(os.path.join(output_dir, name))]
 
 
 def remove_earlier_checkpoints(output_dir: str, logger=None):
@@ -129,7 +129,7 @@ def check_resume_config(path: str, args):
         before, now = _normalised(flag, saved[flag]), _normalised(flag, getattr(args, flag, None))
         if before != now:
             raise ConfigurationError(f"--resume_from_checkpoint: {os.path.basename(path)} was trained with --{flag} {saved[flag]}, this run "
-                             f"has {getattr(args, flag, None)}; resume with the checkpoint's value or start a new --output_dir")
+                                     f"has {getattr(args, flag, None)}; resume with the checkpoint's value or start a new --output_dir")
 
 
 def _normalised(flag, value):

@@ -9,6 +9,7 @@ from collections import defaultdict
 import torch
 
 from .args import ConfigurationError
+from .models import LORA_WEIGHTS_NAME
 
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 METRICS = ("hpsv2", "pickscore", "aesthetic", "imagereward", "clip", "sgp_hps")
@@ -66,7 +67,7 @@ def _download(spec: str, repo_id: str, cache_dir: str | None) -> str:
     if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", repo_id):
         raise ConfigurationError(f"--models {spec}: {repo_id} is neither a folder (a trainer's --output_dir) nor a Hub repository id")
     try:
-        return snapshot_download(repo_id, allow_patterns=["pytorch_lora_weights.safetensors", "transformer/*"], cache_dir=cache_dir)
+        return snapshot_download(repo_id, allow_patterns=[LORA_WEIGHTS_NAME, "transformer/*"], cache_dir=cache_dir)
     except Exception as error:  # not on the Hub, private, or offline and not in the cache: the Hub's message says which
         raise ConfigurationError(f"--models {spec}: {repo_id} is not a folder, and the Hub gave no copy of it: "
                                  f"{type(error).__name__}: {error}".replace("\n", " ")) from None
@@ -78,7 +79,7 @@ class ModelVariant:
 
     def __init__(self, name, path):
         self.name, self.path = name, path
-        self.is_lora = path is not None and os.path.exists(os.path.join(path, "pytorch_lora_weights.safetensors"))
+        self.is_lora = path is not None and os.path.exists(os.path.join(path, LORA_WEIGHTS_NAME))
         if path is not None and not self.is_lora:
             folder = os.path.join(path, "transformer")
             if not os.path.exists(os.path.join(folder, "config.json")):
