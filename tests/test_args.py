@@ -172,7 +172,10 @@ def test_new_run_refused_where_an_earlier_run_left_weights(earlier, flags, messa
     """A new run in the same --output_dir would replace checkpoint-N folders of the same names,
     rotate the earlier run's newer ones away and overwrite its final weights."""
     for name in earlier:
-        (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_bytes(b"")
+        if name.endswith(".safetensors"):
+            (tmp_path / name).write_bytes(b"")
+        else:
+            (tmp_path / name).mkdir()
     args = BASE + ["--output_dir", str(tmp_path), *flags]
     if message is None:
         train_direct_align.parse_args(args)
