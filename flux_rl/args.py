@@ -295,7 +295,7 @@ def validate_common_args(args):
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id (e.g. your-name/flux-srpo-lora)")
     if args.hub_token and args.report_to in ("wandb", "all"):
-        fail("--hub_token would be logged to wandb; run `huggingface-cli login` instead of passing the token")
+        fail("--hub_token would be logged to wandb; run `hf auth login` instead of passing the token")
     for flag in ("pretrained_model_name_or_path", "reward_models_dir", "train_data_dir"):
         value = getattr(args, flag, None)
         if value and (value.startswith((".", "/")) or flag != "pretrained_model_name_or_path") and not os.path.exists(value):

@@ -80,6 +80,21 @@ def write_model_card(output_dir, args, method, repo_id=None):
         f.write(text)
 
 
+def create_repo_before_training(hub_model_id, hub_token=None) -> str:
+    """--push_to_hub: the repository is created (or found) before anything loads, as diffusers'
+    examples do, so that a missing login, a name taken by someone else or an offline node fails in
+    one line at start, not after hours of training."""
+    from huggingface_hub import create_repo
+
+    from .args import ConfigurationError
+
+    try:
+        return create_repo(hub_model_id, exist_ok=True, token=hub_token).repo_id
+    except Exception as error:  # not logged in, no write access, offline: the Hub's message says which
+        raise ConfigurationError(f"--push_to_hub: cannot create or reach {hub_model_id} on the Hub ({type(error).__name__}: {error}); "
+                                 "log in with `hf auth login`, or drop --push_to_hub and upload later".replace("\n", " ")) from None
+
+
 def push_to_hub(output_dir, hub_model_id, hub_token=None):
     from huggingface_hub import create_repo, upload_folder
 

@@ -336,6 +336,8 @@ def setup(args, method: str) -> Run:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
+        if args.push_to_hub:
+            hub.create_repo_before_training(args.hub_model_id, args.hub_token)
         os.makedirs(args.output_dir, exist_ok=True)
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             checkpoints.remove_earlier_checkpoints(args.output_dir, logger)

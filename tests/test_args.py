@@ -225,9 +225,10 @@ def test_missing_model_path_fails():
 
 def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
     """Each script run as `python script.py` would run it (in one interpreter: torch imported
-    once, not five times); also an error found once running (a dataset without the prompt
-    column), which must come before FLUX loads: FLUX's folder here is empty, so loading it first
-    would fail with another error."""
+    once, not six times); also errors found once running, which must come before FLUX loads
+    (FLUX's folder here is empty, so loading it first would fail with another error): a dataset
+    without the prompt column, and --push_to_hub on a machine that cannot reach the Hub (offline
+    here, HF_HUB_OFFLINE=1, as a GPU node without network)."""
     import json
     import subprocess
     import sys
@@ -238,12 +239,12 @@ def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
     captions.write_text('{"caption": "a red car"}\n')
     empty = tmp_path / "no-flux-here"
     empty.mkdir()
-    bad_resolution = ["--pretrained_model_name_or_path", "x", "--resolution", "100"]
-    bad_column = ["--pretrained_model_name_or_path", str(empty), "--reward_models_dir", tiny_rewards, "--dataset_name",
-                  str(captions), "--report_to", "none", "--output_dir", str(tmp_path / "out")]
-    runs = [[script, *bad_resolution] for script in
-            ("train_srpo_flux.py", "train_direct_align.py", "train_refl_baseline.py", "train_draft_baseline.py")]
-    runs.append(["train_srpo_flux.py", *bad_column])
+    scripts = ("train_srpo_flux.py", "train_direct_align.py", "train_refl_baseline.py", "train_draft_baseline.py")
+    runs = [[script, "--pretrained_model_name_or_path", "x", "--resolution", "100"] for script in scripts]
+    runnable = ["train_srpo_flux.py", "--pretrained_model_name_or_path", str(empty), "--reward_models_dir", tiny_rewards,
+                "--report_to", "none"]
+    runs.append([*runnable, "--dataset_name", str(captions), "--output_dir", str(tmp_path / "column")])
+    runs.append([*runnable, "--push_to_hub", "--hub_model_id", "me/flux-srpo-lora", "--output_dir", str(tmp_path / "push")])
     driver = """
 import json, runpy, sys
 for argv in json.loads(sys.argv[1]):
@@ -257,9 +258,11 @@ for argv in json.loads(sys.argv[1]):
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or " exited with " in line]
     resolution = "error: --resolution 100 must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)"
-    column = f"error: --prompt_column 'prompt' not in {captions}; its columns are ['caption']"
-    assert lines == [line for run in runs[:4] for line in (resolution, f"{run[0]} exited with 2")] + [
-        column, "train_srpo_flux.py exited with 2"], result.stderr
+    expected = [line for script in scripts for line in (resolution, f"{script} exited with 2")]
+    expected += [f"error: --prompt_column 'prompt' not in {captions}; its columns are ['caption']", "train_srpo_flux.py exited with 2"]
+    assert lines[:-2] == expected and lines[-1] == "train_srpo_flux.py exited with 2", result.stderr
+    assert lines[-2].startswith("error: --push_to_hub: cannot create or reach me/flux-srpo-lora on the Hub (OfflineModeIsEnabled")
+    assert lines[-2].endswith("log in with `hf auth login`, or drop --push_to_hub and upload later")
     assert "Traceback" not in result.stderr
 
 
