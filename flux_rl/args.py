@@ -101,6 +101,10 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
+    a("--upcast_before_saving", action="store_true",
+      help="Save the final weights in float32. Default: in the training precision (bf16 under --mixed_precision bf16: "
+           "a full fine-tune's fp32 master weights as a 24 GB bf16 model instead of 48 GB), as diffusers' examples do; "
+           "checkpoints always keep the full precision.")
     a("--overwrite_output_dir", action="store_true",
       help="Start a new run in an --output_dir that holds an earlier run's checkpoints or weights (its checkpoints are "
            "removed at start). Without it such a run is refused, so that nothing trained is overwritten by accident.")

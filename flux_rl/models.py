@@ -259,12 +259,25 @@ def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_lora(output_dir: str, transformer, state_dict=None):
+def in_dtype(state_dict: dict, dtype) -> dict:
+    """The floating tensors of `state_dict` in `dtype` (None: as they are). A cast copy is made on
+    the CPU, where the file is written from anyway: no extra GPU memory at the end of a run whose
+    optimizer state still fills the GPU. Entries are replaced one by one, so a gathered (owned)
+    fp32 state frees each tensor as its copy is made."""
+    if dtype is None:
+        return state_dict
+    for key, value in state_dict.items():
+        if value.is_floating_point() and value.dtype != dtype:
+            state_dict[key] = value.detach().to("cpu", dtype)
+    return state_dict
+
+
+def save_lora(output_dir: str, transformer, state_dict=None, dtype=None):
     """Writes pytorch_lora_weights.safetensors, which FluxPipeline.load_lora_weights(output_dir) reads.
-    `state_dict`: the full model state when it had to be gathered first (FSDP)."""
+    `state_dict`: the full model state when it had to be gathered first (FSDP). `dtype`: see in_dtype."""
     from diffusers import FluxPipeline
 
-    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state_dict(transformer, state_dict),
+    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=in_dtype(lora_state_dict(transformer, state_dict), dtype),
                                    weight_name=LORA_WEIGHTS_NAME)
 
 
@@ -281,7 +294,7 @@ def lora_state_dict(transformer, state_dict=None, adapter_name: str = "default")
     }
 
 
-def save_full_model(output_dir: str, transformer, state_dict=None, max_shard_size: str = "10GB"):
+def save_full_model(output_dir: str, transformer, state_dict=None, max_shard_size: str = "10GB", dtype=None):
     """Writes a diffusers model folder (config.json + safetensors shards) that
     FluxTransformer2DModel.from_pretrained reads. `state_dict`: the gathered state (FSDP);
     diffusers' save_pretrained ignores one passed in and calls state_dict() itself, which under
@@ -291,7 +304,7 @@ def save_full_model(output_dir: str, transformer, state_dict=None, max_shard_siz
 
     os.makedirs(output_dir, exist_ok=True)
     transformer.save_config(output_dir)
-    state_dict = transformer.state_dict() if state_dict is None else state_dict
+    state_dict = in_dtype(transformer.state_dict() if state_dict is None else state_dict, dtype)
     pattern = SAFETENSORS_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
     save_torch_state_dict(state_dict, output_dir, filename_pattern=pattern, max_shard_size=max_shard_size)  # + index when sharded
 

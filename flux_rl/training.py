@@ -439,12 +439,15 @@ def finish(run: Run):
     state = accelerator.get_state_dict(run.transformer)  # a collective under FSDP: all ranks call it
     if accelerator.is_main_process:
         transformer = run.unwrapped()
+        # In the training precision (bf16 under --mixed_precision bf16: FLUX's own, half the bytes of fp32 master weights;
+        # checkpoints keep those), as diffusers' examples save; --upcast_before_saving keeps float32.
+        dtype = torch.float32 if args.upcast_before_saving else run.weight_dtype
         if args.full_finetune:
             checkpoints.publish(args.output_dir, "transformer", lambda folder: models.save_full_model(
-                os.path.join(folder, "transformer"), transformer, state_dict=state))
+                os.path.join(folder, "transformer"), transformer, state_dict=state, dtype=dtype))
         else:
             checkpoints.publish(args.output_dir, models.LORA_WEIGHTS_NAME, lambda folder: models.save_lora(
-                folder, transformer, state_dict=state))
+                folder, transformer, state_dict=state, dtype=dtype))
     run.validate(args.max_train_steps)
     if accelerator.is_main_process:
         hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id if args.push_to_hub else None)

@@ -56,6 +56,7 @@ def test_fsdp_lora_resume_matches_uninterrupted(tiny_models, tmp_path):
     expected = load_file(os.path.join(full_dir, "pytorch_lora_weights.safetensors"))
     got = load_file(os.path.join(resumed_dir, "pytorch_lora_weights.safetensors"))
     assert expected.keys() == got.keys() and len(expected) > 0
+    assert {v.dtype for v in got.values()} == {torch.bfloat16}  # saved in the training precision (fp32 in the checkpoints)
     for key in expected:
         assert torch.allclose(expected[key], got[key], atol=1e-7), key
 

@@ -133,10 +133,10 @@ def test_trainer_with_every_speed_option(tiny_models, tmp_path):
         "--compile_backend", "aot_eager", "--use_8bit_adam", "--gradient_checkpointing", "--vae_gradient_checkpointing",
         "--num_injections", "2", "--merge_lora_in_rollout", "--batch_branches", "--compile_vae",
         "--compile_reward", "--attention_backend", "_native_math", "--batch_rollout_modulations",
-        "--validation_prompt", "a photo of a cat", "--validation_steps", "1",
+        "--validation_prompt", "a photo of a cat", "--validation_steps", "1", "--upcast_before_saving",
     ))
     lora = load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
-    assert lora and all(v.dtype == torch.float32 for v in lora.values())
+    assert lora and all(v.dtype == torch.float32 for v in lora.values())  # --upcast_before_saving; bf16 without it
     tags = scalar_tags(output_dir)
     assert len(tags["loss"]) == 2 and all(g > 0 for g in tags["grad_norm"])
     assert os.path.exists(os.path.join(output_dir, "validation", "step-000001.png"))

@@ -38,9 +38,15 @@ def test_online_lora_batch_two(tiny_models, tiny_flux, tmp_path):
 
 
 def test_full_finetune(tiny_models, tiny_flux, tmp_path):
+    """As the release: fp32 master weights under bf16 autocast; the final model is saved in bf16
+    (half the bytes; the checkpoints keep fp32) and loads as diffusers' own."""
+    from safetensors.torch import load_file
+
     output_dir = str(tmp_path / "srpo-full")
     launch(SCRIPT, tiny_args(tiny_models, output_dir, "--max_train_steps", "2", "--full_finetune", "--learning_rate", "1e-2",
-                             "--reward_form", "srp", "--control_mode", "average"))
+                             "--reward_form", "srp", "--control_mode", "average", "--mixed_precision", "bf16"))
+    saved = load_file(os.path.join(output_dir, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
     trained = FluxTransformer2DModel.from_pretrained(os.path.join(output_dir, "transformer")).state_dict()
     original = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer")).state_dict()
     assert any(not torch.equal(trained[k], original[k]) for k in trained)
