@@ -183,7 +183,8 @@ class Run:
             self.validate(done)
 
     def _checkpoint_due(self, done: int) -> bool:
-        return done % self.args.checkpointing_steps == 0 and done < self.args.max_train_steps
+        # The final step too, as diffusers' examples: a run is extended by raising --max_train_steps and resuming.
+        return done % self.args.checkpointing_steps == 0
 
     def save_checkpoint(self, done: int) -> str:
         return checkpoints.save_checkpoint(

@@ -14,7 +14,11 @@ SCRIPT = "train_direct_align.py"
 
 def test_checkpoint_rotation_keeps_newest(lora_run):
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(lora_run, "checkpoint-*")))
-    assert names == ["checkpoint-3", "checkpoint-4"]
+    assert names == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
+    # The final step's checkpoint (a run continues from it with a higher --max_train_steps) holds the final weights.
+    final, checkpoint = (load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+                         for folder in (lora_run, os.path.join(lora_run, "checkpoint-5")))
+    assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
 
 
 def test_run_artifacts(lora_run):
