@@ -17,6 +17,9 @@ def test_model_card_and_push(tmp_path, monkeypatch):
     card = (tmp_path / "README.md").read_text()
     assert 'pipe.load_lora_weights("me/flux-srpo")' in card and "base_model: black-forest-labs/FLUX.1-dev" in card
     assert "hf_secret_token" not in card and "learning_rate = 0.0001" in card
+    args.revision = "a1b2c3"  # the base the adapter was trained on is that revision
+    hub.write_model_card(str(tmp_path), args, "srpo", "me/flux-srpo")
+    assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", revision="a1b2c3", torch_dtype' in (tmp_path / "README.md").read_text()
 
     calls = {}
 
