@@ -280,14 +280,19 @@ def make_lr_scheduler(args, optimizer):
     )
 
 
-def continue_lr_schedule(lr_scheduler, step: int):
-    """Put a resumed scheduler at optimiser step `step`: the learning rate is a function of the
-    step alone. A checkpoint written before the scheduler counted optimiser steps holds
-    step x processes; LambdaLR.step() recomputes every group's rate from the position."""
+def continue_lr_schedule(lr_scheduler, step: int, base_lr: float):
+    """Put a resumed scheduler at optimiser step `step` with this run's base rate `base_lr`: the
+    learning rate is a function of the two alone. The checkpoint's optimizer and scheduler states
+    carry the base rate it was written with; resuming with a lower --learning_rate is how a run
+    that diverged goes on (Run.stop_after_skipped_updates says so), so this run's wins. A
+    checkpoint written before the scheduler counted optimiser steps holds step x processes;
+    LambdaLR.step() recomputes every group's rate from the position."""
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper, or torch's own
-    if scheduler.last_epoch != step:
-        scheduler.last_epoch = step - 1
-        scheduler.step()
+    scheduler.base_lrs = [base_lr] * len(scheduler.base_lrs)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = base_lr
+    scheduler.last_epoch = step - 1
+    scheduler.step()
 
 
 def _config(args) -> dict:
@@ -388,7 +393,7 @@ def setup(args, method: str) -> Run:
     resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume_path:
         run.start_step = checkpoints.load_checkpoint(accelerator, resume_path)
-        continue_lr_schedule(lr_scheduler, run.start_step)
+        continue_lr_schedule(lr_scheduler, run.start_step, learning_rate)
         logger.info(f"resumed from {resume_path} at step {run.start_step}")
     elif args.resume_from_checkpoint:
         logger.info("no checkpoint to resume from yet; starting a new run")

@@ -69,6 +69,7 @@ def test_ddp_resume_matches_uninterrupted(tiny_models, tmp_path):
 
     # On one process, from the checkpoint as an earlier version wrote it: its scheduler counted
     # process-steps (4 at step 2 of 2 processes); the schedule must go on from step 2, not 4.
+    # With a lower --learning_rate, as after a divergence: this run's rate, not the checkpoint's.
     one_dir = str(tmp_path / "one_process")
     shutil.copytree(os.path.join(full_dir, "checkpoint-2"), os.path.join(one_dir, "checkpoint-2"))
     scheduler_file = os.path.join(one_dir, "checkpoint-2", "scheduler.bin")
@@ -76,5 +77,5 @@ def test_ddp_resume_matches_uninterrupted(tiny_models, tmp_path):
     assert state["last_epoch"] == 2  # counted in optimiser steps now
     torch.save({**state, "last_epoch": 4}, scheduler_file)
     launch("train_direct_align.py", tiny_args(tiny_models, one_dir, "--max_train_steps", "4", "--resume_from_checkpoint",
-                                              "latest", *common), num_processes=1)
-    assert scalar_tags(one_dir)["lr"] == pytest.approx(linear[2:], abs=1e-9)
+                                              "latest", *common, "--learning_rate", "4e-4"), num_processes=1)
+    assert scalar_tags(one_dir)["lr"] == pytest.approx([4e-4 * (1 - s / 4) for s in (3, 4)], abs=1e-9)
