@@ -277,8 +277,10 @@ def save_lora(output_dir: str, transformer, state_dict=None, dtype=None):
     `state_dict`: the full model state when it had to be gathered first (FSDP). `dtype`: see in_dtype."""
     from diffusers import FluxPipeline
 
+    # The adapter's config (rank, alpha, targets) goes into the file's metadata, as diffusers' own trainers write it:
+    # load_lora_weights reads alpha from there, and without it takes alpha = rank, a different scale when they differ.
     FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=in_dtype(lora_state_dict(transformer, state_dict), dtype),
-                                   weight_name=LORA_WEIGHTS_NAME)
+                                   weight_name=LORA_WEIGHTS_NAME, transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
 
 def lora_state_dict(transformer, state_dict=None, adapter_name: str = "default") -> dict:

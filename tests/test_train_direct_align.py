@@ -7,6 +7,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file
 
+from flux_rl import models
 from tests.launch import launch, tiny_args
 
 SCRIPT = "train_direct_align.py"
@@ -43,6 +44,14 @@ def test_lora_loads_into_pipeline_and_changes_output(lora_run, tiny_flux):
     pipe.load_lora_weights(lora_run)
     after = generate()
     assert (after - before).abs().max() > 1e-4
+    # ...and means there what it meant in training: the run's rank 4 with alpha 8 scales the update by 2,
+    # which load_lora_weights reads from the file's metadata (without it, it assumed alpha = rank: half the update).
+    trained = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
+    models.add_lora(trained, rank=4, alpha=8, target_modules=models.DEFAULT_LORA_TARGETS)
+    models.load_lora_into(trained, lora_run)  # the adapters exactly as the trainer held them (its resume path)
+    pipe.unload_lora_weights()
+    pipe.transformer = trained
+    assert torch.allclose(generate(), after, atol=1e-6)
 
 
 def test_full_finetune_run(tiny_models, tiny_flux, tmp_path):
