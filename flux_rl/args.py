@@ -39,6 +39,10 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--lora_alpha", type=float, default=64)
     a("--lora_dropout", type=float, default=0.0,
       help="Dropout on the LoRA adapters' input in the steps that carry gradient; the rollout and validation run without it.")
+    a("--init_lora_weights", type=str, default=None,
+      help="Start the adapters from a trained LoRA: a folder with pytorch_lora_weights.safetensors (a trainer's --output_dir), "
+           "a .safetensors file in diffusers' format, or a Hub id it was pushed to. --rank, --lora_alpha and --lora_layers must "
+           "be the file's. A resumed run takes its checkpoint's adapters instead.")
     a("--lora_target_modules", "--lora_layers", dest="lora_target_modules", type=str, default=None,
       help="Comma-separated module names (default: all attention projections); --lora_layers, diffusers' FLUX name, is the same flag.")
     a("--gradient_checkpointing", action="store_true", help="Recompute each transformer block in the backward pass.")
@@ -263,6 +267,8 @@ def validate_common_args(args):
         fail(f"--gradient_checkpointing_ratio must lie in [0, 1] (the share of blocks recomputed), got {args.gradient_checkpointing_ratio}")
     if args.gradient_checkpointing_ratio != 1.0 and not args.gradient_checkpointing:
         fail("--gradient_checkpointing_ratio needs --gradient_checkpointing (without it no block is recomputed)")
+    if args.init_lora_weights:
+        check_init_lora(args)
     if args.lora_dropout and args.full_finetune:
         fail("--lora_dropout is for LoRA training; drop it with --full_finetune")
     if args.bf16_weights and not args.full_finetune:
@@ -326,6 +332,28 @@ def validate_common_args(args):
     from rewards import parse_reward_spec
 
     parse_reward_spec(args.reward)
+
+
+def check_init_lora(args, path: str | None = None):
+    """The LoRA to start from (`path`: where it was downloaded to) exists and has this run's rank
+    and alpha, read from its header. A Hub id is checked once downloaded, in training.setup."""
+    path = path or args.init_lora_weights
+    if args.full_finetune:
+        fail("--init_lora_weights starts LoRA adapters; drop it with --full_finetune")
+    if not os.path.exists(path):
+        if path.startswith((".", "/")) or path.endswith(".safetensors"):
+            fail(f"--init_lora_weights {path}: no such file or folder")
+        return  # a Hub id
+    from .models import lora_file_config
+
+    try:
+        _, _, rank, alpha = lora_file_config(path)
+    except (OSError, StopIteration, ValueError) as error:
+        fail(f"--init_lora_weights {args.init_lora_weights}: not a LoRA file in diffusers' format ({type(error).__name__}: {error})")
+    if rank != args.rank:
+        fail(f"--init_lora_weights {args.init_lora_weights} has rank {rank}; pass --rank {rank}")
+    if alpha is not None and float(alpha) != float(args.lora_alpha):
+        fail(f"--init_lora_weights {args.init_lora_weights} was trained with lora_alpha {alpha}; pass --lora_alpha {alpha:g}")
 
 
 def _check_names_used_after_loading(args):

@@ -9,6 +9,7 @@ from collections import defaultdict
 import torch
 
 from .args import ConfigurationError
+from .hub import fetch_trained_output
 from .models import LORA_WEIGHTS_NAME
 
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -51,26 +52,11 @@ def parse_model_specs(specs: list[str], cache_dir: str | None = None) -> list[tu
     for spec in specs or []:
         name, _, path = spec.rpartition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
         if not os.path.isdir(path):
-            path = _download(spec, path, cache_dir)
+            path = fetch_trained_output(path, cache_dir, f"--models {spec}")
         if name == "base" or any(name == seen for seen, _ in models):
             raise ConfigurationError(f"--models {spec}: the name '{name}' is taken; write name=path")
         models.append((name, path))
     return models
-
-
-def _download(spec: str, repo_id: str, cache_dir: str | None) -> str:
-    """A trained output pushed to the Hub (--push_to_hub): only its weights, as the trainers write them."""
-    import re
-
-    from huggingface_hub import snapshot_download
-
-    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", repo_id):
-        raise ConfigurationError(f"--models {spec}: {repo_id} is neither a folder (a trainer's --output_dir) nor a Hub repository id")
-    try:
-        return snapshot_download(repo_id, allow_patterns=[LORA_WEIGHTS_NAME, "transformer/*"], cache_dir=cache_dir)
-    except Exception as error:  # not on the Hub, private, or offline and not in the cache: the Hub's message says which
-        raise ConfigurationError(f"--models {spec}: {repo_id} is not a folder, and the Hub gave no copy of it: "
-                                 f"{type(error).__name__}: {error}".replace("\n", " ")) from None
 
 
 class ModelVariant:

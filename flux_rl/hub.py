@@ -82,6 +82,23 @@ def write_model_card(output_dir, args, method, repo_id=None):
         f.write(text)
 
 
+def fetch_trained_output(repo_id: str, cache_dir: str | None, flag: str) -> str:
+    """The folder of a trained output pushed to the Hub (--push_to_hub): only its weights, the LoRA
+    file or transformer/, downloaded into `cache_dir` if given. `flag` names the input in errors."""
+    from huggingface_hub import snapshot_download
+
+    from .args import ConfigurationError
+    from .models import LORA_WEIGHTS_NAME
+
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", repo_id):
+        raise ConfigurationError(f"{flag}: {repo_id} is neither a folder (a trainer's --output_dir) nor a Hub repository id")
+    try:
+        return snapshot_download(repo_id, allow_patterns=[LORA_WEIGHTS_NAME, "transformer/*"], cache_dir=cache_dir)
+    except Exception as error:  # not on the Hub, private, or offline and not in the cache: the Hub's message says which
+        raise ConfigurationError(f"{flag}: {repo_id} is not a folder, and the Hub gave no copy of it: "
+                                 f"{type(error).__name__}: {error}".replace("\n", " ")) from None
+
+
 def create_repo_before_training(hub_model_id, hub_token=None) -> str:
     """--push_to_hub: the repository is created (or found) before anything loads, as diffusers'
     examples do, so that a missing login, a name taken by someone else or an offline node fails in

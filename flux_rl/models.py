@@ -311,18 +311,43 @@ def save_full_model(output_dir: str, transformer, state_dict=None, max_shard_siz
     save_torch_state_dict(state_dict, output_dir, filename_pattern=pattern, max_shard_size=max_shard_size)  # + index when sharded
 
 
-def load_lora_into(transformer, input_dir: str):
+def load_lora_into(transformer, input_dir: str, weight_name: str = LORA_WEIGHTS_NAME, complete: bool = False):
+    """The adapters' weights from a LoRA file in diffusers' format. `complete`: every adapter of the
+    model must be in the file (--init_lora_weights: an adapter left at its initialisation would
+    silently train from scratch)."""
     from diffusers import FluxPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state = FluxPipeline.lora_state_dict(input_dir)
+    from .args import ConfigurationError
+
+    state = FluxPipeline.lora_state_dict(input_dir, weight_name=weight_name)
     state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
     incompatible = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(state), adapter_name="default")
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"LoRA checkpoint in {input_dir} has keys this model lacks, e.g. {unexpected[:3]}")
+        raise ConfigurationError(f"the LoRA in {input_dir} has layers this model's adapters lack, e.g. {unexpected[:3]}; "
+                                 "pass its layers as --lora_layers")
+    missing = [key for key in getattr(incompatible, "missing_keys", []) if ".lora_" in key]
+    if complete and missing:
+        raise ConfigurationError(f"the LoRA in {input_dir} lacks {len(missing)} adapter weights of this run, e.g. {missing[:2]}; "
+                                 "pass its layers as --lora_layers")
     _trainable_to_fp32(transformer)
+
+
+def lora_file_config(path: str) -> tuple[str, str, int, float | None]:
+    """(folder, file name, rank, alpha or None) of a LoRA file, or of a folder holding
+    pytorch_lora_weights.safetensors, read from its header alone: the rank from a lora_A
+    weight's shape, alpha from the adapter config diffusers' trainers (and ours) put in the metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    folder, name = (os.path.dirname(path) or ".", os.path.basename(path)) if os.path.isfile(path) else (path, LORA_WEIGHTS_NAME)
+    with safe_open(os.path.join(folder, name), "pt") as f:
+        rank = next(f.get_slice(key).get_shape()[0] for key in f.keys() if "lora_A" in key)
+        config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    return folder, name, rank, config.get("transformer.lora_alpha")  # diffusers prefixes the config with the component
 
 
 def register_save_load_hooks(accelerator, use_lora: bool):

@@ -245,6 +245,20 @@ class Run:
                                          self.args.output_dir, columns=count if count > 1 else None)
 
 
+def init_lora(transformer, args):
+    """--init_lora_weights: every adapter starts from the given LoRA (a folder, a file, or a Hub id,
+    downloaded into --cache_dir and checked as a local one is at parse time)."""
+    from .args import check_init_lora
+
+    source = args.init_lora_weights
+    if not os.path.exists(source):
+        source = hub.fetch_trained_output(source, args.cache_dir, f"--init_lora_weights {source}")
+        check_init_lora(args, source)
+    folder, weight_name, rank, _ = models.lora_file_config(source)
+    models.load_lora_into(transformer, folder, weight_name, complete=True)
+    logger.info(f"LoRA adapters (rank {rank}) start from {args.init_lora_weights}")
+
+
 def initial_learning_rate(args, num_processes: int) -> float:
     """--learning_rate; with --scale_lr times the images of an optimiser step, diffusers' examples' rule."""
     if not args.scale_lr:
@@ -348,6 +362,7 @@ def setup(args, method: str) -> Run:
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             checkpoints.remove_earlier_checkpoints(args.output_dir, logger)
     accelerator.wait_for_everyone()
+    resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
 
     # Smallest first, so that a wrong column or reward file is reported before FLUX's 33 GB load.
     image_dataset = None
@@ -370,6 +385,8 @@ def setup(args, method: str) -> Run:
         encoder.requires_grad_(False).eval().to("cpu" if args.offload_text_encoders else accelerator.device)
     transformer = pipeline.transformer
     models.prepare_for_training(transformer, args).to(accelerator.device)
+    if args.init_lora_weights and not resume_path:  # a resumed run takes its checkpoint's adapters
+        init_lora(transformer, args)
     models.register_save_load_hooks(accelerator, use_lora=not args.full_finetune)
 
     params = models.trainable_parameters(transformer)
@@ -390,7 +407,6 @@ def setup(args, method: str) -> Run:
         img_ids=latents.image_ids(args.resolution, args.resolution, vae_scale_factor, accelerator.device, weight_dtype),
     )
 
-    resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume_path:
         run.start_step = checkpoints.load_checkpoint(accelerator, resume_path)
         continue_lr_schedule(lr_scheduler, run.start_step, learning_rate)

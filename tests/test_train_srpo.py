@@ -37,6 +37,30 @@ def test_online_lora_batch_two(tiny_models, tiny_flux, tmp_path):
     assert len(set(tiles)) == 3
 
 
+def test_lora_starts_from_a_trained_one(lora_run, tiny_models, tmp_path):
+    """--init_lora_weights: the untrained run's step-0 validation images are those the LoRA it
+    starts from rendered at its end (lora_run: Direct-Align, rank 4, alpha 8, same prompts and
+    seeds); a rank or alpha other than the file's is refused before loading."""
+    import numpy as np
+    import pytest
+
+    import train_srpo_flux
+
+    output_dir = str(tmp_path / "continued")
+    launch(SCRIPT, tiny_args(tiny_models, output_dir, "--max_train_steps", "1", "--rank", "4", "--lora_alpha", "8",
+                             "--init_lora_weights", lora_run, "--validation_prompt", "a cat", "a dog"))
+    started, earlier = (np.asarray(Image.open(os.path.join(folder, "validation", name)))
+                        for folder, name in ((output_dir, "step-000000.png"), (lora_run, "step-000005.png")))
+    assert np.array_equal(started, earlier)
+    base = ["--pretrained_model_name_or_path", "x", "--init_lora_weights", lora_run]
+    with pytest.raises(ValueError, match="has rank 4; pass --rank 4"):
+        train_srpo_flux.parse_args(base)
+    with pytest.raises(ValueError, match="was trained with lora_alpha 8.0; pass --lora_alpha 8"):
+        train_srpo_flux.parse_args(base + ["--rank", "4"])
+    with pytest.raises(ValueError, match="no such file or folder"):
+        train_srpo_flux.parse_args(["--pretrained_model_name_or_path", "x", "--init_lora_weights", "./no/such/lora"])
+
+
 def test_full_finetune(tiny_models, tiny_flux, tmp_path):
     """As the release: fp32 master weights under bf16 autocast; the final model is saved in bf16
     (half the bytes; the checkpoints keep fp32) and loads as diffusers' own."""
