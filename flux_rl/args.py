@@ -171,16 +171,24 @@ def run_cli(parse_args, main):
     once running, only a ConfigurationError is (any other error keeps its traceback)."""
     import sys
 
+    def exit_with(error):
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
     try:
         args = parse_args()
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(error)
     try:
         main(args)
     except ConfigurationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(error)
+
+
+def looks_like_a_path(value: str, extensions: tuple) -> bool:
+    """A value meant as a local path rather than a Hub id: it starts like one or ends in one of
+    `extensions`. Any dot is not enough: Hub ids hold them (black-forest-labs/FLUX.1-dev)."""
+    return value.startswith((".", "/", "~")) or value.lower().endswith(extensions)
 
 
 def launched_with_fsdp() -> bool:
@@ -315,8 +323,9 @@ def validate_common_args(args):
 
         if importlib.util.find_spec("wandb") is None:
             fail(f"--report_to {args.report_to} needs wandb: pip install wandb (or use --report_to tensorboard)")
-    looks_local = args.dataset_name and (args.dataset_name.startswith((".", "/")) or os.path.splitext(args.dataset_name)[1])
-    if looks_local and not os.path.exists(args.dataset_name):
+    from .data import LOCAL_FORMATS
+
+    if args.dataset_name and looks_like_a_path(args.dataset_name, tuple(LOCAL_FORMATS)) and not os.path.exists(args.dataset_name):
         fail(f"--dataset_name {args.dataset_name}: no such file or folder")
     from .checkpoints import check_resume_config, earlier_run_outputs, resolve_resume
 
@@ -341,7 +350,7 @@ def check_init_lora(args, path: str | None = None):
     if args.full_finetune:
         fail("--init_lora_weights starts LoRA adapters; drop it with --full_finetune")
     if not os.path.exists(path):
-        if path.startswith((".", "/")) or path.endswith(".safetensors"):
+        if looks_like_a_path(path, (".safetensors",)):
             fail(f"--init_lora_weights {path}: no such file or folder")
         return  # a Hub id
     from .models import lora_file_config

@@ -3,6 +3,9 @@
 import os
 import re
 
+from .args import ConfigurationError
+from .models import LORA_WEIGHTS_NAME
+
 CARD = """---
 {base_model_line}library_name: diffusers
 license: other
@@ -87,9 +90,6 @@ def fetch_trained_output(repo_id: str, cache_dir: str | None, flag: str) -> str:
     file or transformer/, downloaded into `cache_dir` if given. `flag` names the input in errors."""
     from huggingface_hub import snapshot_download
 
-    from .args import ConfigurationError
-    from .models import LORA_WEIGHTS_NAME
-
     if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", repo_id):
         raise ConfigurationError(f"{flag}: {repo_id} is neither a folder (a trainer's --output_dir) nor a Hub repository id")
     try:
@@ -104,8 +104,6 @@ def create_repo_before_training(hub_model_id, hub_token=None) -> str:
     examples do, so that a missing login, a name taken by someone else or an offline node fails in
     one line at start, not after hours of training."""
     from huggingface_hub import create_repo
-
-    from .args import ConfigurationError
 
     try:
         return create_repo(hub_model_id, exist_ok=True, token=hub_token).repo_id

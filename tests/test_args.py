@@ -23,6 +23,9 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--push_to_hub"], "--hub_model_id"),
         (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit"),
         (["--dataset_name", "./missing.json"], "no such file"),
+        (["--dataset_name", "someone/prompts-v1.5"], None),  # a Hub id with a dot, not a missing file
+        (["--init_lora_weights", "someone/srpo-FLUX.1-lora"], None),  # a Hub id: checked once downloaded
+        (["--init_lora_weights", "./missing-lora"], "--init_lora_weights ./missing-lora: no such file or folder"),
         (["--resume_from_checkpoint", "checkpoint-9"], "no such checkpoint"),
         (["--num_injections", "0"], "--num_injections"),
         (["--reward_models_dir", "/no/such/rewards"], "--reward_models_dir /no/such/rewards: no such folder"),

@@ -10,16 +10,16 @@ from flux_rl import hub
 
 def test_model_card_and_push(tmp_path, monkeypatch):
     args = argparse.Namespace(
-        pretrained_model_name_or_path="black-forest-labs/FLUX.1-dev", full_finetune=False, reward="hpsv2:1.0",
+        pretrained_model_name_or_path="tiny-org/tiny-flux", full_finetune=False, reward="hpsv2:1.0",
         max_train_steps=20, validation_prompt=["a photo of a cat"], hub_token="hf_secret_token", learning_rate=1e-4,
     )
     hub.write_model_card(str(tmp_path), args, "srpo", "me/flux-srpo")
     card = (tmp_path / "README.md").read_text()
-    assert 'pipe.load_lora_weights("me/flux-srpo")' in card and "base_model: black-forest-labs/FLUX.1-dev" in card
+    assert 'pipe.load_lora_weights("me/flux-srpo")' in card and "base_model: tiny-org/tiny-flux" in card
     assert "hf_secret_token" not in card and "learning_rate = 0.0001" in card
     args.revision = "a1b2c3"  # the base the adapter was trained on is that revision
     hub.write_model_card(str(tmp_path), args, "srpo", "me/flux-srpo")
-    assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", revision="a1b2c3", torch_dtype' in (tmp_path / "README.md").read_text()
+    assert 'FluxPipeline.from_pretrained("tiny-org/tiny-flux", revision="a1b2c3", torch_dtype' in (tmp_path / "README.md").read_text()
 
     calls = {}
 
@@ -77,14 +77,14 @@ def test_card_names_a_base_model_only_by_its_hub_id(tmp_path):
     the id; any other folder gives no base_model line (and the usage code names the folder)."""
     from huggingface_hub import ModelCard
 
-    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / "0ef5fff"
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-flux" / "snapshots" / "0ef5fff"
     local = tmp_path / "my-flux"
     for folder in (snapshot, local):
         folder.mkdir(parents=True)
-    assert hub.hub_id_of("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
-    assert hub.hub_id_of(str(snapshot)) == "black-forest-labs/FLUX.1-dev"
+    assert hub.hub_id_of("tiny-org/tiny-flux") == "tiny-org/tiny-flux"
+    assert hub.hub_id_of(str(snapshot)) == "tiny-org/tiny-flux"
     assert hub.hub_id_of(str(local)) is None
-    for base, expected in ((str(snapshot), "black-forest-labs/FLUX.1-dev"), (str(local), None)):
+    for base, expected in ((str(snapshot), "tiny-org/tiny-flux"), (str(local), None)):
         args = argparse.Namespace(pretrained_model_name_or_path=base, full_finetune=False, reward="hpsv2:1.0",
                                   max_train_steps=2, validation_prompt=None)
         out = tmp_path / f"out-{expected is None}"
