@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from rewards.base import host_to_device
 
 from . import checkpoints, data, flux, hub, latents, models, preemption, schedules, validation
-from .args import launched_with_fsdp
+from .args import ConfigurationError, launched_with_fsdp
 from .optim import AdamWStochasticBF16, step_unless_not_finite
 
 logger = logging.getLogger(__name__)
@@ -309,6 +309,21 @@ def continue_lr_schedule(lr_scheduler, step: int, base_lr: float):
     scheduler.step()
 
 
+def start_trackers(accelerator, args, method: str):
+    """--report_to's trackers. wandb that cannot start (not logged in, its server out of reach) is a
+    one-line error naming the ways out."""
+    try:
+        accelerator.init_trackers(args.tracker_project_name or method, config=_config(args))
+    except Exception as error:  # wandb raises its own UsageError / CommError types
+        if args.report_to not in ("wandb", "all"):
+            raise
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigurationError(
+            f"--report_to {args.report_to}: the tracker did not start ({reason}); log in with `wandb login`, set "
+            "WANDB_MODE=offline to log to disk and `wandb sync` later, or use --report_to tensorboard"
+        ) from error
+
+
 def _config(args) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items() if k != "hub_token"}
 
@@ -363,6 +378,8 @@ def setup(args, method: str) -> Run:
             checkpoints.remove_earlier_checkpoints(args.output_dir, logger)
     accelerator.wait_for_everyone()
     resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if accelerator.is_main_process:  # before any model loads: wandb without a login fails here, not after FLUX's load
+        start_trackers(accelerator, args, method)
 
     # Smallest first, so that a wrong column or reward file is reported before FLUX's 33 GB load.
     image_dataset = None
@@ -414,8 +431,6 @@ def setup(args, method: str) -> Run:
     elif args.resume_from_checkpoint:
         logger.info("no checkpoint to resume from yet; starting a new run")
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or method, config=_config(args))
     effective_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in run.unwrapped().parameters())

@@ -230,9 +230,11 @@ def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
     """Each script run as `python script.py` would run it (in one interpreter: torch imported
     once, not six times); also errors found once running, which must come before FLUX loads
     (FLUX's folder here is empty, so loading it first would fail with another error): a dataset
-    without the prompt column, and --push_to_hub on a machine that cannot reach the Hub (offline
-    here, HF_HUB_OFFLINE=1, as a GPU node without network)."""
+    without the prompt column, --push_to_hub on a machine that cannot reach the Hub (offline
+    here, HF_HUB_OFFLINE=1, as a GPU node without network), and --report_to wandb without a
+    wandb login."""
     import json
+    import os
     import subprocess
     import sys
 
@@ -248,6 +250,9 @@ def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
                 "--report_to", "none"]
     runs.append([*runnable, "--dataset_name", str(captions), "--output_dir", str(tmp_path / "column")])
     runs.append([*runnable, "--push_to_hub", "--hub_model_id", "me/flux-srpo-lora", "--output_dir", str(tmp_path / "push")])
+    runs.append([*runnable[:-2], "--report_to", "wandb", "--output_dir", str(tmp_path / "wandb")])
+    no_wandb_login = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    no_wandb_login.update(WANDB_MODE="online", NETRC=str(tmp_path / "no-netrc"), WANDB_CONFIG_DIR=str(tmp_path), WANDB_DIR=str(tmp_path))
     driver = """
 import json, runpy, sys
 for argv in json.loads(sys.argv[1]):
@@ -257,15 +262,19 @@ for argv in json.loads(sys.argv[1]):
     except SystemExit as exit:
         print(f"{argv[0]} exited with {exit.code}", file=sys.stderr)
 """
-    result = subprocess.run([sys.executable, "-c", driver, json.dumps(runs)], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", driver, json.dumps(runs)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env=no_wandb_login)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or " exited with " in line]
     resolution = "error: --resolution 100 must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)"
     expected = [line for script in scripts for line in (resolution, f"{script} exited with 2")]
     expected += [f"error: --prompt_column 'prompt' not in {captions}; its columns are ['caption']", "train_srpo_flux.py exited with 2"]
-    assert lines[:-2] == expected and lines[-1] == "train_srpo_flux.py exited with 2", result.stderr
-    assert lines[-2].startswith("error: --push_to_hub: cannot create or reach me/flux-srpo-lora on the Hub (OfflineModeIsEnabled")
-    assert lines[-2].endswith("log in with `hf auth login`, or drop --push_to_hub and upload later")
+    *parse_time, push, push_exit, wandb, wandb_exit = lines
+    assert parse_time == expected and push_exit == wandb_exit == "train_srpo_flux.py exited with 2", result.stderr
+    assert push.startswith("error: --push_to_hub: cannot create or reach me/flux-srpo-lora on the Hub (OfflineModeIsEnabled")
+    assert push.endswith("log in with `hf auth login`, or drop --push_to_hub and upload later")
+    assert wandb.startswith("error: --report_to wandb: the tracker did not start (No API key configured.")
+    assert wandb.endswith("set WANDB_MODE=offline to log to disk and `wandb sync` later, or use --report_to tensorboard")
     assert "Traceback" not in result.stderr
 
 
