@@ -7,7 +7,8 @@ Aesthetic 2.5, ImageReward, CLIP score, SGP-HPS), on HPDv2's benchmark or any pr
         --hpdv2_benchmark_dir data/hpdv2/benchmark --output_dir eval/hpdv2
 
 Same prompts and seeds for every model (the base model is always included as `base`). Images
-already in output_dir/images are kept, so an interrupted run continues where it stopped. Writes
+already in output_dir/images are kept, so an interrupted run continues where it stopped; a rerun
+with other settings, weights or prompts than those images had is refused. Writes
 scores.csv (per image), table.md (mean per metric per model, overall and per style), grids/
 (side-by-side images, same prompt and seed), distributions.png.
 
@@ -71,6 +72,21 @@ def parse_args(input_args=None):
 
 def image_path(args, model, style, index):
     return os.path.join(args.output_dir, "images", model, style, f"{index:05d}.png")
+
+
+def check_earlier_images(args, variants, items, dtype):
+    """Images already on disk are kept only if this run would render them the same way
+    (evaluation.check_and_record_generation): same base, settings, weights and prompts."""
+    for variant in variants:
+        settings = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "resolution": args.resolution,
+                    "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                    "seed": args.seed, "max_sequence_length": args.max_sequence_length, "dtype": str(dtype),
+                    "weights": evaluation.weights_fingerprint(variant)}
+        warning = evaluation.check_and_record_generation(
+            os.path.join(args.output_dir, "images", variant.name), settings, items,
+            lambda style, index: os.path.exists(image_path(args, variant.name, style, index)))
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def images_to_generate(args, variants, items, state) -> dict:
@@ -157,6 +173,7 @@ def main(args):
     variants = [evaluation.ModelVariant("base", None)] + [evaluation.ModelVariant(n, p) for n, p in args.model_specs]
     if state.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        check_earlier_images(args, variants, items, dtype)
     # Loaded first so that a missing reward model fails before hours of generation; kept on the
     # CPU until scoring, so generation has the GPU memory.
     metric_models = load_metric_models(args, "cpu", dtype) if state.is_main_process else None

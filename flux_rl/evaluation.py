@@ -91,6 +91,72 @@ class ModelVariant:
         pipe.transformer = self._base
 
 
+GENERATION_RECORD = "generation.json"
+
+
+def weights_fingerprint(variant: ModelVariant) -> str | None:
+    """A short hash that changes when a trained output's weights do (retrained under the same
+    name): each weight file's size and 64 evenly spaced 64 KiB pieces of it, so a 24 GB full
+    fine-tune is fingerprinted in a moment; a copy of the same files keeps it."""
+    import glob
+    import hashlib
+
+    if variant.path is None:
+        return None
+    if variant.is_lora:
+        files = [os.path.join(variant.path, LORA_WEIGHTS_NAME)]
+    else:
+        files = sorted(glob.glob(os.path.join(variant.path, "transformer", "*.safetensors")))
+    digest = hashlib.sha256()
+    for file in files:
+        size = os.path.getsize(file)
+        digest.update(f"{os.path.basename(file)}:{size};".encode())
+        with open(file, "rb") as f:
+            for piece in range(64):
+                f.seek(size * piece // 64)
+                digest.update(f.read(65536))
+    return digest.hexdigest()[:16]
+
+
+def check_and_record_generation(folder: str, settings: dict, items, image_exists) -> str | None:
+    """An interrupted evaluation continues from the images on disk, which is right only if they were
+    rendered as this run would render them. `folder`/generation.json records the settings (base model,
+    resolution, steps, guidance, seed, weights' fingerprint, ...) and the prompt of each image; a run
+    whose settings differ, or whose prompt file gives an existing image another prompt, is refused
+    (those images would be scored as this run's). Returns a warning for images made before records
+    were kept (adopted unchecked)."""
+    path = os.path.join(folder, GENERATION_RECORD)
+    existing = [(style, index, prompt) for style, index, prompt in items if image_exists(style, index)]
+    warning = None
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+        for key, value in settings.items():
+            if record["settings"].get(key) != value:
+                raise ConfigurationError(
+                    f"{folder} holds images rendered with {key} {record['settings'].get(key)!r}, this run's is {value!r}: "
+                    "pass another --output_dir, or delete that folder to render them again")
+        for style, index, prompt in existing:
+            earlier = record["prompts"].get(f"{style}/{index}")
+            if earlier is not None and earlier != prompt:
+                raise ConfigurationError(
+                    f"{folder}/{style}/{index:05d}.png was rendered for the prompt {earlier!r}, this run's is {prompt!r}: "
+                    "pass another --output_dir, or delete that folder to render them again")
+    else:
+        record = {"settings": settings, "prompts": {}}
+        if existing:
+            warning = f"{folder}: {len(existing)} images without a {GENERATION_RECORD} (an older run's) are kept unchecked"
+    prompts = {f"{style}/{index}": prompt for style, index, prompt in items}
+    if os.path.exists(path) and prompts.items() <= record["prompts"].items():
+        return warning  # nothing new to record
+    record["prompts"].update(prompts)
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return warning
+
+
 def score_images(metric_models, images, prompts) -> dict[str, list[float]]:
     """Every metric of a batch of images in [0, 1]."""
     from rewards.relative import with_control

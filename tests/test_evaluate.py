@@ -13,6 +13,7 @@ from PIL import Image
 
 import evaluate_flux
 from flux_rl import evaluation, models
+from flux_rl.args import ConfigurationError
 from tests.conftest import REPO_ROOT
 from tests.launch import launch
 
@@ -97,9 +98,56 @@ def test_evaluation_report(tiny_models, tiny_flux, trained_outputs, benchmark_di
     assert mtimes == {p: os.path.getmtime(p) for p in _images(output_dir)}
     assert os.path.exists(os.path.join(output_dir, "table.md"))
 
+    # Kept only when they are this run's: other settings are refused in one line, before any model loads.
+    steps = flags.index("--num_inference_steps") + 1
+    other = [*flags[:steps], "3", *flags[steps + 1 :]]
+    result = subprocess.run([sys.executable, "evaluate_flux.py", *other], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert (f"error: {output_dir}/images/base holds images rendered with num_inference_steps 2, this run's is 3: "
+            "pass another --output_dir, or delete that folder to render them again") in result.stderr
+    assert mtimes == {p: os.path.getmtime(p) for p in _images(output_dir)}
+
+
+def test_earlier_images_are_kept_only_for_the_same_weights_and_prompts(tiny_flux, tmp_path):
+    """images/<model>/generation.json: a LoRA retrained under the same name, or a prompt file that
+    gives an existing image another prompt, is refused; new prompts at new indices are added."""
+    lora = FluxTransformer2DModel.from_pretrained(os.path.join(tiny_flux, "transformer"))
+    models.add_lora(lora, rank=4, alpha=4, target_modules=models.DEFAULT_LORA_TARGETS)
+    output = str(tmp_path / "srpo")
+    models.save_lora(output, lora)
+    variant = evaluation.ModelVariant("srpo", output)
+    folder = str(tmp_path / "images" / "srpo")
+    items = [("photo", 0, "a cat"), ("photo", 1, "a dog")]
+    rendered = set()
+    image_exists = lambda style, index: (style, index) in rendered  # noqa: E731
+    settings = {"resolution": 64, "weights": evaluation.weights_fingerprint(variant)}
+    assert evaluation.check_and_record_generation(folder, settings, items, image_exists) is None
+    rendered.add(("photo", 0))  # interrupted after the first image
+    assert evaluation.check_and_record_generation(folder, settings, items, image_exists) is None  # the same run again
+    # A new prompt where no image is yet, and more prompts: fine.
+    assert evaluation.check_and_record_generation(folder, settings, [items[0], ("photo", 1, "a bird"), ("photo", 2, "a fox")],
+                                                  image_exists) is None
+
+    with pytest.raises(ConfigurationError, match=r"srpo/photo/00000.png was rendered for the prompt 'a cat', this run's is 'a cow'"):
+        evaluation.check_and_record_generation(folder, settings, [("photo", 0, "a cow")], image_exists)
+
+    for name, parameter in lora.named_parameters():  # retrained: same shapes, other values
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)
+    models.save_lora(output, lora)
+    retrained = {**settings, "weights": evaluation.weights_fingerprint(variant)}
+    assert retrained["weights"] != settings["weights"]
+    with pytest.raises(ConfigurationError, match=f"holds images rendered with weights '{settings['weights']}'"):
+        evaluation.check_and_record_generation(folder, retrained, items, image_exists)
+
+    # Images of a run before records were kept: adopted, with a warning.
+    os.remove(os.path.join(folder, evaluation.GENERATION_RECORD))
+    warning = evaluation.check_and_record_generation(folder, retrained, items, image_exists)
+    assert warning.endswith("1 images without a generation.json (an older run's) are kept unchecked")
+
 
 def _images(output_dir):
-    return [os.path.join(d, f) for d, _, files in os.walk(os.path.join(output_dir, "images")) for f in files]
+    return [os.path.join(d, f) for d, _, files in os.walk(os.path.join(output_dir, "images")) for f in files if f.endswith(".png")]
 
 
 @pytest.mark.parametrize(
