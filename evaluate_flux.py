@@ -41,6 +41,9 @@ def parse_args(input_args=None):
     a("--prompts_per_style", type=int, default=None, help="First N prompts of each style (the human study used 125).")
     a("--metrics", type=str, default=",".join(evaluation.METRICS))
     a("--reward_models_dir", type=str, default=None)
+    a("--reward_module", type=str, nargs="+", default=[],
+      help="Python file(s) or module(s) registering rewards of your own (as the trainers take it); their names can "
+           "then be used in --metrics.")
     a("--output_dir", type=str, default="eval")
     a("--resolution", type=int, default=1024)
     a("--num_inference_steps", type=int, default=50, help="50, as the paper's evaluation.")
@@ -54,9 +57,11 @@ def parse_args(input_args=None):
     if bool(args.hpdv2_benchmark_dir) == bool(args.prompt_file):
         raise ValueError("give exactly one of --hpdv2_benchmark_dir and --prompt_file")
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = [m for m in args.metrics if m not in evaluation.METRICS]
+    rewards.import_reward_modules(args.reward_module)
+    known = evaluation.known_metrics()
+    unknown = [m for m in args.metrics if m not in known]
     if unknown:
-        raise ValueError(f"unknown metric '{unknown[0]}'; choose from {', '.join(evaluation.METRICS)}")
+        raise ValueError(f"unknown metric '{unknown[0]}'; choose from {', '.join(known)} (or register your own with --reward_module)")
     if args.resolution <= 0 or args.resolution % 16:
         raise ValueError(f"--resolution {args.resolution} must be a positive multiple of 16")
     for flag in ("num_inference_steps", "batch_size", "num_grid_prompts", "prompts_per_style"):

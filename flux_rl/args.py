@@ -24,6 +24,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     # Reward
     a("--reward", type=str, default="hpsv2:1.0", help='Weighted reward spec, e.g. "hpsv2:1.0,pickscore:0.05".')
     a("--reward_models_dir", type=str, default=None, help="Folder with <reward name>/ subfolders of local weights; missing ones come from the Hub.")
+    a("--reward_module", type=str, nargs="+", default=[],
+      help="Python file(s) (my_rewards.py) or importable module(s) that register rewards of your own with "
+           "rewards.register_reward; their names can then be used in --reward (README: 'Your own reward').")
     a("--loss_type", type=str, default="relu", choices=["relu", "neg"], help="relu: relu(threshold - r) * scale, as the SRPO release and ReFL; neg: -r * scale.")
     a("--reward_threshold", type=float, default=0.7, help="Threshold of the relu loss (0.7: SRPO release with HPSv2.1; 2: ReFL with ImageReward).")
     a("--loss_scale", type=float, default=1.0, help="Multiplies the loss (ReFL used 1e-3 with ImageReward).")
@@ -338,8 +341,9 @@ def validate_common_args(args):
         fail(f"--output_dir {args.output_dir} holds an earlier run's {', '.join(earlier[-3:])}: "
              + ("continue it with --resume_from_checkpoint latest, or " if resumable else "")
              + "start over with --overwrite_output_dir, or choose another --output_dir")
-    from rewards import parse_reward_spec
+    from rewards import import_reward_modules, parse_reward_spec
 
+    import_reward_modules(args.reward_module)  # before the spec is read: they add names to it
     parse_reward_spec(args.reward)
 
 

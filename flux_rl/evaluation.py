@@ -25,6 +25,13 @@ METRIC_NOTES = {
 SGP_WANTED, SGP_UNWANTED = "Realistic photo", "CG Render"
 
 
+def known_metrics() -> list[str]:
+    """METRICS and the rewards registered with --reward_module (each scores as its forward() does)."""
+    from rewards.registry import BUILT_IN_REWARDS, REWARD_LOADERS
+
+    return [*METRICS, *(name for name in REWARD_LOADERS if name not in BUILT_IN_REWARDS)]
+
+
 def load_benchmark(hpdv2_benchmark_dir=None, prompt_file=None, prompts_per_style=None):
     """[(style, index, prompt)]: HPDv2's benchmark (one json list of prompts per style: anime,
     concept-art, paintings, photo; 800 each) or any prompt file the trainers read (style 'prompts')."""
@@ -197,7 +204,7 @@ def summary_table(rows, metrics, models) -> str:
             means = [sum(float(r[m]) for r in group) / len(group) if group else float("nan") for m in metrics]
             lines.append(f"| {model} | {len(group)} | " + " | ".join(f"{v:.4f}" for v in means) + " |")
         lines.append("")
-    lines += ["Metrics:", ""] + [f"- `{m}`: {METRIC_NOTES[m]}" for m in metrics]
+    lines += ["Metrics:", ""] + [f"- `{m}`: {METRIC_NOTES.get(m, 'a reward of your own (--reward_module)')}" for m in metrics]
     return "\n".join(lines) + "\n"
 
 

@@ -393,7 +393,10 @@ def setup(args, method: str) -> Run:
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
     reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)
     if args.compile_reward:
-        reward.compile_image_towers(args.compile_backend, args.compile_mode)
+        try:
+            reward.compile_image_towers(args.compile_backend, args.compile_mode)
+        except ValueError as error:  # a reward of one's own without an image_tower()
+            raise ConfigurationError(str(error)) from None
     set_seed(args.seed)  # after the rewards' random initialisation: the LoRA init must not depend on the reward chosen
     pipeline = models.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype=weight_dtype,
                                     cache_dir=args.cache_dir)

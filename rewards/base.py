@@ -68,16 +68,21 @@ class RewardModel(nn.Module):
         """forward() from an image_encoding: the same scores without encoding the images again."""
         return self.score_features(encoding, self.encode_text(prompts))
 
-    def image_tower(self) -> nn.Module:
-        """The module that turns preprocessed pixels into image states (what --compile_reward compiles)."""
-        raise TypeError(f"{type(self).__name__} must name its image_tower")
+    def image_tower(self) -> nn.Module | None:
+        """The module that turns preprocessed pixels into image states (what --compile_reward
+        compiles); None: not named (a reward of one's own need not)."""
+        return None
 
     def compile_image_tower(self, backend: str = "inductor", mode: str | None = None) -> None:
         """torch.compile the image tower whole, one graph per batch size and grad mode. At batch 1
         a ViT-H/14 at 224 px is 257 tokens: small matmuls, so its ~500 kernels per pass cost more
         in launches than in arithmetic; compiled, its norms, GELUs and residual adds fuse into
         fewer kernels."""
-        self.image_tower().compile(backend=backend, mode=mode, dynamic=False)
+        tower = self.image_tower()
+        if tower is None:
+            raise ValueError(f"--compile_reward: reward '{self.name}' names no image_tower() to compile; "
+                             "define it (the module that turns pixels into image states) or drop --compile_reward")
+        tower.compile(backend=backend, mode=mode, dynamic=False)
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()

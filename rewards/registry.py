@@ -4,14 +4,20 @@
 
 Each loader imports its heavy dependencies only when called. A model is read from
 `<reward_models_dir>/<name>/` when that folder exists (the tiny test models, or real weights
-downloaded beforehand), else from its public source.
+downloaded beforehand), else from its public source. Rewards of your own: a module that calls
+`register_reward` when imported, passed as `--reward_module` (README, "Your own reward").
 """
 
+import importlib
+import importlib.util
 import os
+import re
+import sys
 
 import torch
 
 from .aesthetic import load_aesthetic
+from .base import RewardModel
 from .image_reward import load_image_reward
 from .open_clip_rewards import load_clip_score, load_hpsv2
 from .pickscore import load_pickscore
@@ -23,6 +29,37 @@ REWARD_LOADERS = {
     "aesthetic": load_aesthetic,
     "imagereward": load_image_reward,
 }
+BUILT_IN_REWARDS = tuple(REWARD_LOADERS)
+
+
+def register_reward(name: str, loader) -> None:
+    """`--reward name` loads with `loader(source, device=..., dtype=...)`, which returns a
+    RewardModel; `source` is `<reward_models_dir>/<name>` when that folder exists, else None.
+    Registering a name again replaces it (a module imported twice); built-in names are kept."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name or ""):
+        raise ValueError(f"reward name {name!r}: use lowercase letters, digits and _ (it is written in --reward 'name:weight')")
+    if name in BUILT_IN_REWARDS:
+        raise ValueError(f"reward name '{name}' is built in; register yours under another name")
+    REWARD_LOADERS[name] = loader
+
+
+def import_reward_modules(modules) -> None:
+    """--reward_module: each a Python file (my_rewards.py) or an importable module
+    (my_package.rewards) whose import registers its rewards with `register_reward`."""
+    for module in modules or []:
+        try:
+            if module.endswith(".py") or os.path.sep in module:
+                if not os.path.isfile(module):
+                    raise ValueError("no such file")
+                module_name = f"reward_module_{re.sub(r'[^0-9a-zA-Z_]', '_', os.path.abspath(module))}"
+                spec = importlib.util.spec_from_file_location(module_name, module)
+                loaded = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = loaded  # classes defined in it pickle and show their module
+                spec.loader.exec_module(loaded)
+            else:
+                importlib.import_module(module)
+        except Exception as error:  # whatever the user's module raised: one line naming the module
+            raise ValueError(f"--reward_module {module}: {type(error).__name__}: {error}".replace("\n", " ")) from None
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
@@ -34,7 +71,8 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         name, _, weight = part.strip().partition(":")
         name = name.strip().lower()
         if name not in REWARD_LOADERS:
-            raise ValueError(f"unknown reward '{name}' in --reward '{spec}'; choose from {', '.join(REWARD_LOADERS)}")
+            raise ValueError(f"unknown reward '{name}' in --reward '{spec}'; choose from {', '.join(REWARD_LOADERS)} "
+                             "(or register your own with --reward_module)")
         try:
             weight = float(weight) if weight.strip() else 1.0
         except ValueError:
@@ -52,7 +90,10 @@ def load_reward_model(name: str, reward_models_dir: str | None = None, device="c
     if reward_models_dir:
         candidate = os.path.join(reward_models_dir, name)
         source = candidate if os.path.exists(candidate) else None
-    return REWARD_LOADERS[name](source, device=device, dtype=dtype)
+    model = REWARD_LOADERS[name](source, device=device, dtype=dtype)
+    if not isinstance(model, RewardModel):
+        raise ValueError(f"reward '{name}': its loader returned {type(model).__name__}, not a rewards.RewardModel")
+    return model.eval().requires_grad_(False)  # a reward is never trained (a module of one's own may forget it)
 
 
 class CombinedReward(torch.nn.Module):
