@@ -8,16 +8,18 @@ finished run and start again with `--resume_from_checkpoint latest`.
 
 A second signal is noted like the first, not taken as "end now": under SLURM a multi-GPU job's
 workers get SIGTERM twice, once from SLURM and once passed on by the launcher (torchrun), within
-milliseconds. Ctrl-C (SIGINT) still interrupts at once, and SIGKILL ends anything.
+milliseconds. Ctrl-C (SIGINT) is a stop request too (exit status 130), so that stopping a run by
+hand keeps its steps; pressed a second time it interrupts at once. SIGKILL ends anything.
 """
 
 import contextlib
 import signal
+import sys
 import threading
 
 import torch
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -26,6 +28,11 @@ class StopRequest:
         self._previous = {}
 
     def _note(self, signal_number, frame):
+        if signal_number == signal.SIGINT:
+            if self.signal_number == signal.SIGINT:
+                raise KeyboardInterrupt  # Ctrl-C again: the user does not want to wait for the step
+            print("\nCtrl-C: stopping after this step, with a checkpoint to resume from (Ctrl-C again: stop at once, "
+                  "losing the step)", file=sys.stderr, flush=True)
         self.signal_number = signal_number
 
     @contextlib.contextmanager

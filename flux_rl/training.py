@@ -451,7 +451,7 @@ def train(run: Run, training_step):
     """The loop every trainer shares. `training_step(run, step, logs)` runs the method's forward
     and backward passes for one optimiser step (all its micro-steps) and appends to `logs`.
     With --validation_prompt, a fresh run renders them before its first step too (step 0).
-    A stop signal (SIGTERM, SIGUSR1) ends the loop after the step it arrives in, with a checkpoint;
+    A stop signal (SIGTERM, SIGUSR1, a first Ctrl-C) ends the loop after the step it arrives in, with a checkpoint;
     one that arrives during the last step or the final save lets the run finish.
     MAX_SKIPPED_IN_A_ROW skipped updates in a row end the loop too, with a checkpoint and an error."""
     stop = preemption.StopRequest()

@@ -6,6 +6,7 @@ import glob
 import os
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -34,6 +35,23 @@ def test_signals_are_noted_and_the_previous_handlers_are_back_afterwards():
         assert seen == [signal.SIGUSR1]  # the handler from before is back
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_ctrl_c_stops_after_the_step_and_twice_at_once(capfd):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever the test runner set
+    try:
+        stop = StopRequest()
+        with stop.listening():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal_number == signal.SIGINT  # noted: no KeyboardInterrupt mid-step
+            assert "Ctrl-C: stopping after this step, with a checkpoint to resume from" in capfd.readouterr().err
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):  # outside training, Ctrl-C is Python's own again
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigterm_mid_step_saves_that_step_and_resume_matches(lora_run, tiny_models, tmp_path):
