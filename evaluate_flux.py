@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 import rewards
-from flux_rl import evaluation
+from flux_rl import evaluation, hub
 from flux_rl.args import COMMON_RANGES, check_ranges, run_cli
+from flux_rl.training import REWARD_DOWNLOAD_ADVICE
 
 
 def parse_args(input_args=None):
@@ -128,7 +129,10 @@ def generate(args, pipe, variants, todo, device, show_progress=True):
 
 def load_metric_models(args, device, dtype):
     needed = {m: ("hpsv2" if m == "sgp_hps" else m) for m in args.metrics}
-    loaded = {name: rewards.load_reward_model(name, args.reward_models_dir, device, dtype) for name in set(needed.values())}
+    loaded = {}
+    for name in dict.fromkeys(needed.values()):
+        with hub.fetching(f"--metrics {name}", REWARD_DOWNLOAD_ADVICE):
+            loaded[name] = rewards.load_reward_model(name, args.reward_models_dir, device, dtype)
     return {metric: loaded[name] for metric, name in needed.items()}
 
 
@@ -179,6 +183,7 @@ def main(args):
     if state.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         check_earlier_images(args, variants, items, dtype)
+        hub.check_base_model_reachable(args.pretrained_model_name_or_path, cache_dir=args.cache_dir)
     # Loaded first so that a missing reward model fails before hours of generation; kept on the
     # CPU until scoring, so generation has the GPU memory.
     metric_models = load_metric_models(args, "cpu", dtype) if state.is_main_process else None

@@ -1,5 +1,6 @@
 """Model card and Hub upload for a finished run."""
 
+import contextlib
 import os
 import re
 
@@ -83,6 +84,64 @@ def write_model_card(output_dir, args, method, repo_id=None):
     )
     with open(os.path.join(output_dir, "README.md"), "w") as f:
         f.write(text)
+
+
+def hub_failure(error: BaseException) -> str | None:
+    """Why fetching from the Hub failed and what to do, in a line, when `error` or one of its
+    causes (transformers and diffusers wrap the Hub's errors) is a Hub or network error; None for
+    any other error, which keeps its traceback."""
+    import urllib.error
+
+    from huggingface_hub import errors
+
+    for _ in range(10):  # the chain of causes; bounded, as a chain can loop
+        if error is None:
+            return None
+        if isinstance(error, errors.GatedRepoError):
+            return "a gated repository: accept its licence on its Hub page, then log in with `hf auth login` (or set HF_TOKEN)"
+        if isinstance(error, errors.RepositoryNotFoundError):
+            return "no such repository on the Hub (a typo, or a private one: log in with `hf auth login`)"
+        if isinstance(error, errors.RevisionNotFoundError):
+            return "no such --revision on the Hub"
+        if isinstance(error, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+            return "not in the Hugging Face cache, and the Hub is out of reach (offline, or HF_HUB_OFFLINE=1)"
+        if isinstance(error, (errors.HfHubHTTPError, ConnectionError, urllib.error.URLError)):
+            return f"the download failed ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def fetching(what: str, advice: str):
+    """A Hub or network failure inside the block becomes a one-line ConfigurationError naming
+    `what` (the flag and value), why, and `advice`; other errors pass as they are."""
+    try:
+        yield
+    except ConfigurationError:
+        raise
+    except Exception as error:
+        problem = hub_failure(error)
+        if problem is None:
+            raise
+        raise ConfigurationError(f"{what}: {problem}; {advice}") from None
+
+
+def check_base_model_reachable(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):
+    """A FLUX named by Hub id: its model_index.json (a few hundred bytes, or the cached copy) is
+    fetched first, so that a gated model without access, a typo or an offline node without a copy
+    fails in one line at start, not with a traceback after the reward models have loaded."""
+    from huggingface_hub import errors, hf_hub_download
+
+    if os.path.isdir(name_or_path):
+        return
+    with fetching(f"--pretrained_model_name_or_path {name_or_path}",
+                  "download it on a connected machine (e.g. `hf download black-forest-labs/FLUX.1-dev --local-dir flux-dev`) "
+                  "and pass that folder"):
+        try:
+            hf_hub_download(name_or_path, "model_index.json", revision=revision, cache_dir=cache_dir)
+        except errors.RemoteEntryNotFoundError:
+            raise ConfigurationError(f"--pretrained_model_name_or_path {name_or_path} has no model_index.json: name a diffusers "
+                                     "FLUX pipeline, e.g. black-forest-labs/FLUX.1-dev") from None
 
 
 def fetch_trained_output(repo_id: str, cache_dir: str | None, flag: str) -> str:

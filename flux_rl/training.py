@@ -259,6 +259,22 @@ def init_lora(transformer, args):
     logger.info(f"LoRA adapters (rank {rank}) start from {args.init_lora_weights}")
 
 
+REWARD_DOWNLOAD_ADVICE = ("on a node without the Hub, fetch the weights beforehand (python -m rewards.download --output_dir "
+                          "weights/rewards) and pass --reward_models_dir weights/rewards")
+
+
+def load_rewards(args, device, dtype):
+    """--reward's models; one that cannot be fetched from the Hub is a one-line error naming it."""
+    import rewards
+
+    components = rewards.parse_reward_spec(args.reward)
+    models = {}
+    for name, _ in components:
+        with hub.fetching(f"--reward {name}", REWARD_DOWNLOAD_ADVICE):
+            models[name] = rewards.load_reward_model(name, args.reward_models_dir, device, dtype)
+    return rewards.CombinedReward(models, dict(components))
+
+
 def initial_learning_rate(args, num_processes: int) -> float:
     """--learning_rate; with --scale_lr times the images of an optimiser step, diffusers' examples' rule."""
     if not args.scale_lr:
@@ -355,8 +371,6 @@ def setup(args, method: str) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    import rewards
-
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -384,6 +398,7 @@ def setup(args, method: str) -> Run:
     # Smallest first, so that a wrong column or reward file is reported before FLUX's 33 GB load.
     image_dataset = None
     with accelerator.main_process_first():  # one process downloads and converts into datasets' cache; the others read it
+        hub.check_base_model_reachable(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
         if getattr(args, "train_data_dir", None):
             image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column, args.cache_dir)
             items = list(range(len(image_dataset)))
@@ -391,7 +406,7 @@ def setup(args, method: str) -> Run:
             items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split, args.cache_dir, args.dataset_config_name)
     schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
-    reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype)
+    reward = load_rewards(args, accelerator.device, weight_dtype)
     if args.compile_reward:
         try:
             reward.compile_image_towers(args.compile_backend, args.compile_mode)

@@ -231,13 +231,14 @@ def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
     once, not six times); also errors found once running, which must come before FLUX loads
     (FLUX's folder here is empty, so loading it first would fail with another error): a dataset
     without the prompt column, --push_to_hub on a machine that cannot reach the Hub (offline
-    here, HF_HUB_OFFLINE=1, as a GPU node without network), and --report_to wandb without a
-    wandb login."""
+    here, HF_HUB_OFFLINE=1, as a GPU node without network), --report_to wandb without a
+    wandb login, and FLUX or a reward model that is neither local nor cached, offline."""
     import json
     import os
     import subprocess
     import sys
 
+    from flux_rl.training import REWARD_DOWNLOAD_ADVICE
     from tests.conftest import REPO_ROOT
 
     captions = tmp_path / "captions.jsonl"
@@ -251,8 +252,13 @@ def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
     runs.append([*runnable, "--dataset_name", str(captions), "--output_dir", str(tmp_path / "column")])
     runs.append([*runnable, "--push_to_hub", "--hub_model_id", "me/flux-srpo-lora", "--output_dir", str(tmp_path / "push")])
     runs.append([*runnable[:-2], "--report_to", "wandb", "--output_dir", str(tmp_path / "wandb")])
-    no_wandb_login = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    no_wandb_login.update(WANDB_MODE="online", NETRC=str(tmp_path / "no-netrc"), WANDB_CONFIG_DIR=str(tmp_path), WANDB_DIR=str(tmp_path))
+    # Offline (a GPU node without network): FLUX by a Hub id not in the cache; a reward not in --reward_models_dir.
+    runs.append(["train_direct_align.py", "--pretrained_model_name_or_path", "tiny-org/tiny-flux", "--reward_models_dir", tiny_rewards,
+                 "--report_to", "none", "--output_dir", str(tmp_path / "hub-flux")])
+    runs.append([*runnable[:3], "--reward", "pickscore", "--report_to", "none", "--output_dir", str(tmp_path / "hub-reward")])
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="online", NETRC=str(tmp_path / "no-netrc"), WANDB_CONFIG_DIR=str(tmp_path),
+               WANDB_DIR=str(tmp_path))
     driver = """
 import json, runpy, sys
 for argv in json.loads(sys.argv[1]):
@@ -263,14 +269,18 @@ for argv in json.loads(sys.argv[1]):
         print(f"{argv[0]} exited with {exit.code}", file=sys.stderr)
 """
     result = subprocess.run([sys.executable, "-c", driver, json.dumps(runs)], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env=no_wandb_login)
+                            env=env)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or " exited with " in line]
     resolution = "error: --resolution 100 must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)"
     expected = [line for script in scripts for line in (resolution, f"{script} exited with 2")]
     expected += [f"error: --prompt_column 'prompt' not in {captions}; its columns are ['caption']", "train_srpo_flux.py exited with 2"]
-    *parse_time, push, push_exit, wandb, wandb_exit = lines
-    assert parse_time == expected and push_exit == wandb_exit == "train_srpo_flux.py exited with 2", result.stderr
+    *parse_time, push, push_exit, wandb, wandb_exit, hub_flux, hub_flux_exit, hub_reward, hub_reward_exit = lines
+    assert parse_time == expected and push_exit == wandb_exit == hub_reward_exit == "train_srpo_flux.py exited with 2", result.stderr
+    assert hub_flux_exit == "train_direct_align.py exited with 2"
+    offline = "not in the Hugging Face cache, and the Hub is out of reach (offline, or HF_HUB_OFFLINE=1); "
+    assert hub_flux.startswith(f"error: --pretrained_model_name_or_path tiny-org/tiny-flux: {offline}download it on a connected machine")
+    assert hub_reward == f"error: --reward pickscore: {offline}{REWARD_DOWNLOAD_ADVICE}"
     assert push.startswith("error: --push_to_hub: cannot create or reach me/flux-srpo-lora on the Hub (OfflineModeIsEnabled")
     assert push.endswith("log in with `hf auth login`, or drop --push_to_hub and upload later")
     assert wandb.startswith("error: --report_to wandb: the tracker did not start (No API key configured.")

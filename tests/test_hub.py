@@ -93,3 +93,46 @@ def test_card_names_a_base_model_only_by_its_hub_id(tmp_path):
         card = ModelCard.load(str(out / "README.md"))
         assert card.data.to_dict().get("base_model") == expected and card.data.library_name == "diffusers"
         assert f'FluxPipeline.from_pretrained("{expected or local}"' in card.text
+
+
+def _hub_error(kind, message):
+    """A Hub error as huggingface_hub raises it, without an HTTP response to build it from."""
+    error = kind.__new__(kind)
+    Exception.__init__(error, message)
+    return error
+
+
+def test_hub_failures_are_one_line_with_the_way_out():
+    gated = _hub_error(huggingface_hub.errors.GatedRepoError, "403 Client Error. Cannot access gated repo")
+    try:  # as transformers and diffusers raise it: their own OSError, caused by the Hub's
+        try:
+            raise gated
+        except Exception as cause:
+            raise OSError("We couldn't load black-forest-labs/FLUX.1-dev") from cause
+    except OSError as wrapped:
+        assert hub.hub_failure(wrapped).startswith("a gated repository: accept its licence on its Hub page")
+    missing = _hub_error(huggingface_hub.errors.RepositoryNotFoundError, "404")
+    assert hub.hub_failure(missing).startswith("no such repository on the Hub")
+    assert hub.hub_failure(ConnectionError("Connection refused")) == "the download failed (ConnectionError: Connection refused)"
+    assert hub.hub_failure(ValueError("a shape mismatch")) is None  # not the Hub's: keeps its traceback
+
+    with pytest.raises(hub.ConfigurationError, match=r"^--reward hpsv2: no such repository on the Hub .*; fetch it first$"):
+        with hub.fetching("--reward hpsv2", "fetch it first"):
+            raise missing
+    with pytest.raises(ValueError, match="a shape mismatch"):
+        with hub.fetching("--reward hpsv2", "fetch it first"):
+            raise ValueError("a shape mismatch")
+
+
+def test_a_flux_id_is_checked_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.check_base_model_reachable(str(tmp_path))  # a folder: nothing to fetch
+    with pytest.raises(hub.ConfigurationError, match="^--pretrained_model_name_or_path tiny-org/tiny-flux: not in the Hugging Face cache"):
+        hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path))
+    # Cached (as `hf download` leaves it), it passes offline.
+    snapshot = tmp_path / "models--tiny-org--tiny-flux" / "snapshots" / ("1" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (tmp_path / "models--tiny-org--tiny-flux" / "refs").mkdir()
+    (tmp_path / "models--tiny-org--tiny-flux" / "refs" / "main").write_text("1" * 40)
+    hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path))
