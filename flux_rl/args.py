@@ -113,8 +113,9 @@ def add_common_args(parser: argparse.ArgumentParser):
            "a full fine-tune's fp32 master weights as a 24 GB bf16 model instead of 48 GB), as diffusers' examples do; "
            "checkpoints always keep the full precision.")
     a("--overwrite_output_dir", action="store_true",
-      help="Start a new run in an --output_dir that holds an earlier run's checkpoints or weights (its checkpoints are "
-           "removed at start). Without it such a run is refused, so that nothing trained is overwritten by accident.")
+      help="Start a new run in an --output_dir that holds an earlier run's checkpoints or weights (removed at start, with "
+           "its model card, validation images and logs). Without it such a run is refused, so that nothing trained is "
+           "overwritten by accident.")
     a("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     a("--logging_dir", type=str, default="logs")
     a("--tracker_project_name", type=str, default=None)

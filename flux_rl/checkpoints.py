@@ -78,11 +78,30 @@ def earlier_run_outputs(output_dir: str) -> list[str]:
     return found + [name for name in (LORA_WEIGHTS_NAME, "transformer") if os.path.exists(os.path.join(output_dir, name))]
 
 
-def remove_earlier_checkpoints(output_dir: str, logger=None):
-    """--overwrite_output_dir: the earlier run's checkpoints go, so that rotation and 'latest'
-    see only this run's (its final weights are replaced when this run saves its own)."""
-    for path in list_checkpoints(output_dir):
-        shutil.rmtree(path)
+def remove_earlier_run(output_dir: str, logging_dir: str = "logs", logger=None):
+    """--overwrite_output_dir: what an earlier run wrote here goes at start, so that none of it
+    passes for this run's: its checkpoints (rotation and 'latest' must see only this run's), its
+    final weights and model card (a new run stopped before its end would leave them beside its own
+    checkpoints, looking finished; a LoRA run's file would sit beside a full fine-tune's transformer/),
+    its validation images and TensorBoard logs (both runs' curves drawn as one), and unfinished
+    saves. Files of the user's own are left."""
+    from .models import LORA_WEIGHTS_NAME
+
+    names = [os.path.basename(path) for path in list_checkpoints(output_dir)]
+    names += [name for name in os.listdir(output_dir) if name.startswith("checkpoint-") and name.endswith(".tmp")]
+    names += [name for name in (LORA_WEIGHTS_NAME, "transformer", "README.md", "validation", f".{LORA_WEIGHTS_NAME}.tmp",
+                                ".transformer.tmp", "transformer.old")]
+    logs = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir)
+    if logs != "." and not logs.startswith(".."):  # a --logging_dir outside the run's folder is not the run's to clear
+        names.append(logs)
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        else:
+            continue
         if logger:
             logger.info(f"--overwrite_output_dir: removed {path} of an earlier run")
 

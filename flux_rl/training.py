@@ -389,7 +389,7 @@ def setup(args, method: str) -> Run:
             hub.create_repo_before_training(args.hub_model_id, args.hub_token)
         os.makedirs(args.output_dir, exist_ok=True)
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
-            checkpoints.remove_earlier_checkpoints(args.output_dir, logger)
+            checkpoints.remove_earlier_run(args.output_dir, args.logging_dir, logger)
     accelerator.wait_for_everyone()
     resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if accelerator.is_main_process:  # before any model loads: wandb without a login fails here, not after FLUX's load

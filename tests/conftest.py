@@ -58,12 +58,17 @@ def tiny_rewards(tiny_models):
 def lora_run(tiny_models, tmp_path_factory):
     """A 5-step Direct-Align LoRA run through `accelerate launch`, checkpointing every step; its
     checkpoints and final weights are what the resume tests (and the preemption test) must reach.
-    It starts in a folder holding an earlier run's checkpoint-999 with --overwrite_output_dir,
-    which must remove it (else rotation would keep it: test_checkpoint_rotation_keeps_newest)."""
+    It starts with --overwrite_output_dir in a folder holding an earlier (full fine-tune) run's
+    outputs, which must go (test_run_artifacts; rotation would keep checkpoint-999:
+    test_checkpoint_rotation_keeps_newest), and a file of the user's, which must stay."""
     from tests.launch import launch, tiny_args
 
     def train(output_dir):
-        os.makedirs(os.path.join(output_dir, "checkpoint-999"))
+        for folder in ("checkpoint-999", "transformer", "validation", os.path.join("logs", "direct-align")):
+            os.makedirs(os.path.join(output_dir, folder))
+        for name in (os.path.join("transformer", "config.json"), os.path.join("validation", "step-000999.png"),
+                     os.path.join("logs", "direct-align", "events.out.tfevents.1.earlier-run"), "README.md", "notes.txt"):
+            open(os.path.join(output_dir, name), "w").close()
         launch("train_direct_align.py", tiny_args(
             tiny_models, output_dir, "--max_train_steps", "5", "--checkpointing_steps", "1", "--checkpoints_total_limit", "3",
             "--validation_prompt", "a cat", "a dog", "--validation_steps", "2", "--num_injections", "2",

@@ -188,6 +188,26 @@ def test_new_run_refused_where_an_earlier_run_left_weights(earlier, flags, messa
     assert "--overwrite_output_dir" in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("logging_dir", ["logs", ".", "../elsewhere"])
+def test_overwrite_removes_what_the_earlier_run_wrote(logging_dir, tmp_path):
+    """--overwrite_output_dir (checkpoints.remove_earlier_run, called at start): the earlier run's
+    outputs go, also its unfinished saves; the user's own files, and logs outside the folder, stay."""
+    from flux_rl.checkpoints import remove_earlier_run
+
+    run = tmp_path / "run"
+    earlier = ["checkpoint-5/optimizer.bin", "checkpoint-10.tmp/x", "pytorch_lora_weights.safetensors", "transformer/config.json",
+               "README.md", "validation/step-000010.png", "logs/srpo/events.out.tfevents.1", ".transformer.tmp/transformer/x"]
+    kept = ["notes.txt", "data/prompts.txt", "checkpoint-notes.md"]
+    for name in earlier + kept + ["../elsewhere/srpo/events.out.tfevents.1"]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    remove_earlier_run(str(run), logging_dir)
+    left = sorted(str(path.relative_to(run)) for path in run.rglob("*") if path.is_file())
+    expected_logs = ["logs/srpo/events.out.tfevents.1"] if logging_dir != "logs" else []  # another folder's logs are not these
+    assert left == sorted(kept + expected_logs)
+    assert (tmp_path / "elsewhere" / "srpo" / "events.out.tfevents.1").exists()
+
+
 def test_wandb_missing_fails_early(monkeypatch):
     import importlib.util
 

@@ -25,7 +25,10 @@ def test_checkpoint_rotation_keeps_newest(lora_run):
 def test_run_artifacts(lora_run):
     assert os.path.exists(os.path.join(lora_run, "pytorch_lora_weights.safetensors"))
     assert sorted(os.listdir(os.path.join(lora_run, "validation"))) == ["step-000000.png", "step-000002.png", "step-000004.png", "step-000005.png"]
-    assert glob.glob(os.path.join(lora_run, "logs", "**", "events.out.tfevents.*"), recursive=True)
+    events = glob.glob(os.path.join(lora_run, "logs", "**", "events.out.tfevents.*"), recursive=True)
+    assert events and not [path for path in events if path.endswith("earlier-run")]  # the earlier run's log is gone
+    assert not os.path.exists(os.path.join(lora_run, "transformer"))  # so is its full fine-tune, beside this LoRA
+    assert os.path.exists(os.path.join(lora_run, "notes.txt"))  # the user's own file stays
     card = open(os.path.join(lora_run, "README.md")).read()
     assert "load_lora_weights" in card and "direct-align" in card
 
