@@ -139,6 +139,9 @@ def check_base_model_reachable(name_or_path: str, revision: str | None = None, c
                   "and pass that folder"):
         try:
             hf_hub_download(name_or_path, "model_index.json", revision=revision, cache_dir=cache_dir)
+        except errors.HFValidationError:  # e.g. models/flux/dev: meant as a folder
+            raise ConfigurationError(f"--pretrained_model_name_or_path {name_or_path}: no such folder, and not a Hub model id "
+                                     "(e.g. black-forest-labs/FLUX.1-dev)") from None
         except errors.RemoteEntryNotFoundError:
             raise ConfigurationError(f"--pretrained_model_name_or_path {name_or_path} has no model_index.json: name a diffusers "
                                      "FLUX pipeline, e.g. black-forest-labs/FLUX.1-dev") from None

@@ -127,6 +127,8 @@ def test_hub_failures_are_one_line_with_the_way_out():
 def test_a_flux_id_is_checked_before_anything_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.check_base_model_reachable(str(tmp_path))  # a folder: nothing to fetch
+    with pytest.raises(hub.ConfigurationError, match="^--pretrained_model_name_or_path models/flux/dev: no such folder, and not a Hub"):
+        hub.check_base_model_reachable("models/flux/dev")
     with pytest.raises(hub.ConfigurationError, match="^--pretrained_model_name_or_path tiny-org/tiny-flux: not in the Hugging Face cache"):
         hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path))
     # Cached (as `hf download` leaves it), it passes offline.
