@@ -49,6 +49,9 @@ def validate_args(args):
     common.validate_common_args(args)
     common.validate_window_args(args)
     args.discount = common.parse_pair(args.discount, "discount")
+    if min(args.discount) < 0 or max(args.discount) == 0:  # a negative weight would train towards a lower reward
+        common.fail(f"--discount {args.discount[0]:g},{args.discount[1]:g}: lambda(t) of Eq. 6 weighs the reward, so both "
+                    "must be non-negative and one positive (default 0.5,1.0)")
 
 
 def training_step(run, step, logs):

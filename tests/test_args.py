@@ -28,6 +28,8 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--init_lora_weights", "./missing-lora"], "--init_lora_weights ./missing-lora: no such file or folder"),
         (["--resume_from_checkpoint", "checkpoint-9"], "no such checkpoint"),
         (["--num_injections", "0"], "--num_injections"),
+        (["--discount", "2,-1"], "--discount 2,-1: lambda.t. of Eq. 6 weighs the reward, so both must be non-negative"),
+        (["--discount", "0,0"], "--discount 0,0: .* and one positive"),
         (["--reward_models_dir", "/no/such/rewards"], "--reward_models_dir /no/such/rewards: no such folder"),
         (["--full_finetune", "--merge_lora_in_rollout"], "--merge_lora_in_rollout is for LoRA training"),
         (["--gradient_checkpointing", "--gradient_checkpointing_ratio", "1.5"], "--gradient_checkpointing_ratio must lie in"),
