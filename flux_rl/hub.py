@@ -9,8 +9,8 @@ from .models import LORA_WEIGHTS_NAME
 
 CARD = """---
 {base_model_line}library_name: diffusers
-license: other
-tags:
+license: {license}
+{license_lines}tags:
 - flux
 - text-to-image
 - {method}
@@ -31,12 +31,21 @@ from diffusers import {imports}
 image = pipe({prompt}, num_inference_steps=50, guidance_scale=3.5).images[0]
 ```
 
-## Training configuration
+{license_section}## Training configuration
 
 ```
 {config}
 ```
 """
+
+
+# The licence a trained output inherits from its base, shown on its Hub page (as diffusers' FLUX
+# trainers write it): (license, license_name, license_link); any other base gets "other".
+BASE_LICENSES = {
+    "black-forest-labs/FLUX.1-dev": ("other", "flux-1-dev-non-commercial-license",
+                                     "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
+    "black-forest-labs/FLUX.1-schnell": ("apache-2.0", None, None),
+}
 
 
 def hub_id_of(model: str) -> str | None:
@@ -68,8 +77,13 @@ def write_model_card(output_dir, args, method, repo_id=None):
                      'torch_dtype=torch.bfloat16).to("cuda")')
     secret = {"hub_token"}
     config = "\n".join(f"{k} = {v}" for k, v in sorted(vars(args).items()) if k not in secret)
+    license, license_name, license_link = BASE_LICENSES.get(base_id, ("other", None, None))
     text = CARD.format(
         base_model_line=f"base_model: {base_id}\n" if base_id else "",
+        license=license,
+        license_lines=f"license_name: {license_name}\nlicense_link: {license_link}\n" if license_name else "",
+        license_section=(f"## License\n\nPlease adhere to the licensing terms of `{base}`, of which these weights are a "
+                         f"derivative: [{license_name}]({license_link}).\n\n" if license_link else ""),
         base_model=base,
         method=method,
         kind="lora" if use_lora else "full-fine-tune",

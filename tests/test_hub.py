@@ -95,6 +95,24 @@ def test_card_names_a_base_model_only_by_its_hub_id(tmp_path):
         assert f'FluxPipeline.from_pretrained("{expected or local}"' in card.text
 
 
+def test_card_carries_the_base_models_licence(tmp_path, monkeypatch):
+    """A base with a licence of its own (FLUX.1-dev's non-commercial one) passes it to the card's
+    metadata and text; any other base says "other"."""
+    from huggingface_hub import ModelCard
+
+    link = "https://huggingface.co/tiny-org/tiny-flux-dev/blob/main/LICENSE.md"
+    monkeypatch.setitem(hub.BASE_LICENSES, "tiny-org/tiny-flux-dev", ("other", "tiny-dev-license", link))
+    for base, expected in (("tiny-org/tiny-flux-dev", {"license": "other", "license_name": "tiny-dev-license", "license_link": link}),
+                           ("tiny-org/tiny-flux", {"license": "other"})):
+        args = argparse.Namespace(pretrained_model_name_or_path=base, full_finetune=False, reward="hpsv2:1.0",
+                                  max_train_steps=2, validation_prompt=None)
+        hub.write_model_card(str(tmp_path), args, "srpo")
+        card = ModelCard.load(str(tmp_path / "README.md"))
+        data = card.data.to_dict()
+        assert {key: data[key] for key in ("license", "license_name", "license_link") if key in data} == expected
+        assert (f"[tiny-dev-license]({link})" in card.text) == ("license_name" in expected)
+
+
 def _hub_error(kind, message):
     """A Hub error as huggingface_hub raises it, without an HTTP response to build it from."""
     error = kind.__new__(kind)
