@@ -331,12 +331,21 @@ def validate_common_args(args):
 
     if args.dataset_name and looks_like_a_path(args.dataset_name, tuple(LOCAL_FORMATS)) and not os.path.exists(args.dataset_name):
         fail(f"--dataset_name {args.dataset_name}: no such file or folder")
-    from .checkpoints import check_resume_config, earlier_run_outputs, resolve_resume
+    from .checkpoints import check_resume_config, earlier_run_outputs, earlier_run_paths, inside, resolve_resume
+    from .models import LORA_WEIGHTS_NAME
 
     path = resolve_resume(args.resume_from_checkpoint, args.output_dir)  # one-line error when missing
     if path:
         check_resume_config(path, args)
-    elif not args.overwrite_output_dir and (earlier := earlier_run_outputs(args.output_dir)):
+    elif args.overwrite_output_dir:
+        for flag in ("init_lora_weights", "dataset_name", "train_data_dir"):
+            value = getattr(args, flag, None)
+            read = os.path.join(value, LORA_WEIGHTS_NAME) if flag == "init_lora_weights" and value and os.path.isdir(value) else value
+            doomed = [p for p in earlier_run_paths(args.output_dir, args.logging_dir) if read and inside(read, p)]
+            if doomed:  # removed at start, before it is read: the user's trained weights would be gone
+                fail(f"--{flag} {value} lies in {doomed[0]}, which --overwrite_output_dir removes at start; "
+                     "write this run to another --output_dir")
+    elif earlier := earlier_run_outputs(args.output_dir):
         # A new run would replace checkpoint-N folders of the same names and rotate the newer ones away.
         resumable = any(name.startswith("checkpoint-") for name in earlier)
         fail(f"--output_dir {args.output_dir} holds an earlier run's {', '.join(earlier[-3:])}: "

@@ -78,6 +78,23 @@ def earlier_run_outputs(output_dir: str) -> list[str]:
     return found + [name for name in (LORA_WEIGHTS_NAME, "transformer") if os.path.exists(os.path.join(output_dir, name))]
 
 
+def earlier_run_paths(output_dir: str, logging_dir: str = "logs") -> list[str]:
+    """What --overwrite_output_dir removes (remove_earlier_run): the paths in output_dir that a
+    run of these trainers writes, those that exist."""
+    from .models import LORA_WEIGHTS_NAME
+
+    if not os.path.isdir(output_dir):
+        return []
+    names = [os.path.basename(path) for path in list_checkpoints(output_dir)]
+    names += [name for name in os.listdir(output_dir) if name.startswith("checkpoint-") and name.endswith(".tmp")]
+    names += [LORA_WEIGHTS_NAME, "transformer", "README.md", "validation", f".{LORA_WEIGHTS_NAME}.tmp", ".transformer.tmp",
+              "transformer.old"]
+    logs = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir)
+    if logs != "." and not logs.startswith(".."):  # a --logging_dir outside the run's folder is not the run's to clear
+        names.append(logs)
+    return [os.path.join(output_dir, name) for name in names if os.path.lexists(os.path.join(output_dir, name))]
+
+
 def remove_earlier_run(output_dir: str, logging_dir: str = "logs", logger=None):
     """--overwrite_output_dir: what an earlier run wrote here goes at start, so that none of it
     passes for this run's: its checkpoints (rotation and 'latest' must see only this run's), its
@@ -85,25 +102,19 @@ def remove_earlier_run(output_dir: str, logging_dir: str = "logs", logger=None):
     checkpoints, looking finished; a LoRA run's file would sit beside a full fine-tune's transformer/),
     its validation images and TensorBoard logs (both runs' curves drawn as one), and unfinished
     saves. Files of the user's own are left."""
-    from .models import LORA_WEIGHTS_NAME
-
-    names = [os.path.basename(path) for path in list_checkpoints(output_dir)]
-    names += [name for name in os.listdir(output_dir) if name.startswith("checkpoint-") and name.endswith(".tmp")]
-    names += [name for name in (LORA_WEIGHTS_NAME, "transformer", "README.md", "validation", f".{LORA_WEIGHTS_NAME}.tmp",
-                                ".transformer.tmp", "transformer.old")]
-    logs = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir)
-    if logs != "." and not logs.startswith(".."):  # a --logging_dir outside the run's folder is not the run's to clear
-        names.append(logs)
-    for name in names:
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path):
+    for path in earlier_run_paths(output_dir, logging_dir):
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
         else:
-            continue
+            os.remove(path)
         if logger:
             logger.info(f"--overwrite_output_dir: removed {path} of an earlier run")
+
+
+def inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies in it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
 
 
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:

@@ -190,6 +190,22 @@ def test_new_run_refused_where_an_earlier_run_left_weights(earlier, flags, messa
     assert "--overwrite_output_dir" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_overwrite_refused_where_it_would_remove_the_lora_to_start_from(lora_run, tmp_path):
+    """Starting a second stage from the first one's weights, in the same --output_dir with
+    --overwrite_output_dir, would remove them before they are read."""
+    import shutil
+
+    out = tmp_path / "stage"
+    shutil.copytree(lora_run, out, ignore=shutil.ignore_patterns("logs", "validation"))
+    flags = BASE + ["--output_dir", str(out), "--overwrite_output_dir", "--rank", "4", "--lora_alpha", "8"]
+    for init in (out, out / "pytorch_lora_weights.safetensors", out / "checkpoint-4"):
+        with pytest.raises(ValueError, match=f"--init_lora_weights {init} lies in {out}/.*, which --overwrite_output_dir removes at start"):
+            train_direct_align.parse_args(flags + ["--init_lora_weights", str(init)])
+    elsewhere = tmp_path / "first-stage"
+    shutil.copytree(out, elsewhere)
+    train_direct_align.parse_args(flags + ["--init_lora_weights", str(elsewhere)])  # from another folder: fine
+
+
 @pytest.mark.parametrize("logging_dir", ["logs", ".", "../elsewhere"])
 def test_overwrite_removes_what_the_earlier_run_wrote(logging_dir, tmp_path):
     """--overwrite_output_dir (checkpoints.remove_earlier_run, called at start): the earlier run's
