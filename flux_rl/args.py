@@ -338,12 +338,17 @@ def validate_common_args(args):
     if path:
         check_resume_config(path, args)
     elif args.overwrite_output_dir:
-        for flag in ("init_lora_weights", "dataset_name", "train_data_dir"):
+        # What it removes at start must not be read by this run: a first stage's weights to start from,
+        # the prompts, or (an --output_dir pointed at a model folder) part of FLUX or the reward models.
+        for flag in ("init_lora_weights", "dataset_name", "train_data_dir", "pretrained_model_name_or_path", "reward_models_dir"):
             value = getattr(args, flag, None)
-            read = os.path.join(value, LORA_WEIGHTS_NAME) if flag == "init_lora_weights" and value and os.path.isdir(value) else value
-            doomed = [p for p in earlier_run_paths(args.output_dir, args.logging_dir) if read and inside(read, p)]
-            if doomed:  # removed at start, before it is read: the user's trained weights would be gone
-                fail(f"--{flag} {value} lies in {doomed[0]}, which --overwrite_output_dir removes at start; "
+            if not value or not os.path.exists(value):
+                continue
+            read = os.path.join(value, LORA_WEIGHTS_NAME) if flag == "init_lora_weights" and os.path.isdir(value) else value
+            holds_models = flag in ("pretrained_model_name_or_path", "reward_models_dir")
+            doomed = [p for p in earlier_run_paths(args.output_dir, args.logging_dir) if inside(read, p) or (holds_models and inside(p, read))]
+            if doomed:
+                fail(f"--{flag} {value} and {doomed[0]}, which --overwrite_output_dir removes at start, overlap; "
                      "write this run to another --output_dir")
     elif earlier := earlier_run_outputs(args.output_dir):
         # A new run would replace checkpoint-N folders of the same names and rotate the newer ones away.

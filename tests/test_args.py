@@ -199,11 +199,25 @@ def test_overwrite_refused_where_it_would_remove_the_lora_to_start_from(lora_run
     shutil.copytree(lora_run, out, ignore=shutil.ignore_patterns("logs", "validation"))
     flags = BASE + ["--output_dir", str(out), "--overwrite_output_dir", "--rank", "4", "--lora_alpha", "8"]
     for init in (out, out / "pytorch_lora_weights.safetensors", out / "checkpoint-4"):
-        with pytest.raises(ValueError, match=f"--init_lora_weights {init} lies in {out}/.*, which --overwrite_output_dir removes at start"):
+        with pytest.raises(ValueError, match=f"--init_lora_weights {init} and {out}/.*, which --overwrite_output_dir removes at start, overlap"):
             train_direct_align.parse_args(flags + ["--init_lora_weights", str(init)])
     elsewhere = tmp_path / "first-stage"
     shutil.copytree(out, elsewhere)
     train_direct_align.parse_args(flags + ["--init_lora_weights", str(elsewhere)])  # from another folder: fine
+
+
+def test_overwrite_refused_in_a_model_folder(tiny_flux, tmp_path):
+    """--output_dir pointed at FLUX's own folder by mistake: without the flag refused (it holds a
+    transformer/), with it FLUX's transformer/ and README.md would be removed."""
+    import shutil
+
+    flux = tmp_path / "flux"
+    shutil.copytree(tiny_flux, flux)
+    flags = ["--pretrained_model_name_or_path", str(flux), "--output_dir", str(flux), "--report_to", "none"]
+    with pytest.raises(ValueError, match="holds an earlier run's transformer"):
+        train_direct_align.parse_args(flags)
+    with pytest.raises(ValueError, match=f"--pretrained_model_name_or_path {flux} and {flux}/transformer, .* overlap"):
+        train_direct_align.parse_args(flags + ["--overwrite_output_dir"])
 
 
 @pytest.mark.parametrize("logging_dir", ["logs", ".", "../elsewhere"])
