@@ -4,6 +4,7 @@ the report files (CSV, markdown table, side-by-side grids, score distributions).
 import csv
 import json
 import os
+import re
 from collections import defaultdict
 
 import torch
@@ -60,6 +61,8 @@ def parse_model_specs(specs: list[str], cache_dir: str | None = None) -> list[tu
         name, _, path = spec.rpartition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
         if not os.path.isdir(path):
             path = fetch_trained_output(path, cache_dir, f"--models {spec}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):  # it names a folder of images and a column of the report
+            raise ConfigurationError(f"--models {spec}: name the model with letters, digits, '.', '_' or '-', e.g. srpo=output/srpo")
         if name == "base" or any(name == seen for seen, _ in models):
             raise ConfigurationError(f"--models {spec}: the name '{name}' is taken; write name=path")
         models.append((name, path))

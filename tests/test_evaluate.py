@@ -158,6 +158,8 @@ def _images(output_dir):
         (["--prompt_file", "p.txt", "--models", "x=/does/not/exist"], "neither a folder .* nor a Hub repository id"),
         (["--prompt_file", "p.txt", "--models", "x=nobody/no-such-lora"], "no-such-lora is not a folder, and the Hub gave no copy"),
         (["--prompt_file", "p.txt", "--batch_size", "0"], "--batch_size must be at least 1"),
+        (["--prompt_file", "p.txt", "--models", "=."], "--models =.: name the model with letters"),
+        (["--prompt_file", "p.txt", "--models", "srpo/v2=."], "--models srpo/v2=.: name the model with letters"),
         (["--prompt_file", "p.txt", "--guidance_scale", "-1"], "--guidance_scale must be non-negative"),
     ],
 )
