@@ -79,3 +79,35 @@ def test_ddp_resume_matches_uninterrupted(tiny_models, tmp_path):
     launch("train_direct_align.py", tiny_args(tiny_models, one_dir, "--max_train_steps", "4", "--resume_from_checkpoint",
                                               "latest", *common, "--learning_rate", "4e-4"), num_processes=1)
     assert scalar_tags(one_dir)["lr"] == pytest.approx([4e-4 * (1 - s / 4) for s in (3, 4)], abs=1e-9)
+
+
+def test_two_machines(tiny_models, tmp_path):
+    """`accelerate launch --num_machines 2 --machine_rank 0|1` (one process each, on this one box
+    over gloo, as two nodes of a cluster would run it on a shared filesystem): each node's process
+    is local rank 0, yet the two draw different prompts and end with the same weights; both ranks'
+    RNG states land in the shared checkpoint."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from tests.launch import free_port
+
+    output_dir = str(tmp_path / "two-machines")
+    flags = tiny_args(tiny_models, output_dir, "--max_train_steps", "2", "--rank", "4", "--checkpointing_steps", "2")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT, ACCELERATE_USE_CPU="1")
+    port = str(free_port())
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--num_processes", "2", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", os.path.join(REPO_ROOT, "tests", "ddp_probe.py"),
+         "train_srpo_flux", *flags],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for machine in machines:
+        _, stderr = machine.communicate(timeout=300)
+        assert machine.returncode == 0, stderr[-6000:]
+    ranks = [json.load(open(os.path.join(output_dir, f"rank{i}.json"))) for i in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert all(a != b for a, b in zip(ranks[0]["prompts"], ranks[1]["prompts"])), "both machines drew the same prompts"
+    weights = [torch.load(os.path.join(output_dir, f"rank{i}_weights.pt")) for i in range(2)]
+    assert weights[0] and all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(os.path.join(output_dir, "checkpoint-2")))
