@@ -44,8 +44,9 @@ def add_common_args(parser: argparse.ArgumentParser):
       help="Dropout on the LoRA adapters' input in the steps that carry gradient; the rollout and validation run without it.")
     a("--init_lora_weights", type=str, default=None,
       help="Start the adapters from a trained LoRA: a folder with pytorch_lora_weights.safetensors (a trainer's --output_dir), "
-           "a .safetensors file in diffusers' format, or a Hub id it was pushed to. --rank, --lora_alpha and --lora_layers must "
-           "be the file's. A resumed run takes its checkpoint's adapters instead.")
+           "a .safetensors file FluxPipeline.load_lora_weights reads (diffusers' or kohya's format), or a Hub id it was "
+           "pushed to. --rank, --lora_alpha and --lora_layers must be the file's. A resumed run takes its checkpoint's "
+           "adapters instead.")
     a("--lora_target_modules", "--lora_layers", dest="lora_target_modules", type=str, default=None,
       help="Comma-separated module names (default: all attention projections); --lora_layers, diffusers' FLUX name, is the same flag.")
     a("--gradient_checkpointing", action="store_true", help="Recompute each transformer block in the backward pass.")
@@ -377,7 +378,8 @@ def check_init_lora(args, path: str | None = None):
     try:
         _, _, rank, alpha = lora_file_config(path)
     except (OSError, StopIteration, ValueError) as error:
-        fail(f"--init_lora_weights {args.init_lora_weights}: not a LoRA file in diffusers' format ({type(error).__name__}: {error})")
+        fail(f"--init_lora_weights {args.init_lora_weights}: not a LoRA file that FluxPipeline.load_lora_weights reads "
+             f"({type(error).__name__}: {error})")
     if rank != args.rank:
         fail(f"--init_lora_weights {args.init_lora_weights} has rank {rank}; pass --rank {rank}")
     if alpha is not None and float(alpha) != float(args.lora_alpha):

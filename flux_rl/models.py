@@ -312,9 +312,10 @@ def save_full_model(output_dir: str, transformer, state_dict=None, max_shard_siz
 
 
 def load_lora_into(transformer, input_dir: str, weight_name: str = LORA_WEIGHTS_NAME, complete: bool = False):
-    """The adapters' weights from a LoRA file in diffusers' format. `complete`: every adapter of the
-    model must be in the file (--init_lora_weights: an adapter left at its initialisation would
-    silently train from scratch)."""
+    """The adapters' weights from a LoRA file in any format FluxPipeline.load_lora_weights reads
+    (ours and diffusers' trainers'; kohya's, converted by diffusers with its alphas applied to the
+    weights). `complete`: every adapter of the model must be in the file (--init_lora_weights: an
+    adapter left at its initialisation would silently train from scratch)."""
     from diffusers import FluxPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
@@ -323,31 +324,47 @@ def load_lora_into(transformer, input_dir: str, weight_name: str = LORA_WEIGHTS_
 
     state = FluxPipeline.lora_state_dict(input_dir, weight_name=weight_name)
     state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    layers = f"pass its layers, --lora_layers {lora_layers_of(state)}"
     incompatible = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(state), adapter_name="default")
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
-        raise ConfigurationError(f"the LoRA in {input_dir} has layers this model's adapters lack, e.g. {unexpected[:3]}; "
-                                 "pass its layers as --lora_layers")
+        raise ConfigurationError(f"the LoRA in {input_dir} has layers this model's adapters lack, e.g. {unexpected[:3]}; {layers}")
     missing = [key for key in getattr(incompatible, "missing_keys", []) if ".lora_" in key]
     if complete and missing:
-        raise ConfigurationError(f"the LoRA in {input_dir} lacks {len(missing)} adapter weights of this run, e.g. {missing[:2]}; "
-                                 "pass its layers as --lora_layers")
+        raise ConfigurationError(f"the LoRA in {input_dir} lacks {len(missing)} adapter weights of this run, e.g. {missing[:2]}; {layers}")
     _trainable_to_fp32(transformer)
+
+
+def lora_layers_of(state: dict) -> str:
+    """The --lora_layers value that adapts the layers of a LoRA state dict (diffusers' keys): each
+    module's name within its block (attn.to_q, ff.net.0.proj, ...; peft matches names by suffix)."""
+    import re
+
+    modules = {key.split(".lora_")[0] for key in state if ".lora_" in key}
+    return ",".join(sorted({re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", module) for module in modules}))
 
 
 def lora_file_config(path: str) -> tuple[str, str, int, float | None]:
     """(folder, file name, rank, alpha or None) of a LoRA file, or of a folder holding
-    pytorch_lora_weights.safetensors, read from its header alone: the rank from a lora_A
-    weight's shape, alpha from the adapter config diffusers' trainers (and ours) put in the metadata."""
+    pytorch_lora_weights.safetensors, read from its header alone: the rank from the adapters'
+    shapes (one rank for all, as a run's adapters have), alpha from the adapter config diffusers'
+    trainers (and ours) put in the metadata. A file in kohya's format (lora_down / lora_up keys)
+    loads with its alphas applied to the weights, so it acts as alpha = rank."""
     import json
 
     from safetensors import safe_open
 
     folder, name = (os.path.dirname(path) or ".", os.path.basename(path)) if os.path.isfile(path) else (path, LORA_WEIGHTS_NAME)
     with safe_open(os.path.join(folder, name), "pt") as f:
-        rank = next(f.get_slice(key).get_shape()[0] for key in f.keys() if "lora_A" in key)
+        down = [key for key in f.keys() if key.endswith((".lora_A.weight", ".lora_down.weight"))]
+        ranks = sorted({f.get_slice(key).get_shape()[0] for key in down})
         config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    return folder, name, rank, config.get("transformer.lora_alpha")  # diffusers prefixes the config with the component
+    if not ranks:
+        raise ValueError("no lora_A / lora_down weights in it")
+    if len(ranks) > 1:
+        raise ValueError(f"its adapters have ranks {ranks}; a run trains adapters of one --rank")
+    kohya = down[0].endswith(".lora_down.weight")
+    return folder, name, ranks[0], float(ranks[0]) if kohya else config.get("transformer.lora_alpha")  # diffusers prefixes the config
 
 
 def register_save_load_hooks(accelerator, use_lora: bool):
