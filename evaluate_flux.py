@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 import rewards
 from flux_rl import evaluation, hub
 from flux_rl.args import COMMON_RANGES, check_ranges, run_cli
-from flux_rl.training import REWARD_DOWNLOAD_ADVICE
 
 
 def parse_args(input_args=None):
@@ -131,7 +130,7 @@ def load_metric_models(args, device, dtype):
     needed = {m: ("hpsv2" if m == "sgp_hps" else m) for m in args.metrics}
     loaded = {}
     for name in dict.fromkeys(needed.values()):
-        with hub.fetching(f"--metrics {name}", REWARD_DOWNLOAD_ADVICE):
+        with hub.fetching(f"--metrics {name}", hub.REWARD_DOWNLOAD_ADVICE):
             loaded[name] = rewards.load_reward_model(name, args.reward_models_dir, device, dtype)
     return {metric: loaded[name] for metric, name in needed.items()}
 

@@ -100,6 +100,10 @@ def write_model_card(output_dir, args, method, repo_id=None):
         f.write(text)
 
 
+REWARD_DOWNLOAD_ADVICE = ("on a node without the Hub, fetch the weights beforehand (python -m rewards.download --output_dir "
+                          "weights/rewards) and pass --reward_models_dir weights/rewards")
+
+
 def hub_failure(error: BaseException) -> str | None:
     """Why fetching from the Hub failed and what to do, in a line, when `error` or one of its
     causes (transformers and diffusers wrap the Hub's errors) is a Hub or network error; None for

@@ -259,10 +259,6 @@ def init_lora(transformer, args):
     logger.info(f"LoRA adapters (rank {rank}) start from {args.init_lora_weights}")
 
 
-REWARD_DOWNLOAD_ADVICE = ("on a node without the Hub, fetch the weights beforehand (python -m rewards.download --output_dir "
-                          "weights/rewards) and pass --reward_models_dir weights/rewards")
-
-
 def load_rewards(args, device, dtype):
     """--reward's models; one that cannot be fetched from the Hub is a one-line error naming it."""
     import rewards
@@ -270,7 +266,7 @@ def load_rewards(args, device, dtype):
     components = rewards.parse_reward_spec(args.reward)
     models = {}
     for name, _ in components:
-        with hub.fetching(f"--reward {name}", REWARD_DOWNLOAD_ADVICE):
+        with hub.fetching(f"--reward {name}", hub.REWARD_DOWNLOAD_ADVICE):
             models[name] = rewards.load_reward_model(name, args.reward_models_dir, device, dtype)
     return rewards.CombinedReward(models, dict(components))
 

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import re
 import sys
+import traceback
 
 import torch
 
@@ -58,8 +59,10 @@ def import_reward_modules(modules) -> None:
                 spec.loader.exec_module(loaded)
             else:
                 importlib.import_module(module)
-        except Exception as error:  # whatever the user's module raised: one line naming the module
-            raise ValueError(f"--reward_module {module}: {type(error).__name__}: {error}".replace("\n", " ")) from None
+        except Exception as error:  # whatever the user's module raised: one line naming the module and the line
+            frames = traceback.extract_tb(error.__traceback__)
+            where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if len(frames) > 1 else ""
+            raise ValueError(f"--reward_module {module}: {type(error).__name__}: {error}{where}".replace("\n", " ")) from None
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:

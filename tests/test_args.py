@@ -290,7 +290,7 @@ def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
     import subprocess
     import sys
 
-    from flux_rl.training import REWARD_DOWNLOAD_ADVICE
+    from flux_rl.hub import REWARD_DOWNLOAD_ADVICE
     from tests.conftest import REPO_ROOT
 
     captions = tmp_path / "captions.jsonl"

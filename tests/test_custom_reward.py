@@ -108,7 +108,7 @@ def test_an_image_only_reward_takes_the_appendix_form():
 
 @pytest.mark.parametrize("module_text, spec, message", [
     (None, "hpsv2", r"--reward_module .*missing\.py: ValueError: no such file"),
-    ("raise ImportError('needs somepackage')", "hpsv2", r"--reward_module .*: ImportError: needs somepackage"),
+    ("import torch\nraise ImportError('needs somepackage')", "hpsv2", r"--reward_module .*: ImportError: needs somepackage \(at mine.py:2\)"),
     ("from rewards import register_reward\nregister_reward('hpsv2', print)", "hpsv2", "reward name 'hpsv2' is built in"),
     ("from rewards import register_reward\nregister_reward('My-Reward', print)", "hpsv2", "reward name 'My-Reward': use lowercase"),
     ("", "sharpness:1.0", r"unknown reward 'sharpness' .*\(or register your own with --reward_module\)"),
