@@ -11,6 +11,7 @@ data/hpdv2/benchmark/{anime,concept-art,paintings,photo}.json (for evaluate_flux
 import argparse
 import json
 import os
+import sys
 
 TRAIN_REPO, TRAIN_FILE = "ymhao/HPDv2", "train.json"
 BENCHMARK_REPO = "zhwang/HPDv2"
@@ -39,13 +40,21 @@ def main(input_args=None):
     args = parser.parse_args(input_args)
     from huggingface_hub import hf_hub_download
 
-    train_json = args.train_json or hf_hub_download(TRAIN_REPO, TRAIN_FILE, repo_type="dataset")
+    def fetch(repo, filename, **kwargs):
+        try:
+            return hf_hub_download(repo, filename, repo_type="dataset", **kwargs)
+        except Exception as error:  # offline, a proxy, a moved file: one line saying which file and why
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            sys.exit(f"error: could not fetch {filename} of the dataset {repo} ({type(error).__name__}: {reason}); run this on "
+                     "a machine that reaches huggingface.co, or pass an already downloaded --train_json")
+
+    train_json = args.train_json or fetch(TRAIN_REPO, TRAIN_FILE)
     prompts = unique_prompts(train_json)
     path = write_prompts(prompts, os.path.join(args.output_dir, "prompts.txt"))
     print(f"{len(prompts)} unique prompts -> {path}")
     if not args.skip_benchmark:
         for style in STYLES:
-            hf_hub_download(BENCHMARK_REPO, f"benchmark/{style}.json", repo_type="dataset", local_dir=args.output_dir)
+            fetch(BENCHMARK_REPO, f"benchmark/{style}.json", local_dir=args.output_dir)
         print(f"benchmark prompts -> {os.path.join(args.output_dir, 'benchmark')}")
 
 

@@ -13,6 +13,7 @@ Layout written (what each loader reads from `<dir>/<name>/`):
 
 import argparse
 import os
+import sys
 
 from .aesthetic import HEAD_FILE, HEAD_URL, SIGLIP_MODEL
 from .image_reward import CHECKPOINT_FILE, IMAGE_REWARD_REPO, MED_CONFIG_FILE
@@ -82,7 +83,12 @@ def main(input_args=None):
     for name in names:
         folder = os.path.join(args.output_dir, name)
         os.makedirs(folder, exist_ok=True)
-        DOWNLOADERS[name](folder)
+        try:
+            DOWNLOADERS[name](folder)
+        except Exception as error:  # offline, a proxy, a moved file: one line saying which model and why
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            sys.exit(f"error: {name}: could not fetch its weights ({type(error).__name__}: {reason}); run this on a machine "
+                     f"that reaches huggingface.co{' and github.com' if name == 'aesthetic' else ''}, then copy {args.output_dir}")
         print(f"{name} -> {folder}")
 
 

@@ -13,3 +13,17 @@ def test_prompts_file_from_train_json(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(records))
     hpdv2.main(["--train_json", str(tmp_path / "train.json"), "--output_dir", str(tmp_path / "out"), "--skip_benchmark"])
     assert load_prompts(str(tmp_path / "out" / "prompts.txt")) == ["a cat", "a red car"]
+
+
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+    import pytest
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(SystemExit) as stop:
+        hpdv2.main(["--output_dir", str(tmp_path)])
+    assert stop.value.code == (f"error: could not fetch train.json of the dataset {hpdv2.TRAIN_REPO} (ConnectionError: Connection "
+                               "refused); run this on a machine that reaches huggingface.co, or pass an already downloaded --train_json")

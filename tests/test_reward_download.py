@@ -50,3 +50,16 @@ def test_unknown_name_fails(capsys):
     with pytest.raises(SystemExit):
         download.main(["--names", "hpsv9"])
     assert "unknown reward 'hpsv9'" in capsys.readouterr().err
+
+
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
+    import pytest
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Connection refused\nmore lines")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(SystemExit) as stop:
+        download.main(["--output_dir", str(tmp_path), "--names", "hpsv2"])
+    assert stop.value.code == (f"error: hpsv2: could not fetch its weights (ConnectionError: Connection refused); run this on a "
+                               f"machine that reaches huggingface.co, then copy {tmp_path}")
