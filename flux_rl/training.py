@@ -501,7 +501,8 @@ def finish(run: Run):
                 folder, transformer, state_dict=state, dtype=dtype))
     run.validate(args.max_train_steps)
     if accelerator.is_main_process:
-        hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id if args.push_to_hub else None)
+        # With --hub_model_id, the card's code loads from that repository, pushed now or uploaded later.
+        hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id)
         if args.push_to_hub:
             repo_id = hub.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
             logger.info(f"pushed to https://huggingface.co/{repo_id}")

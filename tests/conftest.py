@@ -73,7 +73,7 @@ def lora_run(tiny_models, tmp_path_factory):
             tiny_models, output_dir, "--max_train_steps", "5", "--checkpointing_steps", "1", "--checkpoints_total_limit", "3",
             "--validation_prompt", "a cat", "a dog", "--validation_steps", "2", "--num_injections", "2",
             "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--rank", "4", "--lora_alpha", "8",
-            "--overwrite_output_dir",
+            "--overwrite_output_dir", "--hub_model_id", "tiny-org/direct-align-lora",  # named in the card, not pushed
         ))
 
     return made_once(tmp_path_factory, "direct-align-lora", train)

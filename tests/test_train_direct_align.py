@@ -30,7 +30,7 @@ def test_run_artifacts(lora_run):
     assert not os.path.exists(os.path.join(lora_run, "transformer"))  # so is its full fine-tune, beside this LoRA
     assert os.path.exists(os.path.join(lora_run, "notes.txt"))  # the user's own file stays
     card = open(os.path.join(lora_run, "README.md")).read()
-    assert "load_lora_weights" in card and "direct-align" in card
+    assert 'load_lora_weights("tiny-org/direct-align-lora")' in card and "direct-align" in card  # where it will be uploaded
 
 
 def test_lora_loads_into_pipeline_and_changes_output(lora_run, tiny_flux):
