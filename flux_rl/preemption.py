@@ -25,12 +25,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 class StopRequest:
     def __init__(self):
         self.signal_number = None
+        self.interrupted = False  # a Ctrl-C came (a SIGTERM from the launcher may have come since)
         self._previous = {}
 
     def _note(self, signal_number, frame):
         if signal_number == signal.SIGINT:
-            if self.signal_number == signal.SIGINT:
+            if self.interrupted:
                 raise KeyboardInterrupt  # Ctrl-C again: the user does not want to wait for the step
+            self.interrupted = True
             print("\nCtrl-C: stopping after this step, with a checkpoint to resume from (Ctrl-C again: stop at once, "
                   "losing the step)", file=sys.stderr, flush=True)
         self.signal_number = signal_number

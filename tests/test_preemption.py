@@ -45,7 +45,9 @@ def test_ctrl_c_stops_after_the_step_and_twice_at_once(capfd):
             os.kill(os.getpid(), signal.SIGINT)
             assert stop.signal_number == signal.SIGINT  # noted: no KeyboardInterrupt mid-step
             assert "Ctrl-C: stopping after this step, with a checkpoint to resume from" in capfd.readouterr().err
-            with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # as torchrun passes it on to its workers after a Ctrl-C
+            assert stop.signal_number == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt):  # Ctrl-C again
                 os.kill(os.getpid(), signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         with pytest.raises(KeyboardInterrupt):  # outside training, Ctrl-C is Python's own again
