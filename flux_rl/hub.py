@@ -15,7 +15,7 @@ license: {license}
 - text-to-image
 - {method}
 - {kind}
----
+{widget_lines}---
 
 # {title}
 
@@ -31,7 +31,7 @@ from diffusers import {imports}
 image = pipe({prompt}, num_inference_steps=50, guidance_scale=3.5).images[0]
 ```
 
-{license_section}## Training configuration
+{validation_section}{license_section}## Training configuration
 
 ```
 {config}
@@ -78,7 +78,10 @@ def write_model_card(output_dir, args, method, repo_id=None):
     secret = {"hub_token"}
     config = "\n".join(f"{k} = {v}" for k, v in sorted(vars(args).items()) if k not in secret)
     license, license_name, license_link = BASE_LICENSES.get(base_id, ("other", None, None))
+    widget_lines, validation_section = _validation_images(output_dir, args)
     text = CARD.format(
+        widget_lines=widget_lines,
+        validation_section=validation_section,
         base_model_line=f"base_model: {base_id}\n" if base_id else "",
         license=license,
         license_lines=f"license_name: {license_name}\nlicense_link: {license_link}\n" if license_name else "",
@@ -163,6 +166,24 @@ def check_base_model_reachable(name_or_path: str, revision: str | None = None, c
         except errors.RemoteEntryNotFoundError:
             raise ConfigurationError(f"--pretrained_model_name_or_path {name_or_path} has no model_index.json: name a diffusers "
                                      "FLUX pipeline, e.g. black-forest-labs/FLUX.1-dev") from None
+
+
+def _validation_images(output_dir, args) -> tuple[str, str]:
+    """The final validation grid as the card's widget (the Hub shows it on the model page) and a
+    before / after section with the step-0 grid, when --validation_prompt rendered them."""
+    import json
+
+    final = f"validation/step-{args.max_train_steps:06d}.png"
+    if not os.path.exists(os.path.join(output_dir, final)):
+        return "", ""
+    prompts = "; ".join(getattr(args, "validation_prompt", None) or [])
+    widget = f"widget:\n- text: {json.dumps(prompts)}\n  output:\n    url: {final}\n"  # a JSON string is a YAML string
+    before = "validation/step-000000.png"
+    rows = ([f"| before training (step 0) | ![before]({before}) |"] if os.path.exists(os.path.join(output_dir, before)) else [])
+    rows.append(f"| after step {args.max_train_steps} | ![after]({final}) |")
+    section = ("## Validation images\n\n" + f"Prompts: {prompts}; each tile captioned with its reward.\n\n"
+               + "| | |\n|---|---|\n" + "\n".join(rows) + "\n\n")
+    return widget, section
 
 
 def fetch_trained_output(repo_id: str, cache_dir: str | None, flag: str) -> str:

@@ -113,6 +113,26 @@ def test_card_carries_the_base_models_licence(tmp_path, monkeypatch):
         assert (f"[tiny-dev-license]({link})" in card.text) == ("license_name" in expected)
 
 
+def test_card_shows_the_validation_images(tmp_path):
+    """With --validation_prompt, the final grid is the card's widget (shown on the Hub's model page)
+    and the card sets it beside the untrained model's (step 0)."""
+    from huggingface_hub import ModelCard
+
+    (tmp_path / "validation").mkdir()
+    for step in (0, 2):
+        (tmp_path / "validation" / f"step-{step:06d}.png").write_bytes(b"png")
+    args = argparse.Namespace(pretrained_model_name_or_path="tiny-org/tiny-flux", full_finetune=False, reward="hpsv2:1.0",
+                              max_train_steps=2, validation_prompt=['a "quoted" cat', "a dog"])
+    hub.write_model_card(str(tmp_path), args, "srpo")
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    assert card.data.to_dict()["widget"] == [{"text": 'a "quoted" cat; a dog', "output": {"url": "validation/step-000002.png"}}]
+    assert "![before](validation/step-000000.png)" in card.text and "![after](validation/step-000002.png)" in card.text
+    (tmp_path / "validation" / "step-000002.png").unlink()  # no final grid (no --validation_prompt): neither
+    hub.write_model_card(str(tmp_path), args, "srpo")
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    assert "widget" not in card.data.to_dict() and "Validation images" not in card.text
+
+
 def _hub_error(kind, message):
     """A Hub error as huggingface_hub raises it, without an HTTP response to build it from."""
     error = kind.__new__(kind)

@@ -31,6 +31,7 @@ def test_run_artifacts(lora_run):
     assert os.path.exists(os.path.join(lora_run, "notes.txt"))  # the user's own file stays
     card = open(os.path.join(lora_run, "README.md")).read()
     assert 'load_lora_weights("tiny-org/direct-align-lora")' in card and "direct-align" in card  # where it will be uploaded
+    assert "url: validation/step-000005.png" in card and "![before](validation/step-000000.png)" in card
 
 
 def test_lora_loads_into_pipeline_and_changes_output(lora_run, tiny_flux):
