@@ -347,7 +347,8 @@ def validate_common_args(args):
                 continue
             read = os.path.join(value, LORA_WEIGHTS_NAME) if flag == "init_lora_weights" and os.path.isdir(value) else value
             holds_models = flag in ("pretrained_model_name_or_path", "reward_models_dir")
-            doomed = [p for p in earlier_run_paths(args.output_dir, args.logging_dir) if inside(read, p) or (holds_models and inside(p, read))]
+            doomed = [p for p in earlier_run_paths(args.output_dir, args.logging_dir)
+                      if inside(read, p) or (holds_models and inside(p, read))]
             if doomed:
                 fail(f"--{flag} {value} and {doomed[0]}, which --overwrite_output_dir removes at start, overlap; "
                      "write this run to another --output_dir")
