@@ -117,7 +117,9 @@ def add_common_args(parser: argparse.ArgumentParser):
       help="Start a new run in an --output_dir that holds an earlier run's checkpoints or weights (removed at start, with "
            "its model card, validation images and logs). Without it such a run is refused, so that nothing trained is "
            "overwritten by accident.")
-    a("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
+    a("--report_to", type=str, default="tensorboard",
+      help="tensorboard (default), wandb, or any accelerate tracker (comet_ml, mlflow, aim, clearml, dvclive, swanlab, trackio), "
+           "several comma-separated; all (every one installed) or none. Validation images go to tensorboard and wandb.")
     a("--logging_dir", type=str, default="logs")
     a("--tracker_project_name", type=str, default=None)
     a("--validation_prompt", type=str, nargs="+", default=None,
@@ -188,6 +190,16 @@ def run_cli(parse_args, main):
         main(args)
     except ConfigurationError as error:
         exit_with(error)
+
+
+# --report_to's trackers (accelerate's) and the package each needs; "all" is every one installed.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow", "aim": "aim",
+                    "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def chosen_trackers(report_to: str) -> list[str]:
+    """--report_to as a list: "tensorboard", "wandb,mlflow", "all" or "none"."""
+    return [name.strip() for name in report_to.split(",") if name.strip()] or ["none"]
 
 
 def looks_like_a_path(value: str, extensions: tuple) -> bool:
@@ -309,25 +321,28 @@ def validate_common_args(args):
         if getattr(args, flag, None) is not None:
             _check_attention_backend(flag, getattr(args, flag))
     _check_names_used_after_loading(args)
-    if args.report_to not in ("tensorboard", "wandb", "all", "none"):
-        fail(f"--report_to {args.report_to}: choose tensorboard, wandb, all or none")
+    trackers = chosen_trackers(args.report_to)
+    unknown = [name for name in trackers if name not in TRACKER_PACKAGES and name not in ("all", "none")]
+    if unknown or (len(trackers) > 1 and {"all", "none"} & set(trackers)):
+        fail(f"--report_to {args.report_to}: choose from {', '.join(TRACKER_PACKAGES)} (several comma-separated), all or none")
     if args.validation_steps is not None and args.validation_steps < 1:
         fail(f"--validation_steps must be at least 1, got {args.validation_steps}")
     if args.validation_steps is not None and not args.validation_prompt:
         fail("--validation_steps renders --validation_prompt, which is not given: add e.g. --validation_prompt \"a photo of a cat\"")
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id (e.g. your-name/flux-srpo-lora)")
-    if args.hub_token and args.report_to in ("wandb", "all"):
+    if args.hub_token and {"wandb", "all"} & set(trackers):  # wandb records the command line with the run
         fail("--hub_token would be logged to wandb; run `hf auth login` instead of passing the token")
     for flag in ("pretrained_model_name_or_path", "reward_models_dir", "train_data_dir"):
         value = getattr(args, flag, None)
         if value and (value.startswith((".", "/")) or flag != "pretrained_model_name_or_path") and not os.path.exists(value):
             fail(f"--{flag} {value}: no such folder")
-    if args.report_to in ("wandb", "all"):
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("wandb") is None:
-            fail(f"--report_to {args.report_to} needs wandb: pip install wandb (or use --report_to tensorboard)")
+    for name in trackers:
+        package = TRACKER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:  # accelerate would drop it with a warning and log nothing there
+            fail(f"--report_to {name} needs {package}: pip install {package} (or use --report_to tensorboard)")
     from .data import LOCAL_FORMATS
 
     if args.dataset_name and looks_like_a_path(args.dataset_name, tuple(LOCAL_FORMATS)) and not os.path.exists(args.dataset_name):

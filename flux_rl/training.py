@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from rewards.base import host_to_device
 
 from . import checkpoints, data, flux, hub, latents, models, preemption, schedules, validation
-from .args import ConfigurationError, launched_with_fsdp
+from .args import ConfigurationError, chosen_trackers, launched_with_fsdp
 from .optim import AdamWStochasticBF16, step_unless_not_finite
 
 logger = logging.getLogger(__name__)
@@ -326,12 +326,12 @@ def start_trackers(accelerator, args, method: str):
     one-line error naming the ways out."""
     try:
         accelerator.init_trackers(args.tracker_project_name or method, config=_config(args))
-    except Exception as error:  # wandb raises its own UsageError / CommError types
-        if args.report_to not in ("wandb", "all"):
+    except Exception as error:
+        if not type(error).__module__.startswith("wandb"):  # its own UsageError / CommError types
             raise
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ConfigurationError(
-            f"--report_to {args.report_to}: the tracker did not start ({reason}); log in with `wandb login`, set "
+            f"--report_to {args.report_to}: wandb did not start ({reason}); log in with `wandb login`, set "
             "WANDB_MODE=offline to log to disk and `wandb sync` later, or use --report_to tensorboard"
         ) from error
 
@@ -367,7 +367,8 @@ def setup(args, method: str) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    report_to = None if args.report_to == "none" else args.report_to
+    trackers = chosen_trackers(args.report_to)
+    report_to = None if trackers == ["none"] else "all" if trackers == ["all"] else trackers
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         fsdp_plugin=_fsdp_plugin(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")),

@@ -240,6 +240,24 @@ def test_overwrite_removes_what_the_earlier_run_wrote(logging_dir, tmp_path):
     assert (tmp_path / "elsewhere" / "srpo" / "events.out.tfevents.1").exists()
 
 
+@pytest.mark.parametrize("report_to, message", [
+    ("tensorboard,wandb", None),
+    ("mlflw", r"--report_to mlflw: choose from tensorboard, wandb, comet_ml, mlflow, .* \(several comma-separated\), all or none"),
+    ("all,wandb", "--report_to all,wandb: choose from"),
+    ("mlflow", "--report_to mlflow needs mlflow: pip install mlflow"),  # not installed here; accelerate would drop it silently
+])
+def test_report_to_takes_accelerates_trackers(report_to, message, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a))
+    if message is None:
+        assert train_direct_align.parse_args(BASE + ["--report_to", report_to]).report_to == report_to
+        return
+    with pytest.raises(ValueError, match=message):
+        train_direct_align.parse_args(BASE + ["--report_to", report_to])
+
+
 def test_wandb_missing_fails_early(monkeypatch):
     import importlib.util
 
@@ -335,7 +353,7 @@ for argv in json.loads(sys.argv[1]):
     assert hub_reward == f"error: --reward pickscore: {offline}{REWARD_DOWNLOAD_ADVICE}"
     assert push.startswith("error: --push_to_hub: cannot create or reach me/flux-srpo-lora on the Hub (OfflineModeIsEnabled")
     assert push.endswith("log in with `hf auth login`, or drop --push_to_hub and upload later")
-    assert wandb.startswith("error: --report_to wandb: the tracker did not start (No API key configured.")
+    assert wandb.startswith("error: --report_to wandb: wandb did not start (No API key configured.")
     assert wandb.endswith("set WANDB_MODE=offline to log to disk and `wandb sync` later, or use --report_to tensorboard")
     assert "Traceback" not in result.stderr
 

@@ -1,4 +1,4 @@
-"""`--report_to all`: TensorBoard and W&B (offline) receive the same losses, rewards and
+"""`--report_to tensorboard,wandb`: TensorBoard and W&B (offline) receive the same losses, rewards and
 validation images."""
 
 import glob
@@ -15,7 +15,7 @@ def test_tensorboard_and_wandb_log_the_same_run(tiny_models, tmp_path, monkeypat
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     output_dir = str(tmp_path / "run")
     launch("train_direct_align.py", tiny_args(
-        tiny_models, output_dir, "--max_train_steps", "2", "--rank", "4", "--report_to", "all",
+        tiny_models, output_dir, "--max_train_steps", "2", "--rank", "4", "--report_to", "tensorboard,wandb",
         "--validation_prompt", "a cat", "--validation_steps", "1",
     ))
     (run_dir,) = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*"))
