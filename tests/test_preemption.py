@@ -92,3 +92,13 @@ def test_signal_to_one_process_stops_both_after_the_same_step(tiny_models, tmp_p
     assert [os.path.basename(p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))] == ["checkpoint-1"]
     assert {"random_states_0.pkl", "random_states_1.pkl", "training_state.json"} <= set(os.listdir(checkpoint))
     assert not os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+
+
+def test_ctrl_c_mid_step_saves_that_step(tiny_models, tmp_path):
+    output_dir = str(tmp_path / "interrupted")
+    result = launch("tests/signal_probe.py", ["train_direct_align", "SIGINT", "1", "0"] + tiny_args(
+        tiny_models, output_dir, "--rank", "4", "--max_train_steps", "3", "--checkpointing_steps", "100"), expect_nonzero_exit=True)
+    assert "Ctrl-C: stopping after this step, with a checkpoint to resume from" in result.stderr
+    assert "SIGINT received: stopped after step 2 of 3" in result.stderr
+    assert "exit status 130" in result.stderr  # 128 + SIGINT, as a shell reports a Ctrl-C
+    assert os.listdir(output_dir).count("checkpoint-2") == 1 and not os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
