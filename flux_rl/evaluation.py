@@ -79,7 +79,11 @@ class ModelVariant:
         if path is not None and not self.is_lora:
             folder = os.path.join(path, "transformer")
             if not os.path.exists(os.path.join(folder, "config.json")):
-                raise ConfigurationError(f"{path}: neither pytorch_lora_weights.safetensors nor transformer/ found")
+                from .checkpoints import list_checkpoints
+
+                newest = list_checkpoints(path)[-1:]  # a run still going, or stopped: its checkpoints hold weights
+                hint = f"; to evaluate its newest checkpoint, name {newest[0]}" if newest else ""
+                raise ConfigurationError(f"{path}: neither pytorch_lora_weights.safetensors nor transformer/ found{hint}")
 
     def apply(self, pipe):
         from diffusers import FluxTransformer2DModel

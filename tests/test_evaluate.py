@@ -146,6 +146,13 @@ def test_earlier_images_are_kept_only_for_the_same_weights_and_prompts(tiny_flux
     assert warning.endswith("1 images without a generation.json (an older run's) are kept unchecked")
 
 
+def test_a_run_without_final_weights_points_to_its_checkpoint(tmp_path):
+    (tmp_path / "run" / "checkpoint-10").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-20").mkdir()
+    with pytest.raises(ConfigurationError, match=f"found; to evaluate its newest checkpoint, name {tmp_path}/run/checkpoint-20$"):
+        evaluation.ModelVariant("srpo", str(tmp_path / "run"))
+
+
 def _images(output_dir):
     return [os.path.join(d, f) for d, _, files in os.walk(os.path.join(output_dir, "images")) for f in files if f.endswith(".png")]
 
