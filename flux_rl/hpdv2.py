@@ -40,12 +40,13 @@ def main(input_args=None):
     args = parser.parse_args(input_args)
     from huggingface_hub import hf_hub_download
 
+    from .hub import first_line
+
     def fetch(repo, filename, **kwargs):
         try:
             return hf_hub_download(repo, filename, repo_type="dataset", **kwargs)
         except Exception as error:  # offline, a proxy, a moved file: one line saying which file and why
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            sys.exit(f"error: could not fetch {filename} of the dataset {repo} ({type(error).__name__}: {reason}); run this on "
+            sys.exit(f"error: could not fetch {filename} of the dataset {repo} ({type(error).__name__}: {first_line(error)}); run this on "
                      "a machine that reaches huggingface.co, or pass an already downloaded --train_json")
 
     train_json = args.train_json or fetch(TRAIN_REPO, TRAIN_FILE)

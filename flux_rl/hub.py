@@ -107,6 +107,12 @@ REWARD_DOWNLOAD_ADVICE = ("on a node without the Hub, fetch the weights beforeha
                           "weights/rewards) and pass --reward_models_dir weights/rewards")
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message cut to its first line, for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def hub_failure(error: BaseException) -> str | None:
     """Why fetching from the Hub failed and what to do, in a line, when `error` or one of its
     causes (transformers and diffusers wrap the Hub's errors) is a Hub or network error; None for
@@ -127,7 +133,7 @@ def hub_failure(error: BaseException) -> str | None:
         if isinstance(error, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
             return "not in the Hugging Face cache, and the Hub is out of reach (offline, or HF_HUB_OFFLINE=1)"
         if isinstance(error, (errors.HfHubHTTPError, ConnectionError, urllib.error.URLError)):
-            return f"the download failed ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+            return f"the download failed ({type(error).__name__}: {first_line(error)})"
         error = error.__cause__ or error.__context__
     return None
 

@@ -259,18 +259,6 @@ def init_lora(transformer, args):
     logger.info(f"LoRA adapters (rank {rank}) start from {args.init_lora_weights}")
 
 
-def load_rewards(args, device, dtype):
-    """--reward's models; one that cannot be fetched from the Hub is a one-line error naming it."""
-    import rewards
-
-    components = rewards.parse_reward_spec(args.reward)
-    models = {}
-    for name, _ in components:
-        with hub.fetching(f"--reward {name}", hub.REWARD_DOWNLOAD_ADVICE):
-            models[name] = rewards.load_reward_model(name, args.reward_models_dir, device, dtype)
-    return rewards.CombinedReward(models, dict(components))
-
-
 def initial_learning_rate(args, num_processes: int) -> float:
     """--learning_rate; with --scale_lr times the images of an optimiser step, diffusers' examples' rule."""
     if not args.scale_lr:
@@ -367,6 +355,8 @@ def setup(args, method: str) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    import rewards
+
     trackers = chosen_trackers(args.report_to)
     report_to = None if trackers == ["none"] else "all" if trackers == ["all"] else trackers
     accelerator = Accelerator(
@@ -403,7 +393,8 @@ def setup(args, method: str) -> Run:
             items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split, args.cache_dir, args.dataset_config_name)
     schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
-    reward = load_rewards(args, accelerator.device, weight_dtype)
+    reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype,
+                                          loading=lambda name: hub.fetching(f"--reward {name}", hub.REWARD_DOWNLOAD_ADVICE))
     if args.compile_reward:
         try:
             reward.compile_image_towers(args.compile_backend, args.compile_mode)

@@ -8,6 +8,7 @@ downloaded beforehand), else from its public source. Rewards of your own: a modu
 `register_reward` when imported, passed as `--reward_module` (README, "Your own reward").
 """
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -117,7 +118,12 @@ class CombinedReward(torch.nn.Module):
         return total, components
 
 
-def load_combined_reward(spec: str, reward_models_dir=None, device="cpu", dtype=torch.float32) -> CombinedReward:
+def load_combined_reward(spec: str, reward_models_dir=None, device="cpu", dtype=torch.float32, loading=None) -> CombinedReward:
+    """`loading(name)`: a context manager around each model's load (the trainers turn a failed
+    download into a one-line error naming the reward)."""
     components = parse_reward_spec(spec)
-    models = {name: load_reward_model(name, reward_models_dir, device, dtype) for name, _ in components}
+    models = {}
+    for name, _ in components:
+        with loading(name) if loading else contextlib.nullcontext():
+            models[name] = load_reward_model(name, reward_models_dir, device, dtype)
     return CombinedReward(models, dict(components))
