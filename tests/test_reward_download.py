@@ -12,10 +12,10 @@ from rewards import download
 
 def test_download_layout_loads_offline(tiny_rewards, tmp_path, monkeypatch):
     """Each Hub file is served from the tiny folder of the same layout; the result must load."""
-    sources = {
-        "xswu/HPSv2": os.path.join(tiny_rewards, "hpsv2"),
-        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": os.path.join(tiny_rewards, "clip"),
-        "THUDM/ImageReward": os.path.join(tiny_rewards, "imagereward"),
+    sources = {  # the repositories the downloader asks for, by its own constants
+        download.HPS_REPO: os.path.join(tiny_rewards, "hpsv2"),
+        download.CLIP_H14_HUB.removeprefix("hf-hub:"): os.path.join(tiny_rewards, "clip"),
+        download.IMAGE_REWARD_REPO: os.path.join(tiny_rewards, "imagereward"),
     }
 
     def fake_hf_hub_download(repo_id, filename, local_dir, **kwargs):
