@@ -57,6 +57,7 @@ import train_draft_baseline  # noqa: E402
 import train_refl_baseline  # noqa: E402
 import train_srpo_flux  # noqa: E402
 from flux_rl import data, latents, models, schedules, tiny_models, training  # noqa: E402
+from flux_rl.args import compiles_reward  # noqa: E402
 from flux_rl.flux import Conditioning  # noqa: E402
 
 nan = float("nan")
@@ -155,7 +156,7 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
         args=args, method=module.__name__, accelerator=accelerator, transformer=transformer, vae=vae,
         prompt_encoder=RandomPromptEncoder(transformer_config["joint_attention_dim"], transformer_config["pooled_projection_dim"],
                                            512 if size == "full" else 32),
-        reward=build_reward(size, device, dtype, *((args.compile_backend, args.compile_mode) if args.compile_reward else ())),
+        reward=build_reward(size, device, dtype, *((args.compile_backend, args.compile_mode) if compiles_reward(args) else ())),
         optimizer=optimizer, lr_scheduler=lr_scheduler,
         batches=data.BatchSchedule([f"prompt {i}" for i in range(64)], args.train_batch_size, args.seed),
         image_dataset=None, weight_dtype=dtype, vae_scale_factor=vae_scale_factor,

@@ -3,7 +3,7 @@
 # full size. With no arguments it runs, most important first, the groups that the last recorded run
 # (benchmarks/RESULTS.md) left unmeasured, each under its own time limit (cut to what is left of
 # BUDGET), so that a short lease still returns every group that finished; FROM=NAME starts at that group
-# (a second call: FROM=srpo_lora_cudnn_attention bash benchmarks/run_on_device.sh). With arguments it runs one group
+# (a second call: FROM=baselines_compiled bash benchmarks/run_on_device.sh). With arguments it runs one group
 # with them, e.g.
 #   NAME=srpo_1024 LIMIT=150 bash benchmarks/run_on_device.sh --trainers srpo --modes lora --resolutions 1024
 # Logs (each ends with its markdown table) land in $OUT, or benchmarks/results/ where that is unset.
@@ -45,42 +45,29 @@ if [ $# -gt 0 ]; then
   bench "${NAME:-custom}" "${LIMIT:-540}" "$@"
   exit
 fi
-# LoRA, compiled (adapters merged for the rollout, the default): 2.93 s measured, 1.93 s of it rollout, before the
-# mid-step host waits were removed and the VAE's attention became two matmuls (--vae_attention math, now the
-# default; the fused kernel's backward was 33 ms of the step): the plain variant measures those changes (and prints
-# host waits: 0 expected). $fast is what may close the gap to 2.6 s: the VAE decoder and the reward's image tower
-# compiled (eager GroupNorm was 125 ms of the step, the HPS forward 21 ms a call), both branches in one batch and
-# the rollout's modulation layers run once for all 25 steps (62 ms of batch-1 products). With profiles. Every new
-# process compiles the blocks, the VAE decoder and the reward tower again (inductor's cache helps): hence few groups.
-fast="--compile_vae --compile_reward --batch_branches --batch_rollout_modulations"
-bench srpo_lora_fast 260 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled \
-  --variant= --variant="$fast" --reuse_flops --profile "$out/profile_lora.txt"
-# On top of $fast: cuDNN's attention for the no-grad rollout only (2/3 of the step, no backward); then half the
-# transformer blocks checkpointed and none (less recompute, more memory; VAE checkpointing stays on). Not counted:
-# FLOPs per step from --device meta are 1197 (ratio 1), 1160 (0.5), 1121 (0) TFLOP, rollout 932.
-bench srpo_lora_more 190 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_flops \
-  --variant="$fast --rollout_attention_backend _native_cudnn" \
-  --variant="$fast --gradient_checkpointing_ratio 0.5" --variant="$fast --gradient_checkpointing_ratio 0"
-# The trainer itself on the GPU, on the tiny models (the groups above time Run objects built by the benchmark):
-# bf16, checkpointing, compiled blocks, LoRA merged for the rollout, batched rollout modulations, validation, and
-# every text-image and image-only reward (only HPSv2.1 has run on a GPU so far); what it wrote is listed at the end.
-# (The VAE and reward compiled are left to the groups above: compiling them too for the tiny models would not
-# fit this group's 90 s.)
-# Before the cuDNN group: it checks paths users run, the cuDNN group a kernel that crashed once.
-QUIET=1 group smoke 90 bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp/tiny-models && accelerate launch --num_processes 1 \
+# SRPO LoRA compiled with the defaults timed on 2026-11-27 (--compile now also compiles the VAE decoder and the
+# reward's image tower; --batch_branches and --batch_rollout_modulations are on): 2.591 s then, in a process of its
+# own, against 2.530 s with cuDNN's attention in the rollout in another; here both in one process, with the FLOPs of the
+# compiled VAE and reward counted, a profile, and --no_batch_branches to see what the batch costs in memory
+# (35.6 GiB against 31.9 before these defaults).
+bench srpo_lora 230 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --reuse_flops \
+  --variant= --variant="--rollout_attention_backend _native_cudnn" --variant="--no_batch_branches" \
+  --profile "$out/profile_lora.txt"
+# The trainer itself on the GPU, on the tiny models, compiled (blocks, VAE decoder, reward towers): bf16, checkpointing,
+# LoRA merged for the rollout, validation, and every text-image and image-only reward. Without --compile it ran on
+# 2026-11-27 (benchmarks/logs/2026-11-27-h200-session12/smoke_no_compile.log); with it, compiling the tiny models'
+# graphs took over 80 s. What it wrote is listed at the end.
+QUIET=1 group smoke 150 bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp/tiny-models && accelerate launch --num_processes 1 \
   train_srpo_flux.py --pretrained_model_name_or_path /tmp/tiny-models/flux --reward_models_dir /tmp/tiny-models/rewards \
   --resolution 64 --num_inference_steps 4 --max_train_steps 4 --mixed_precision bf16 --gradient_checkpointing \
-  --vae_gradient_checkpointing --compile --batch_rollout_modulations \
-  --validation_prompt 'a photo of a cat' --validation_steps 4 \
+  --vae_gradient_checkpointing --compile --validation_prompt 'a photo of a cat' --validation_steps 4 \
   --reward hpsv2:1,pickscore:0.05,imagereward:0.5,aesthetic:0.1 \
   --output_dir /tmp/srpo-smoke && ls -R /tmp/srpo-smoke"
-# cuDNN's attention everywhere, training included, in its own process: torch 2.11's cuDNN backward once ended a
-# process with an illegal memory access on strided q/k/v (diffusers' _native_cudnn makes them contiguous).
-bench srpo_lora_cudnn_attention 110 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --no_flops \
-  --variant="$fast --attention_backend _native_cudnn"
+# The full fine-tune with the new defaults (3.066 s before them).
+bench srpo_full_bf16 150 --trainers srpo --modes full_bf16 --resolutions 720 --compile_modes compiled
+# The baselines compiled (only their eager steps are recorded).
+bench baselines_compiled 230 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
+bench srpo_1024 170 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled
 # What --offload_text_encoders costs per new prompt: T5-XXL + CLIP (9.7 GB) to the GPU and back, and their encode
 # time; each visit now encodes 64 prompts ahead. About 40 s.
 group text_encoder_visits 60 python3 benchmarks/time_text_encoder_visits.py
-# The baselines compiled (only their eager steps are recorded).
-bench baselines_compiled 200 --trainers direct_align,refl,draft_lv --modes lora --resolutions 720 --compile_modes compiled
-bench srpo_1024 150 --trainers srpo --modes lora,full_bf16 --resolutions 1024 --compile_modes compiled

@@ -64,25 +64,34 @@ def add_common_args(parser: argparse.ArgumentParser):
            "peft's extra kernels; the weights are restored bit for bit after it; +2 bytes per adapted weight while it runs, "
            "4.7 GiB for FLUX). Training branches keep the adapters. Default: on for LoRA, except under FSDP.")
     a("--no_merge_lora_in_rollout", dest="merge_lora_in_rollout", action="store_false", help="Run the rollout through peft's adapters.")
-    a("--batch_rollout_modulations", action="store_true",
+    a("--batch_rollout_modulations", action="store_true", default=None,
       help="Run the blocks' modulation layers (linear(silu(temb)), 76 per forward) once for all rollout steps instead of "
            "once per step: one read of their 6.5 GB of bf16 weights instead of 25 (62 ms of a 2.9 s LoRA step at 720 px on "
-           "an H200 went to these batch-1 products). Not under FSDP. Not yet timed on a GPU: see benchmarks/.")
-    a("--compile", action="store_true", help="torch.compile each transformer block (per-block: short compile, same graphs reused).")
+           "an H200 went to these batch-1 products). Default: on, except under FSDP (sharded weights).")
+    a("--no_batch_rollout_modulations", dest="batch_rollout_modulations", action="store_false",
+      help="Run each modulation layer at every rollout step.")
+    a("--compile", action="store_true",
+      help="torch.compile each transformer block (per-block: short compile, same graphs reused), the VAE decoder and the "
+           "reward models' image towers (see --no_compile_vae, --no_compile_reward). The first step compiles (about 80 s "
+           "for FLUX at 720 px on an H200).")
     a("--compile_backend", type=str, default="inductor")
     a("--compile_mode", type=str, default=None, help="e.g. max-autotune-no-cudagraphs")
-    a("--compile_vae", action="store_true",
-      help="Also torch.compile the VAE decoder (eager GroupNorm was 125 ms of a 2.9 s LoRA step at 720 px on an H200; "
-           "compiled, the reduction is split over the whole GPU and fused with SiLU). Not yet timed on a GPU: see benchmarks/.")
-    a("--compile_reward", action="store_true",
-      help="Also torch.compile the reward models' image towers (a ViT at batch 1 is launch-bound: about 21 ms per HPSv2.1 "
-           "forward on an H200 for 0.3 TFLOP). Not yet timed on a GPU: see benchmarks/.")
+    a("--compile_vae", action="store_true", default=None,
+      help="torch.compile the VAE decoder (eager GroupNorm was 125 ms of a 2.9 s LoRA step at 720 px on an H200; "
+           "compiled, the reduction is split over the whole GPU and fused with SiLU). Default: with --compile.")
+    a("--no_compile_vae", dest="compile_vae", action="store_false", help="Keep the VAE eager under --compile.")
+    a("--compile_reward", action="store_true", default=None,
+      help="torch.compile the reward models' image towers (a ViT at batch 1 is launch-bound: about 21 ms per HPSv2.1 "
+           "forward on an H200 for 0.3 TFLOP). Default: with --compile, for every reward that names its image_tower().")
+    a("--no_compile_reward", dest="compile_reward", action="store_false", help="Keep the reward models eager under --compile.")
     a("--attention_backend", type=str, default=None,
-      help="diffusers attention backend of the transformer, e.g. _native_cudnn (cuDNN's fused attention, Hopper) or flash "
-           "(needs the flash-attn package). Default: diffusers' native scaled_dot_product_attention (flash attention on the GPU).")
+      help="diffusers attention backend of the transformer, e.g. flash (needs the flash-attn package); not _native_cudnn, "
+           "whose backward crashed (see --rollout_attention_backend). Default: diffusers' native scaled_dot_product_attention "
+           "(flash attention on the GPU).")
     a("--rollout_attention_backend", type=str, default=None,
-      help="Attention backend for the no-grad rollout only (e.g. _native_cudnn: a faster forward kernel on Hopper, and the "
-           "rollout has no backward, where torch 2.11's cuDNN attention crashed). Default: the transformer's own.")
+      help="Attention backend for the no-grad rollout only, e.g. _native_cudnn: cuDNN's fused attention forward on Hopper "
+           "(SRPO LoRA step 2.53 s at 720 px on an H200); the rollout has no backward, where torch 2.11's cuDNN attention "
+           "crashed. Default: the transformer's own.")
     # Optimisation
     a("--output_dir", type=str, default="output")
     a("--seed", type=int, default=42)
@@ -317,6 +326,13 @@ def validate_common_args(args):
             fail("--use_8bit_adam does not run on FSDP's sharded parameters; the optimizer state is already sharded across GPUs, so drop --use_8bit_adam")
     if args.merge_lora_in_rollout is None:  # measured on an H200: the compiled LoRA step 3.09 -> 2.93 s, same peak memory
         args.merge_lora_in_rollout = not args.full_finetune and not launched_with_fsdp()
+    # Measured on an H200 (benchmarks/RESULTS.md, 2026-11-27): with these two defaults and --batch_branches the compiled
+    # SRPO LoRA step went 2.82 -> 2.59 s.
+    if args.batch_rollout_modulations is None:
+        args.batch_rollout_modulations = not launched_with_fsdp()
+    if args.compile_vae is None:
+        args.compile_vae = args.compile
+    # --compile_reward stays None when not given: see compiles_reward.
     for flag in ("attention_backend", "rollout_attention_backend"):
         if getattr(args, flag, None) is not None:
             _check_attention_backend(flag, getattr(args, flag))
@@ -409,7 +425,7 @@ def _check_names_used_after_loading(args):
     schedulers = [kind.value for kind in SchedulerType]
     if args.lr_scheduler not in schedulers:
         fail(f"--lr_scheduler {args.lr_scheduler}: choose one of {', '.join(schedulers)}")
-    if not (args.compile or args.compile_vae or args.compile_reward):
+    if not (args.compile or args.compile_vae or compiles_reward(args)):
         return
     import torch._dynamo
     import torch._inductor
@@ -422,6 +438,11 @@ def _check_names_used_after_loading(args):
         fail(f"--compile_mode {args.compile_mode}: choose one of {', '.join(modes)}")
 
 
+def compiles_reward(args) -> bool:
+    """Whether the reward models' image towers are compiled: --compile_reward, else with --compile."""
+    return args.compile if args.compile_reward is None else args.compile_reward
+
+
 def _check_attention_backend(flag: str, name: str):
     """A diffusers attention backend that exists, has its package and can run here."""
     import torch
@@ -430,6 +451,11 @@ def _check_attention_backend(flag: str, name: str):
     names = [backend.value for backend in AttentionBackendName]
     if name not in names:
         fail(f"--{flag} {name}: choose one of diffusers' backends: {', '.join(names)}")
+    if flag == "attention_backend" and name == "_native_cudnn":
+        # Seen twice on an H200 (torch 2.11, eager and compiled): the first backward stopped the process with an
+        # illegal memory access.
+        fail("--attention_backend _native_cudnn: cuDNN's attention backward crashed FLUX training (illegal memory access, "
+             "torch 2.11 on an H200); use --rollout_attention_backend _native_cudnn, for the rollout, which has no backward")
     try:  # a backend from a package (flash-attn, sageattention, xformers) that is not installed
         _check_attention_backend_requirements(AttentionBackendName(name))
     except RuntimeError as error:

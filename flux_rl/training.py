@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from rewards.base import host_to_device
 
 from . import checkpoints, data, flux, hub, latents, models, preemption, schedules, validation
-from .args import ConfigurationError, chosen_trackers, launched_with_fsdp
+from .args import ConfigurationError, chosen_trackers, compiles_reward, launched_with_fsdp
 from .optim import AdamWStochasticBF16, step_unless_not_finite
 
 logger = logging.getLogger(__name__)
@@ -395,9 +395,9 @@ def setup(args, method: str) -> Run:
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
     reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype,
                                           loading=lambda name: hub.fetching(f"--reward {name}", hub.REWARD_DOWNLOAD_ADVICE))
-    if args.compile_reward:
-        try:
-            reward.compile_image_towers(args.compile_backend, args.compile_mode)
+    if compiles_reward(args):
+        try:  # under --compile alone, a reward of one's own without an image_tower() stays eager
+            reward.compile_image_towers(args.compile_backend, args.compile_mode, required=args.compile_reward is True)
         except ValueError as error:  # a reward of one's own without an image_tower()
             raise ConfigurationError(str(error)) from None
     set_seed(args.seed)  # after the rewards' random initialisation: the LoRA init must not depend on the reward chosen

@@ -108,9 +108,11 @@ class CombinedReward(torch.nn.Module):
         self.models = torch.nn.ModuleDict(models)
         self.weights = dict(weights)
 
-    def compile_image_towers(self, backend: str = "inductor", mode: str | None = None) -> None:
+    def compile_image_towers(self, backend: str = "inductor", mode: str | None = None, required: bool = True) -> None:
+        """`required=False`: models that name no image_tower() (rewards of one's own need not) stay eager."""
         for model in self.models.values():
-            model.compile_image_tower(backend, mode)
+            if required or model.image_tower() is not None:
+                model.compile_image_tower(backend, mode)
 
     def forward(self, images, prompts):
         components = {name: model(images, prompts) for name, model in self.models.items()}

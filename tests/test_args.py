@@ -5,6 +5,7 @@ import math
 import pytest
 
 import train_direct_align
+import train_srpo_flux
 
 BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
 
@@ -114,8 +115,6 @@ def test_learning_rate_schedule_flags(tmp_path):
     (["--aesthetic_noise_std", "0"], "--aesthetic_noise_std must be positive"),
 ])
 def test_srpo_argument_validation(extra, message, tmp_path):
-    import train_srpo_flux
-
     assert train_srpo_flux.parse_args(BASE + ["--output_dir", str(tmp_path), "--monitor_steps", "0"]).monitor_steps == 0
     with pytest.raises(ValueError, match=message):
         train_srpo_flux.parse_args(BASE + ["--output_dir", str(tmp_path)] + extra)
@@ -289,6 +288,38 @@ def test_lora_merged_in_the_rollout_by_default_where_it_can_be(monkeypatch, tmp_
     assert train_direct_align.parse_args(base).merge_lora_in_rollout is False
 
 
+def test_speed_options_on_by_default_where_they_can_be(monkeypatch, tmp_path):
+    """Timed on an H200 (benchmarks/RESULTS.md, 2026-11-27): the rollout's modulations batched (not under FSDP), the VAE
+    decoder and the rewards' image towers compiled with --compile, SRPO's branches in one batch; each can be turned off."""
+    from flux_rl.args import compiles_reward
+
+    base = BASE + ["--output_dir", str(tmp_path)]
+    plain = train_direct_align.parse_args(base)
+    assert plain.batch_rollout_modulations is True and plain.compile_vae is False and compiles_reward(plain) is False
+    compiled = train_direct_align.parse_args(base + ["--compile"])
+    assert compiled.compile_vae is True and compiles_reward(compiled) is True
+    assert compiled.compile_reward is None  # not asked for by name: rewards without an image_tower() stay eager
+    kept_eager = train_direct_align.parse_args(base + ["--compile", "--no_compile_vae", "--no_compile_reward"])
+    assert kept_eager.compile_vae is False and compiles_reward(kept_eager) is False
+    assert compiles_reward(train_direct_align.parse_args(base + ["--compile_reward"])) is True
+    assert train_direct_align.parse_args(base + ["--no_batch_rollout_modulations"]).batch_rollout_modulations is False
+    assert train_srpo_flux.parse_args(base).batch_branches is True
+    assert train_srpo_flux.parse_args(base + ["--no_batch_branches"]).batch_branches is False
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert train_direct_align.parse_args(base).batch_rollout_modulations is False
+
+
+def test_cudnn_attention_refused_for_training_but_not_for_the_rollout(monkeypatch, tmp_path):
+    """cuDNN's attention backward crashed FLUX training on an H200 (torch 2.11); its forward ran the rollout."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    base = BASE + ["--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="use --rollout_attention_backend _native_cudnn"):
+        train_direct_align.parse_args(base + ["--attention_backend", "_native_cudnn"])
+    assert train_direct_align.parse_args(base + ["--rollout_attention_backend", "_native_cudnn"]).rollout_attention_backend == "_native_cudnn"
+
+
 def test_missing_model_path_fails():
     with pytest.raises(ValueError, match="--pretrained_model_name_or_path is required"):
         train_direct_align.parse_args([])
@@ -362,5 +393,8 @@ def test_cuda_only_attention_backend_refused_without_a_gpu(tmp_path, monkeypatch
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="--attention_backend _native_cudnn needs a CUDA GPU"):
-        train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--attention_backend", "_native_cudnn"])
+    for flag in ("--attention_backend", "--rollout_attention_backend"):
+        with pytest.raises(ValueError, match=f"{flag} _native_efficient needs a CUDA GPU"):
+            train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), flag, "_native_efficient"])
+    with pytest.raises(ValueError, match="--rollout_attention_backend _native_cudnn needs a CUDA GPU"):
+        train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--rollout_attention_backend", "_native_cudnn"])

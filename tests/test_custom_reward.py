@@ -94,6 +94,17 @@ class _ImageOnly(rewards.RewardModel):
         return images.mean((1, 2, 3))
 
 
+class _WithTower(_ImageOnly):
+    name = "towered"
+
+    def __init__(self):
+        super().__init__()
+        self.tower = torch.nn.Linear(3, 1)
+
+    def image_tower(self):
+        return self.tower
+
+
 def test_an_image_only_reward_takes_the_appendix_form():
     rewards.register_reward("brightness", lambda source, device, dtype: _ImageOnly())
     model = rewards.load_reward_model("brightness")
@@ -104,6 +115,12 @@ def test_an_image_only_reward_takes_the_appendix_form():
     torch.testing.assert_close(rewards.noised_relative_reward(model, images, None, noise_std, generator), expected.reshape(1))
     with pytest.raises(ValueError, match="--compile_reward: reward 'brightness' names no image_tower"):
         rewards.CombinedReward({"brightness": model}, {"brightness": 1.0}).compile_image_towers("aot_eager")
+    # Under --compile alone (--compile_reward not given) such a reward stays eager beside the compiled ones.
+    towered = _WithTower()
+    rewards.CombinedReward({"brightness": model, "towered": towered}, {"brightness": 1.0, "towered": 1.0}).compile_image_towers(
+        "aot_eager", required=False)
+    assert towered.tower._compiled_call_impl is not None  # what nn.Module.compile sets
+    torch.testing.assert_close(model(images, None), torch.tensor([0.5]))
 
 
 @pytest.mark.parametrize("module_text, spec, message", [

@@ -15,7 +15,8 @@ from tests.launch import launch, tiny_args
 
 def test_fsdp_full_finetune_matches_ddp(tiny_models, tmp_path):
     common = ["--max_train_steps", "3", "--full_finetune", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2",
-              "--validation_prompt", "a cat", "--validation_steps", "2", "--gradient_checkpointing"]  # recompute inside FSDP units
+              "--validation_prompt", "a cat", "--validation_steps", "2", "--gradient_checkpointing",  # recompute inside FSDP units
+              "--no_batch_rollout_modulations"]  # off by itself under FSDP: DDP's rollout the same way, for the same sums
     fsdp_dir, ddp_dir = str(tmp_path / "fsdp"), str(tmp_path / "ddp")
     launch("tests/ddp_probe.py", ["train_srpo_flux"] + tiny_args(tiny_models, fsdp_dir, *common), num_processes=2, fsdp=True)
     launch("train_srpo_flux.py", tiny_args(tiny_models, ddp_dir, *common), num_processes=2)

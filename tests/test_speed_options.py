@@ -339,7 +339,7 @@ def test_batched_branches_give_the_gradient_of_separate_ones(tiny_models):
     results = {}
     for batched in (False, True):
         torch.manual_seed(0)  # the same random models both times
-        run = benchmark_trainers.build_run(module, flags + ["--num_injections", "2"] + (["--batch_branches"] if batched else []),
+        run = benchmark_trainers.build_run(module, flags + ["--num_injections", "2"] + (["--batch_branches"] if batched else ["--no_batch_branches"]),
                                            "tiny", "lora", 64, 2, False, torch.device("cpu"), accelerator)
         _randomize_lora_b(run.transformer, 0.5, seed=3)
         batch_sizes = []
