@@ -452,8 +452,9 @@ def _check_attention_backend(flag: str, name: str):
     if name not in names:
         fail(f"--{flag} {name}: choose one of diffusers' backends: {', '.join(names)}")
     if flag == "attention_backend" and name == "_native_cudnn":
-        # Seen twice on an H200 (torch 2.11, eager and compiled): the first backward stopped the process with an
-        # illegal memory access.
+        # Seen twice on an H200 (torch 2.11): with torch's own pick of cuDNN in eager blocks (hence prepare_for_training
+        # turns it off) and with this backend in compiled ones, the first backward stopped the process with an illegal
+        # memory access.
         fail("--attention_backend _native_cudnn: cuDNN's attention backward crashed FLUX training (illegal memory access, "
              "torch 2.11 on an H200); use --rollout_attention_backend _native_cudnn, for the rollout, which has no backward")
     try:  # a backend from a package (flash-attn, sageattention, xformers) that is not installed
