@@ -217,6 +217,11 @@ def looks_like_a_path(value: str, extensions: tuple) -> bool:
     return value.startswith((".", "/", "~")) or value.lower().endswith(extensions)
 
 
+def mixed_precision(args) -> str:
+    """--mixed_precision, else what `accelerate launch` was given (its config file or flag)."""
+    return args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
 def launched_with_fsdp() -> bool:
     """`accelerate launch` with an FSDP config sets this before the script starts, so it is
     known before any model loads (accelerate's own state exists only later)."""
@@ -336,6 +341,9 @@ def validate_common_args(args):
     for flag in ("attention_backend", "rollout_attention_backend"):
         if getattr(args, flag, None) is not None:
             _check_attention_backend(flag, getattr(args, flag))
+    if args.rollout_attention_backend == "_native_cudnn" and mixed_precision(args) == "no":
+        # fp32 weights roll out in fp32, which cuDNN's attention does not take: torch would stop at the first rollout.
+        fail("--rollout_attention_backend _native_cudnn takes bf16 or fp16 only; add --mixed_precision bf16 or drop the flag")
     _check_names_used_after_loading(args)
     trackers = chosen_trackers(args.report_to)
     unknown = [name for name in trackers if name not in TRACKER_PACKAGES and name not in ("all", "none")]

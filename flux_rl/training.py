@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from rewards.base import host_to_device
 
 from . import checkpoints, data, flux, hub, latents, models, preemption, schedules, validation
-from .args import ConfigurationError, chosen_trackers, compiles_reward, launched_with_fsdp
+from .args import ConfigurationError, chosen_trackers, compiles_reward, launched_with_fsdp, mixed_precision
 from .optim import AdamWStochasticBF16, step_unless_not_finite
 
 logger = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def setup(args, method: str) -> Run:
     report_to = None if trackers == ["none"] else "all" if trackers == ["all"] else trackers
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        fsdp_plugin=_fsdp_plugin(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")),
+        fsdp_plugin=_fsdp_plugin(mixed_precision(args)),
         log_with=report_to,
         step_scheduler_with_optimizer=False,  # the LR schedule counts optimiser steps (make_lr_scheduler)
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),

@@ -317,7 +317,14 @@ def test_cudnn_attention_refused_for_training_but_not_for_the_rollout(monkeypatc
     base = BASE + ["--output_dir", str(tmp_path)]
     with pytest.raises(ValueError, match="use --rollout_attention_backend _native_cudnn"):
         train_direct_align.parse_args(base + ["--attention_backend", "_native_cudnn"])
-    assert train_direct_align.parse_args(base + ["--rollout_attention_backend", "_native_cudnn"]).rollout_attention_backend == "_native_cudnn"
+    cudnn_rollout = base + ["--rollout_attention_backend", "_native_cudnn"]
+    assert train_direct_align.parse_args(cudnn_rollout + ["--mixed_precision", "bf16"]).rollout_attention_backend == "_native_cudnn"
+    # fp32, as without --mixed_precision and without accelerate's setting: cuDNN's attention would refuse it at the rollout
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with pytest.raises(ValueError, match="takes bf16 or fp16 only; add --mixed_precision bf16"):
+        train_direct_align.parse_args(cudnn_rollout)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16`
+    assert train_direct_align.parse_args(cudnn_rollout).rollout_attention_backend == "_native_cudnn"
 
 
 def test_missing_model_path_fails():
@@ -397,4 +404,5 @@ def test_cuda_only_attention_backend_refused_without_a_gpu(tmp_path, monkeypatch
         with pytest.raises(ValueError, match=f"{flag} _native_efficient needs a CUDA GPU"):
             train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), flag, "_native_efficient"])
     with pytest.raises(ValueError, match="--rollout_attention_backend _native_cudnn needs a CUDA GPU"):
-        train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--rollout_attention_backend", "_native_cudnn"])
+        train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--rollout_attention_backend", "_native_cudnn",
+                                              "--mixed_precision", "bf16"])
