@@ -118,10 +118,12 @@ class MetaRun(training.Run):
         return torch.device("meta")
 
 
-def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend="inductor",
-              checkpointing=True):
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+def run_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if device.type in ("cuda", "meta") else torch.float32
 
+
+def trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend="inductor", checkpointing=True):
+    """The trainer's command line of one configuration."""
     # --output_dir: the step writes nothing, and ./output may hold a user's run (which a trainer would refuse to start over)
     flags = ["--pretrained_model_name_or_path", "random-weights", "--resolution", str(resolution),
              "--num_inference_steps", str(rollout_steps), "--report_to", "none",
@@ -130,13 +132,22 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
         flags += ["--gradient_checkpointing", "--vae_gradient_checkpointing"]
     if compiled:
         flags += ["--compile", "--compile_backend", backend]
+    if run_dtype(device) == torch.bfloat16:  # what build_run builds the models in (and what a cuDNN rollout asks)
+        flags += ["--mixed_precision", "bf16"]
     if mode == "full":
         # bitsandbytes has no meta kernels; the optimiser does no matmuls, so the count is the same.
         flags += ["--full_finetune"] + (["--use_8bit_adam"] if device.type != "meta" else [])
     elif mode == "full_bf16":
         flags += ["--full_finetune", "--bf16_weights"]
-    args = module.parse_args(flags)
-    dtype = torch.bfloat16 if device.type in ("cuda", "meta") else torch.float32
+    return flags
+
+
+def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend="inductor",
+              checkpointing=True):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    args = module.parse_args(trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend, checkpointing))
+    dtype = run_dtype(device)
     transformer_config = tiny_models.FLUX_DEV_TRANSFORMER if size == "full" else tiny_models.TINY_TRANSFORMER
     vae_config = tiny_models.FLUX_DEV_VAE if size == "full" else tiny_models.TINY_VAE
     previous_dtype = torch.get_default_dtype()
