@@ -358,7 +358,7 @@ def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
     runnable = ["train_srpo_flux.py", "--pretrained_model_name_or_path", str(empty), "--reward_models_dir", tiny_rewards,
                 "--report_to", "none"]
     runs.append([*runnable, "--dataset_name", str(captions), "--output_dir", str(tmp_path / "column")])
-    runs.append([*runnable, "--push_to_hub", "--hub_model_id", "me/flux-srpo-lora", "--output_dir", str(tmp_path / "push")])
+    runs.append([*runnable, "--push_to_hub", "--hub_model_id", "tiny-org/tiny-flux-srpo-lora", "--output_dir", str(tmp_path / "push")])
     runs.append([*runnable[:-2], "--report_to", "wandb", "--output_dir", str(tmp_path / "wandb")])
     # Offline (a GPU node without network): FLUX by a Hub id not in the cache; a reward not in --reward_models_dir.
     runs.append(["train_direct_align.py", "--pretrained_model_name_or_path", "tiny-org/tiny-flux", "--reward_models_dir", tiny_rewards,
@@ -389,7 +389,7 @@ for argv in json.loads(sys.argv[1]):
     offline = "not in the Hugging Face cache, and the Hub is out of reach (offline, or HF_HUB_OFFLINE=1); "
     assert hub_flux.startswith(f"error: --pretrained_model_name_or_path tiny-org/tiny-flux: {offline}download it on a connected machine")
     assert hub_reward == f"error: --reward pickscore: {offline}{REWARD_DOWNLOAD_ADVICE}"
-    assert push.startswith("error: --push_to_hub: cannot create or reach me/flux-srpo-lora on the Hub (OfflineModeIsEnabled")
+    assert push.startswith("error: --push_to_hub: cannot create or reach tiny-org/tiny-flux-srpo-lora on the Hub (OfflineModeIsEnabled")
     assert push.endswith("log in with `hf auth login`, or drop --push_to_hub and upload later")
     assert wandb.startswith("error: --report_to wandb: wandb did not start (No API key configured.")
     assert wandb.endswith("set WANDB_MODE=offline to log to disk and `wandb sync` later, or use --report_to tensorboard")

@@ -13,23 +13,23 @@ def test_model_card_and_push(tmp_path, monkeypatch):
         pretrained_model_name_or_path="tiny-org/tiny-flux", full_finetune=False, reward="hpsv2:1.0",
         max_train_steps=20, validation_prompt=["a photo of a cat"], hub_token="hf_secret_token", learning_rate=1e-4,
     )
-    hub.write_model_card(str(tmp_path), args, "srpo", "me/flux-srpo")
+    hub.write_model_card(str(tmp_path), args, "srpo", "tiny-org/tiny-flux-srpo")
     card = (tmp_path / "README.md").read_text()
-    assert 'pipe.load_lora_weights("me/flux-srpo")' in card and "base_model: tiny-org/tiny-flux" in card
+    assert 'pipe.load_lora_weights("tiny-org/tiny-flux-srpo")' in card and "base_model: tiny-org/tiny-flux" in card
     assert "hf_secret_token" not in card and "learning_rate = 0.0001" in card
     args.revision = "a1b2c3"  # the base the adapter was trained on is that revision
-    hub.write_model_card(str(tmp_path), args, "srpo", "me/flux-srpo")
+    hub.write_model_card(str(tmp_path), args, "srpo", "tiny-org/tiny-flux-srpo")
     assert 'FluxPipeline.from_pretrained("tiny-org/tiny-flux", revision="a1b2c3", torch_dtype' in (tmp_path / "README.md").read_text()
 
     calls = {}
 
     class Repo:
-        repo_id = "me/flux-srpo"
+        repo_id = "tiny-org/tiny-flux-srpo"
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)) and Repo())
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
-    assert hub.push_to_hub(str(tmp_path), "me/flux-srpo", "hf_secret_token") == "me/flux-srpo"
-    assert calls["create"][0] == "me/flux-srpo" and calls["create"][1]["exist_ok"]
+    assert hub.push_to_hub(str(tmp_path), "tiny-org/tiny-flux-srpo", "hf_secret_token") == "tiny-org/tiny-flux-srpo"
+    assert calls["create"][0] == "tiny-org/tiny-flux-srpo" and calls["create"][1]["exist_ok"]
     assert calls["upload"]["folder_path"] == str(tmp_path) and "checkpoint-*" in calls["upload"]["ignore_patterns"]
 
 
