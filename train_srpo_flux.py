@@ -27,6 +27,7 @@ FLUX.1-dev with HPSv2.1 and the authors' settings (defaults = their release):
 
 import argparse
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -34,9 +35,10 @@ import rewards
 from flux_rl import args as common
 from flux_rl import training
 from flux_rl.data import step_generator
-from flux_rl.direct_align import direct_align_recover, direct_align_recover_batched
+from flux_rl.direct_align import direct_align_recover_batched
 from flux_rl.monitors import image_statistics
-from flux_rl.schedules import TrainingWindow, linear_weight
+from flux_rl.schedules import TrainingWindow, linear_weight, truncate_model_timesteps
+from rewards.preprocess import clamp_after_resize
 
 # The release's two recipes (shared/notes/reference-implementation.md). "hps" is the default.
 PRESETS = {
@@ -58,8 +60,21 @@ def add_srpo_args(parser):
     a("--controls_file", type=str, default=None, help='JSON {"wanted": [...], "unwanted": [...]}; overrides the two flags above.')
     a("--control_mode", type=str, default="cycle", choices=["cycle", "average"], help="One phrase of each per step, cycling; or all averaged.")
     a("--no_inversion", action="store_true", help="Only the denoise branch with the relative reward (no Eq. 12-13 regulariser).")
-    a("--denoise_weights", type=str, default=None, help="k of the denoise branch, linear from the window's late to early end.")
-    a("--inversion_weights", type=str, default=None, help="k of the inversion branch, linear from late to early.")
+    a("--denoise_weights", type=str, default=None,
+      help="The denoise branch's timestep weight late,early (linear over the window, read at the branch's less noisy end): "
+           "k of the release form; the default lambda(t) of the other forms.")
+    a("--inversion_weights", type=str, default=None, help="The same for the inversion branch.")
+    a("--denoise_lambda", type=str, default=None,
+      help="lambda(t) of Eq. 6 for the denoise branch, late,early: multiplies its loss. Default: 1,1 for the release form "
+           "(its k is its timestep weighting), --denoise_weights for srp, cfg and sgp.")
+    a("--inversion_lambda", type=str, default=None, help="The same for the inversion branch (default: 1,1 or --inversion_weights).")
+    a("--cfg_scale", type=float, default=1.5,
+      help="Eq. 11's k for --reward_form cfg: (1 - k) C_unwanted + k C_wanted = C_unwanted + k (C_wanted - C_unwanted), a "
+           "guidance scale above 1, apart from the branch weights.")
+    a("--match_release", action="store_true",
+      help="Reproduce the authors' release where this project differs on purpose: the transformer's timestep truncated to "
+           "1/1000, no clamp after the reward's resize, one initial noise for all processes, and the inversion branch ending "
+           "at m + 1 for m <= g (README: 'Where we differ from the release').")
     a("--aesthetic_noise_std", type=float, default=0.05, help="Noise of the appendix S1 relative form for image-only rewards.")
     a("--train_data_dir", type=str, default=None, help="Offline SRPO: an image folder with metadata.jsonl replaces the rollout.")
     a("--monitor_steps", type=int, default=10,
@@ -97,6 +112,15 @@ def validate_args(args):
     ])
     args.denoise_weights = common.parse_pair(args.denoise_weights, "denoise_weights")
     args.inversion_weights = common.parse_pair(args.inversion_weights, "inversion_weights")
+    for branch in ("denoise", "inversion"):  # lambda(t): 1 under the release form, whose k weighs the timesteps
+        flag, weights = f"{branch}_lambda", getattr(args, f"{branch}_weights")
+        value = getattr(args, flag) or ((1.0, 1.0) if args.reward_form == "release" else weights)
+        setattr(args, flag, common.parse_pair(value, flag))
+        if min(getattr(args, flag)) < 0:  # a negative weight would train that branch towards a lower reward
+            raise ValueError(f"--{flag} {value}: lambda(t) of Eq. 6 weighs the loss, so both numbers must be non-negative")
+    if args.cfg_scale <= 1:
+        raise ValueError(f"--cfg_scale {args.cfg_scale}: Eq. 11's k is a guidance scale, (1 - k) C_unwanted + k C_wanted; "
+                         "at or below 1 it rewards the unwanted phrase as much as or more than the wanted one. Use e.g. 1.5")
     if args.controls_file:
         try:
             with open(args.controls_file) as f:
@@ -122,82 +146,113 @@ def controls_for_step(args, step):
     return wanted, unwanted
 
 
-def relative_score(reward, images, prompts, positive, negative, form, k, noise_std, generator):
-    """Weighted sum over the reward spec of each model's semantic-relative reward (Eq. 8-11), or
-    for image-only models the appendix S1 form. `positive` phrases go in the C1 slot,
-    `negative` ones in the C2 slot. Returns (score, per-model details to log)."""
-    return relative_scores(reward, [images], prompts, [(positive, negative)], form, [k], noise_std, generator)[0]
+@dataclass(frozen=True)
+class Branch:
+    """One training branch from a start point m: everything that differs between SRPO's two branches,
+    built in one place (make_branches) and read by the recovery, the reward and the loss alike."""
+
+    direction: str  # "denoise" (Eq. 12) or "inversion" (Eq. 13)
+    sigma_high: float  # the branch's noisier end
+    sigma_low: float  # its less noisy end, where its weights are read
+    k: float  # the release form's k (0 for the other forms)
+    lam: float  # lambda(t) of Eq. 6: multiplies the branch's loss
+    positive: object  # control phrase(s) in the C1 slot: the wanted ones on the denoise branch
+    negative: object  # control phrase(s) in the C2 slot: the unwanted ones on the denoise branch
+    sign: float  # +1 denoise, -1 inversion: the sign the model term enters the recovered image with
+
+    @property
+    def sigma_start(self) -> float:
+        """Where the model is evaluated: the noisier end for denoise, the less noisy one for inversion."""
+        return self.sigma_high if self.direction == "denoise" else self.sigma_low
 
 
-def relative_scores(reward, branch_images, prompts, branch_phrases, form, ks, noise_std, generator):
-    """relative_score of several branches' images of the same prompts, each with its own
-    (positive, negative) phrases and k: [(score, details)] per branch. A text-image reward encodes
-    all branches' images in one batch, once for both phrases (one pass of its image tower, forward
-    and backward)."""
-    results = [(0.0, {}) for _ in branch_images]
-    for name, model in reward.models.items():
-        encodings = [None] * len(branch_images)
-        if model.uses_text:
-            encodings = model.image_encoding(torch.cat(branch_images)).chunk(len(branch_images))
-        for i, (images, (positive, negative), k) in enumerate(zip(branch_images, branch_phrases, ks)):
-            total, details = results[i]
-            if model.uses_text:  # Eq. 8 / 9-10 / 11 / release form
-                value, r_positive, r_negative = rewards.relative_terms(model, images, prompts, positive, negative, form, k, encodings[i])
-                details[f"{name}/positive"] = r_positive.detach()
-                if r_negative is not None:
-                    details[f"{name}/negative"] = r_negative.detach()
-            else:
-                value = rewards.noised_relative_reward(model, images, prompts, noise_std, generator)  # appendix S1
-            details[name] = value.detach()
-            results[i] = (total + reward.weights[name] * value, details)
-    return results
+def make_branches(args, window, index, wanted, unwanted) -> list[Branch]:
+    """SRPO's branches from start point `index` of the training window. Both end on grid point m.
 
-
-def branch_span(window, index, direction, weight_schedule):
-    """Where an SRPO branch runs: (sigma_high, sigma_low, k, sigma_start).
-
-    denoise:   start at grid index m + g, one model step down to m, reward (wanted, unwanted).
-    inversion: start at m - g, one model step UP to m, reward with the phrases swapped (Eq. 13).
-    Both end on grid point m. The branch's k is read at its less noisy end (m for denoise,
-    m - g for inversion), as the release does.
+    denoise:   from grid index m + g one model step DOWN to m; reward with (wanted, unwanted).
+    inversion: from m - g one model step UP to m; the model term enters with the opposite sign
+               (Eq. 13), so its reward takes the phrases swapped (unwanted, wanted) and pushes the
+               denoising direction the same way as the denoise branch: towards the wanted phrase,
+               away from the unwanted one, with its k penalising the unwanted phrase (Eq. 12-13).
+    Each branch's weights (k or lambda) are read at its less noisy end: m for denoise, m - g for
+    inversion, as the release does.
     """
-    if direction == "denoise":
-        start, end = window.denoise_span(index)
-        return window.sigma(start), window.sigma(end), linear_weight(weight_schedule, end), window.sigma(start)
-    start, end = window.inversion_span(index)
-    return window.sigma(end), window.sigma(start), linear_weight(weight_schedule, start), window.sigma(start)
+    branches = []
+    for direction in ("denoise",) if args.no_inversion else ("denoise", "inversion"):
+        if direction == "denoise":
+            start, end = window.denoise_span(index)
+            high, low, weight_index = window.sigma(start), window.sigma(end), end
+            positive, negative, sign = wanted, unwanted, 1.0
+        else:
+            start, end = window.inversion_span(index)
+            high, low, weight_index = window.sigma(end), window.sigma(start), start
+            positive, negative, sign = unwanted, wanted, -1.0
+        k = linear_weight(getattr(args, f"{direction}_weights"), weight_index) if args.reward_form == "release" else 0.0
+        lam = linear_weight(getattr(args, f"{direction}_lambda"), weight_index)
+        branches.append(Branch(direction, high, low, k, lam, positive, negative, sign))
+    return branches
 
 
-def branch_loss(x0, noise, window, index, direction, velocity_fn, decode_fn, score_fn, weight_schedule, loss_fn):
-    """One SRPO training branch, from the clean latent to a loss. `decode_fn(x0_hat)` -> images,
-    `score_fn([images], [k], [swapped])` -> [B scores]. Returns (loss, score, k, sigma_start)."""
-    sigma_high, sigma_low, k, sigma_start = branch_span(window, index, direction, weight_schedule)
-    x0_hat = direct_align_recover(x0, noise, sigma_high, sigma_low, velocity_fn, direction)  # Eq. 12 / Eq. 13
-    (score,) = score_fn([decode_fn(x0_hat)], [k], [direction == "inversion"])
-    return loss_fn(score).mean(), score, k, sigma_start
+def form_k(args, branch: Branch) -> float:
+    """The k the reward form takes: the branch's for the release form, --cfg_scale for Eq. 11."""
+    return args.cfg_scale if args.reward_form == "cfg" else branch.k
 
 
-def branch_losses_batched(x0, noise, window, index, directions, velocity_fn, decode_fn, score_fn, weight_schedules, loss_fn):
-    """branch_loss for each of `directions` from the same start point m, with the model steps of all
-    branches in one call on their stacked batch (`velocity_fn` takes len(directions) * B samples and a
-    sigma per sample), their images in one VAE decode and one score_fn call. Returns
-    [(loss, score, k, sigma_start)] in the order of `directions`."""
-    spans = [branch_span(window, index, direction, weight_schedules[direction]) for direction in directions]
+def branch_scores(reward, branch_images, prompts, branches, args, generator):
+    """Each branch's score, the weighted sum over the reward spec of each model's relative reward:
+    [(score, details to log)]. All branches' images go through a model's image tower as one batch.
+
+    text-image model: the form of Eq. 8-11 (or the release's) with the branch's phrases,
+        a * r(C1) + b * r(C2) (rewards.relative).
+    image-only model (appendix S1): the same form of R(x) and R(x + small noise), the clean image in
+        the wanted phrase's place; there is no unwanted phrase to penalise, so the inversion branch
+        takes that score negated (sign -1): with its model term's opposite sign (Eq. 13) it then
+        pushes the denoising direction the same way as the denoise branch, as the swapped phrases do
+        for a text reward. Without the sign the two branches' gradients cancel (cosine -0.999).
+    """
+    scores, logged = [0.0] * len(branches), [{} for _ in branches]
+    for name, model in reward.models.items():
+        if model.uses_text:
+            encodings = model.image_encoding(torch.cat(branch_images)).chunk(len(branches))
+            for i, (images, branch) in enumerate(zip(branch_images, branches)):
+                value, r_positive, r_negative = rewards.relative_terms(  # Eq. 8 / 9-10 / 11 / release form
+                    model, images, prompts, branch.positive, branch.negative, args.reward_form, form_k(args, branch), encodings[i])
+                # Logged by phrase: the inversion branch has the unwanted phrase in the positive slot.
+                wanted, unwanted = (r_positive, r_negative) if branch.sign > 0 else (r_negative, r_positive)
+                logged[i].update({f"{name}/{role}": r.detach() for role, r in (("wanted", wanted), ("unwanted", unwanted)) if r is not None})
+                scores[i] = scores[i] + reward.weights[name] * value
+                logged[i][name] = value.detach()
+        else:
+            clean, noised = rewards.noised_pair(model, torch.cat(branch_images), prompts and list(prompts) * len(branches),
+                                                args.aesthetic_noise_std, generator)  # appendix S1
+            for i, (r_clean, r_noised, branch) in enumerate(zip(clean.chunk(len(branches)), noised.chunk(len(branches)), branches)):
+                value = branch.sign * rewards.combine_scores(r_clean, r_noised, args.reward_form, form_k(args, branch))
+                logged[i].update({f"{name}/clean": r_clean.detach(), f"{name}/noised": r_noised.detach(), name: value.detach()})
+                scores[i] = scores[i] + reward.weights[name] * value
+    return list(zip(scores, logged))
+
+
+def branch_losses(x0, noise, branches, velocity_fn, decode_fn, score_fn, loss_fn):
+    """The branches of one start point, from the clean latent to their losses, as one batch: the
+    model steps of all branches in one call (`velocity_fn` takes len(branches) * B samples and a
+    sigma per sample), their images in one VAE decode and one score_fn call. With one branch in
+    `branches` the same computation runs for that branch alone (--no_batch_branches).
+    Returns [(loss, score)] in the order of `branches`; each loss is lambda(t) * loss(score) (Eq. 6)."""
     x0_hats = direct_align_recover_batched(
-        x0, noise, [(direction, high, low) for direction, (high, low, _, _) in zip(directions, spans)], velocity_fn
-    )  # Eq. 12 and Eq. 13 in one model call
-    images = decode_fn(torch.cat(x0_hats)).chunk(len(directions))
-    scores = score_fn(list(images), [k for _, _, k, _ in spans], [direction == "inversion" for direction in directions])
-    return [(loss_fn(score).mean(), score, k, sigma_start) for score, (_, _, k, sigma_start) in zip(scores, spans)]
+        x0, noise, [(branch.direction, branch.sigma_high, branch.sigma_low) for branch in branches], velocity_fn
+    )  # Eq. 12 (denoise) and Eq. 13 (inversion): the model term enters with the branch's sign
+    images = decode_fn(torch.cat(x0_hats)).chunk(len(branches))
+    scores = score_fn(list(images), branches)
+    return [(branch.lam * loss_fn(score).mean(), score) for branch, score in zip(branches, scores)]
 
 
 def training_step(run, step, logs):
     """One optimiser step of SRPO: rollouts, then per start point a denoise and an inversion branch."""
     args, accelerator = run.args, run.accelerator
-    window = TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)
-    directions = ["denoise"] if args.no_inversion else ["denoise", "inversion"]
-    schedules = {"denoise": args.denoise_weights, "inversion": args.inversion_weights}
-    backward_passes = args.gradient_accumulation_steps * args.num_injections * len(directions)
+    window = TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio,
+                            release_inversion_end=args.match_release)
+    branch_count = 1 if args.no_inversion else 2
+    backward_passes = args.gradient_accumulation_steps * args.num_injections * branch_count
 
     def loss_fn(score):
         return training.reward_loss(score, args)
@@ -212,46 +267,36 @@ def training_step(run, step, logs):
                 for key, value in image_statistics(run.decode(x0)).items():
                     logs[key].append(value)
 
-        def score_fn(branch_images, ks, swaps):
-            """Scores of each branch's images; `swaps[i]`: the inversion branch's swapped phrases."""
-            phrases = [(unwanted, wanted) if swapped else (wanted, unwanted) for swapped in swaps]
-            results = relative_scores(run.reward, branch_images, prompts, phrases, args.reward_form, ks,
-                                      args.aesthetic_noise_std, generator)
-            for swapped, (_, details) in zip(swaps, results):
-                branch = "inversion" if swapped else "denoise"
-                # The inversion branch puts the unwanted phrase in the positive slot; log by phrase.
-                roles = {"positive": "unwanted", "negative": "wanted"} if swapped else {"positive": "wanted", "negative": "unwanted"}
+        def score_fn(branch_images, branches):
+            results = branch_scores(run.reward, branch_images, prompts, branches, args, generator)
+            for branch, (_, details) in zip(branches, results):
                 for key, value in details.items():
-                    name, _, slot = key.partition("/")
-                    logs[f"{branch}/{name}/{roles[slot]}" if slot else f"{branch}/{name}"].append(value.mean())
+                    logs[f"{branch.direction}/{key}"].append(value.mean())
             return [score for score, _ in results]
 
-        def log_branch(direction, loss, score, k, sigma):
-            logs["loss"].append(loss.detach())  # read back once per step, in Run.log
-            logs[f"{direction}/score"].append(score.detach().mean())
-            logs[f"{direction}/k"].append(k)
-            logs[f"{direction}/sigma"].append(sigma)
-
         for injection in range(args.num_injections):
-            index = window.sample_index(generator)
+            branches = make_branches(args, window, window.sample_index(generator), wanted, unwanted)
             last_injection = micro == args.gradient_accumulation_steps - 1 and injection == args.num_injections - 1
-            if args.batch_branches:  # both branches in one model call and one backward: the same gradient
-                with run.sync_gradients(last_injection):
-                    results = branch_losses_batched(x0, noise, window, index, directions, run.velocity_fn(cond.repeat(len(directions))),
-                                                    run.decode, score_fn, schedules, loss_fn)
-                    accelerator.backward(sum(loss for loss, *_ in results) / backward_passes)
-                for direction, result in zip(directions, results):
-                    log_branch(direction, *result)
-                continue
-            for direction in directions:
-                with run.sync_gradients(last_injection and direction == directions[-1]):
-                    loss, score, k, sigma = branch_loss(x0, noise, window, index, direction, run.velocity_fn(cond),
-                                                        run.decode, score_fn, schedules[direction], loss_fn)
-                    accelerator.backward(loss / backward_passes)
-                log_branch(direction, loss, score, k, sigma)
+            # Batched: both branches in one model call and one backward (the same gradient); else one at a time.
+            groups = [branches] if args.batch_branches else [[branch] for branch in branches]
+            for group in groups:
+                with run.sync_gradients(last_injection and group is groups[-1]):
+                    results = branch_losses(x0, noise, group, run.velocity_fn(cond.repeat(len(group))), run.decode,
+                                            score_fn, loss_fn)
+                    accelerator.backward(sum(loss for loss, _ in results) / backward_passes)
+                for branch, (loss, score) in zip(group, results):
+                    logs["loss"].append(loss.detach())  # read back once per step, in Run.log
+                    logs[f"{branch.direction}/score"].append(score.detach().mean())
+                    logs[f"{branch.direction}/k"].append(branch.k)
+                    logs[f"{branch.direction}/lambda"].append(branch.lam)
+                    logs[f"{branch.direction}/sigma"].append(branch.sigma_start)
 
 
 def main(args):
+    # --match_release: the release's timestep truncation and unclamped reward resize, process-wide (the
+    # shared initial noise: Run.next_batch; the inversion end point: the TrainingWindow above).
+    truncate_model_timesteps(args.match_release)
+    clamp_after_resize(not args.match_release)
     training.train(training.setup(args, "srpo"), training_step)
 
 

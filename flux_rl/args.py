@@ -47,8 +47,13 @@ def add_common_args(parser: argparse.ArgumentParser):
            "a .safetensors file FluxPipeline.load_lora_weights reads (diffusers' or kohya's format), or a Hub id it was "
            "pushed to. --rank, --lora_alpha and --lora_layers must be the file's. A resumed run takes its checkpoint's "
            "adapters instead.")
-    a("--lora_target_modules", "--lora_layers", dest="lora_target_modules", type=str, default=None,
-      help="Comma-separated module names (default: all attention projections); --lora_layers, diffusers' FLUX name, is the same flag.")
+    a("--lora_target_modules", "--lora_layers", dest="lora_target_modules", type=str, default="default",
+      help="A preset or comma-separated module names (peft adapts every module whose name ends in one). Presets: 'default': "
+           "the attention projections (to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out), the "
+           "double blocks' feed-forwards (ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2: what diffusers' "
+           "FLUX LoRA trainer adapts) and the single blocks' proj_mlp and proj_out (their attention output and MLP; the name "
+           "also matches the final proj_out); 'attention': the attention projections only; 'all-linear': every linear layer, "
+           "modulations and embedders too. --lora_layers, diffusers' name, is the same flag.")
     a("--gradient_checkpointing", action="store_true", help="Recompute each transformer block in the backward pass.")
     a("--gradient_checkpointing_ratio", type=float, default=1.0,
       help="With --gradient_checkpointing: the share of transformer blocks to recompute (spread evenly). Lower is faster "

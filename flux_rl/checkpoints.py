@@ -164,9 +164,11 @@ def check_resume_config(path: str, args):
 
 def _normalised(flag, value):
     if flag == "lora_target_modules":
-        from .models import lora_targets
+        from .models import LORA_LAYER_PRESETS, lora_targets
 
-        return lora_targets(value)  # the list peft gets: the defaults for None, spaces dropped
+        # The list peft gets, spaces dropped. A checkpoint's None is from before 2026-12-05, whose default was
+        # the attention projections; since then the parsed flag holds the preset's name.
+        return LORA_LAYER_PRESETS["attention"] if value is None else lora_targets(value)
     if flag == "lora_alpha" and value is not None:
         return float(value)
     return value

@@ -27,10 +27,10 @@ SGP_WANTED, SGP_UNWANTED = "Realistic photo", "CG Render"
 
 
 def known_metrics() -> list[str]:
-    """METRICS and the rewards registered with --reward_module (each scores as its forward() does)."""
-    from rewards.registry import BUILT_IN_REWARDS, REWARD_LOADERS
+    """METRICS, the analytic toy rewards and those registered with --reward_module (each scores as its forward() does)."""
+    from rewards.registry import REWARD_LOADERS
 
-    return [*METRICS, *(name for name in REWARD_LOADERS if name not in BUILT_IN_REWARDS)]
+    return [*METRICS, *(name for name in REWARD_LOADERS if name not in METRICS)]
 
 
 def load_benchmark(hpdv2_benchmark_dir=None, prompt_file=None, prompts_per_style=None):

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from rewards.base import host_to_device
 
 from .modulations import tabulated
+from .schedules import model_timestep
 
 
 @dataclass
@@ -106,6 +107,7 @@ def velocity(transformer, latents, sigma, guidance, cond: Conditioning, img_ids)
     """The transformer's velocity prediction at noise level `sigma` (a float or a B-tensor)."""
     batch = latents.shape[0]
     dtype = cond.prompt_embeds.dtype
+    sigma = model_timestep(sigma)  # exact, or truncated to 1/1000 under --match_release
     if isinstance(sigma, torch.Tensor):
         timestep = sigma.to(latents.device, torch.float32).expand(batch)
     else:  # filled on the device: torch.as_tensor(float, device="cuda") would wait for the GPU, each step

@@ -7,7 +7,23 @@ import os
 import torch
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what save_lora writes and load_lora_weights looks for
-DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+# --lora_layers presets. peft adapts every module whose name is a target or ends in "." + target.
+ATTENTION_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+LORA_LAYER_PRESETS = {
+    # The attention projections: q, k, v of all 57 blocks, the double blocks' outputs. Leaves out the single
+    # blocks' proj_out, where their attention output is fused with their MLP (the default until 2026-12-05).
+    "attention": ATTENTION_LORA_TARGETS,
+    # What diffusers' train_dreambooth_lora_flux.py adapts (attention + both feed-forwards of the double
+    # blocks) plus the single blocks' proj_mlp and proj_out, the bulk of their weights; "proj_out" also
+    # names the transformer's final output projection.
+    "default": ATTENTION_LORA_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                                         "proj_mlp", "proj_out"],
+}
+# Every linear layer: the above, the blocks' modulations (norm*.linear), the embedders and the output norm.
+LORA_LAYER_PRESETS["all-linear"] = LORA_LAYER_PRESETS["default"] + [
+    "norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "x_embedder", "context_embedder",
+    "linear_1", "linear_2"]
+DEFAULT_LORA_TARGETS = LORA_LAYER_PRESETS["default"]
 
 
 def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dtype=torch.float32, cache_dir=None):
@@ -18,10 +34,12 @@ def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dt
 
 
 def lora_targets(flag_value: str | None) -> list[str]:
-    """--lora_target_modules as a list (None: the defaults); peft adapts each module whose name is a
-    target or ends in '.' + target."""
+    """--lora_target_modules as a list: a preset's name (LORA_LAYER_PRESETS; None: "default") or
+    comma-separated module names; peft adapts each module whose name is a target or ends in '.' + target."""
     if not flag_value:
         return DEFAULT_LORA_TARGETS
+    if flag_value.strip() in LORA_LAYER_PRESETS:
+        return LORA_LAYER_PRESETS[flag_value.strip()]
     return [name.strip() for name in flag_value.split(",") if name.strip()]
 
 

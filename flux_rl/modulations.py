@@ -18,6 +18,8 @@ import torch
 
 from rewards.base import host_to_device
 
+from .schedules import model_timestep
+
 _ADAPTIVE_NORMS = ("AdaLayerNormZero", "AdaLayerNormZeroSingle", "AdaLayerNormContinuous")
 
 
@@ -55,6 +57,7 @@ def _embeddings(model, sigmas, guidance, pooled, hidden_dtype):
     """`temb` of every step in one batch, rows step-major (step i, sample b at i * B + b), computed as
     FluxTransformer2DModel.forward does: timestep and guidance cast to the hidden dtype, times 1000."""
     batch, steps = pooled.shape[0], len(sigmas)
+    sigmas = [model_timestep(sigma) for sigma in sigmas]  # as flux.velocity gives them to the model
     timestep = host_to_device(torch.tensor(sigmas, dtype=torch.float32).repeat_interleave(batch), pooled.device)
     timestep = timestep.to(hidden_dtype) * 1000
     pooled = pooled.repeat(steps, 1)

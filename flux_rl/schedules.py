@@ -3,6 +3,26 @@
 import numpy as np
 import torch
 
+# --match_release: the authors' release gives the transformer its timestep truncated to 1/1000,
+# int(sigma * 1000) / 1000, while its Euler steps and recoveries use the exact sigma. Ours gives the
+# exact sigma (the truncation moves the model's input by up to 1e-3 for no gain). Process-wide: set
+# once by the trainer.
+_truncate_model_timesteps = False
+
+
+def truncate_model_timesteps(enabled: bool) -> None:
+    global _truncate_model_timesteps
+    _truncate_model_timesteps = bool(enabled)
+
+
+def model_timestep(sigma):
+    """The sigma the transformer is given for noise level `sigma` (a float or a tensor)."""
+    if not _truncate_model_timesteps:
+        return sigma
+    if isinstance(sigma, torch.Tensor):
+        return torch.trunc(sigma * 1000) / 1000
+    return int(float(sigma) * 1000) / 1000
+
 
 def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3-style fixed shift: shift(t) = s t / (1 + (s - 1) t)."""
@@ -49,7 +69,8 @@ class TrainingWindow:
     the rest of the way back to x0 being covered by the known noise.
     """
 
-    def __init__(self, start=5, end=25, shift=3.0, gt_ratio=0.9, grid_size=1000, schedule_steps=50, margin=5):
+    def __init__(self, start=5, end=25, shift=3.0, gt_ratio=0.9, grid_size=1000, schedule_steps=50, margin=5,
+                 release_inversion_end=False):
         if not 1 <= start < end <= schedule_steps:
             # start 0 is pure noise (sigma 1): a branch starting there has no x0 to recover (Eq. 4 divides by 1 - sigma).
             raise ValueError(f"--train_window {start},{end} must satisfy 1 <= start < end <= {schedule_steps} "
@@ -62,6 +83,7 @@ class TrainingWindow:
         self.margin = margin
         # round(), not int(): the release's int((1 - 0.9) * 1000) + 1 is 100 only through float error.
         self.gap = max(1, round((1 - gt_ratio) * grid_size))
+        self.release_inversion_end = release_inversion_end
 
     def sigma(self, index: int) -> float:
         return float(self.grid[self.grid_size - index])
@@ -78,8 +100,11 @@ class TrainingWindow:
         return index + self.branch_gap(index), index
 
     def inversion_span(self, index: int) -> tuple[int, int]:
-        """(start, end) indices of the inversion branch: from m - g up to m (start clamped to >= 1)."""
-        return max(1, index - self.branch_gap(index)), index
+        """(start, end) indices of the inversion branch: from m - g up to m (start clamped to >= 1).
+        `release_inversion_end` (--match_release): the release ends it at start + g, which for
+        m <= g (start clamped from 0 to 1) is m + 1 rather than m, the denoise branch's end."""
+        start = max(1, index - self.branch_gap(index))
+        return start, (start + self.branch_gap(index) if self.release_inversion_end else index)
 
 
 def linear_weight(schedule: tuple[float, float], index: int, grid_size: int = 1000) -> float:

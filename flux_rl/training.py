@@ -116,7 +116,11 @@ class Run:
         or, with --train_data_dir (offline SRPO), VAE-encoded real images and fresh noise."""
         items = self.batches.batch(micro_step)
         if self.image_dataset is None:
-            x0, noise, cond = self.rollout(items, generator, micro_step=micro_step)
+            # --match_release (SRPO): one initial noise for all processes, as the release broadcasts rank 0's;
+            # ours draws each process its own, so that the GPUs' images differ in noise as well as in prompt.
+            shared = getattr(self.args, "match_release", False)
+            noise_generator = data.step_generator(self.args.seed, micro_step, 0) if shared else generator
+            x0, noise, cond = self.rollout(items, noise_generator, micro_step=micro_step)
             return x0, noise, cond, items
         rows = [self.image_dataset[i] for i in items]
         prompts = [row[self.args.prompt_column] for row in rows]

@@ -20,6 +20,7 @@ from .relative import (
     control_embedding,
     control_scores,
     form_coefficients,
+    noised_pair,
     noised_relative_reward,
     relative_terms,
     relative_text_direction,
@@ -30,6 +31,6 @@ from .relative import (
 __all__ = [
     "RewardModel", "clip_preprocess", "squash_preprocess", "REWARD_LOADERS", "CombinedReward",
     "load_combined_reward", "load_reward_model", "parse_reward_spec", "register_reward", "import_reward_modules", "DEFAULT_UNWANTED_CONTROLS",
-    "DEFAULT_WANTED_CONTROLS", "REWARD_FORMS", "combine_scores", "control_embedding", "control_scores", "form_coefficients", "noised_relative_reward", "relative_terms", "relative_text_direction",
+    "DEFAULT_WANTED_CONTROLS", "REWARD_FORMS", "combine_scores", "control_embedding", "control_scores", "form_coefficients", "noised_pair", "noised_relative_reward", "relative_terms", "relative_text_direction",
     "semantic_relative_reward", "with_control",
 ]

@@ -6,8 +6,11 @@ normalise), which cuts the gradient. These functions do the same on B x 3 x H x 
 (tests/test_rewards_preprocess.py compares the two on tiny models).
 
 Resizing uses antialiased bicubic interpolation, which is what PIL's bicubic does when
-downsampling. The authors' release uses plain (aliased) bicubic `F.interpolate` from 720 to
-224; that differs from what the reward models saw in training, so we follow the official one.
+downsampling. The authors' release resizes with torchvision's `Resize(224, BICUBIC)` on tensors,
+which antialiases too (torchvision >= 0.17), so the resize itself is the same as ours (measured
+equal). What differs is the clamp: PIL's uint8 output is clamped to [0, 255], so we clamp the
+resized image to [0, 1] as the reward models saw in training; the release passes bicubic's
+overshoot through. `--match_release` turns the clamp off (`clamp_after_resize(False)`).
 """
 
 import functools
@@ -34,6 +37,21 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, left : left + size]
 
 
+_clamp_after_resize = True
+
+
+def clamp_after_resize(enabled: bool) -> None:
+    """Process-wide: clamp resized images to [0, 1] (default, as the official PIL path) or not (the
+    SRPO release, --match_release)."""
+    global _clamp_after_resize
+    _clamp_after_resize = bool(enabled)
+
+
+def _clamped(images: torch.Tensor) -> torch.Tensor:
+    # Clamp after resampling, as PIL's uint8 output is clamped to [0, 255]: bicubic overshoots.
+    return images.clamp(0, 1) if _clamp_after_resize else images
+
+
 @functools.lru_cache(maxsize=64)
 def _channel_constants(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Built once per (values, dtype, device): a fresh torch.tensor(..., device="cuda") per call
@@ -53,12 +71,11 @@ def clip_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """CLIP-style: resize the shortest side to `size` (bicubic), centre crop, normalise."""
     images = resize_shortest_side(images, size)
     images = center_crop(images, size)
-    # Clamp after resampling, as PIL's uint8 output is clamped to [0, 255]: bicubic overshoots.
-    return normalize(images.clamp(0, 1), mean, std)
+    return normalize(_clamped(images), mean, std)
 
 
 def squash_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """SigLIP-style: resize straight to size x size (bicubic), no crop, normalise."""
     if images.shape[-2:] != (size, size):
         images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return normalize(images.clamp(0, 1), mean, std)
+    return normalize(_clamped(images), mean, std)

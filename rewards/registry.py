@@ -19,6 +19,7 @@ import traceback
 import torch
 
 from .aesthetic import load_aesthetic
+from .analytic import load_toy_brightness, load_toy_colour
 from .base import RewardModel
 from .image_reward import load_image_reward
 from .open_clip_rewards import load_clip_score, load_hpsv2
@@ -30,6 +31,9 @@ REWARD_LOADERS = {
     "clip": load_clip_score,
     "aesthetic": load_aesthetic,
     "imagereward": load_image_reward,
+    # Formulas of known optimum, no weights (rewards/analytic.py): the learning tests and the tiny quick start.
+    "toy_brightness": load_toy_brightness,
+    "toy_colour": load_toy_colour,
 }
 BUILT_IN_REWARDS = tuple(REWARD_LOADERS)
 

@@ -25,13 +25,15 @@ def with_control(control: str, prompt: str) -> str:
 
 
 def form_coefficients(form: str, k=0.0):
-    """(a, b) with reward = a * r1 + b * r2; `k` a scalar or a per-sample (B,) tensor."""
+    """(a, b) with reward = a * r1 + b * r2; `k` a scalar or a per-sample (B,) tensor: the release
+    form's k (the SRPO trainer's branch weight, 0.01-0.6), or Eq. 11's k, a guidance scale above 1
+    (the trainer's --cfg_scale): (1 - k) C2 + k C1 = C2 + k (C1 - C2)."""
     if form == "sgp":
         return 1.0, 0.0  # Eq. 8: the wanted-phrase score alone
     if form == "srp":
         return 1.0, -1.0  # Eq. 9-10: r1 - r2
     if form == "cfg":
-        return k, 1 - k  # Eq. 11: k C1 + (1 - k) C2
+        return k, 1 - k  # Eq. 11: k C1 + (1 - k) C2, k > 1 as in classifier-free guidance
     if form == "release":
         return 1 + k, -1.0  # the authors' release: (1 + k) C1 - C2, an SRP difference plus k times SGP
     raise ValueError(f"unknown reward form '{form}'; choose from {', '.join(REWARD_FORMS)}")
@@ -105,11 +107,18 @@ def noised_relative_reward(model, images, prompts=None, noise_std=0.05, generato
 
     Both terms carry gradient: the clean image's score pulls towards the reward, the noised copy's
     score pushes against the reward model's general bias (what it likes in any image)."""
+    clean_score, noised_score = noised_pair(model, images, prompts, noise_std, generator)
+    return clean_score - noised_score
+
+
+def noised_pair(model, images, prompts=None, noise_std=0.05, generator=None):
+    """(R(x), R(x + small noise)): appendix S1's two scores, the clean image in the place of the wanted
+    phrase and its noised copy in that of the unwanted one, so that every form (Eq. 8-11, release)
+    combines them as it combines r1 and r2."""
     # Drawn where the generator lives (the trainers' step generator is a CPU one: the same noise on
     # any device), then queued to the images' device.
     noise = host_to_device(torch.randn(images.shape, generator=generator, dtype=images.dtype,
                                        device=generator.device if generator is not None else images.device), images.device)
     noised = (images + noise_std * noise).clamp(0, 1)
     # One batch of clean and noised images: one pass of the image tower, forward and backward.
-    clean_score, noised_score = model(torch.cat([images, noised]), None if prompts is None else list(prompts) * 2).chunk(2)
-    return clean_score - noised_score
+    return model(torch.cat([images, noised]), None if prompts is None else list(prompts) * 2).chunk(2)

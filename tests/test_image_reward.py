@@ -88,8 +88,10 @@ def test_the_vit_runs_once_for_all_phrases_and_branches(image_reward):
         branches = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)).requires_grad_(True) for i in range(2)]
         prompts = ["a cat", "a dog"]
         reward = CombinedReward({"imagereward": image_reward}, {"imagereward": 1.0})
-        results = train_srpo_flux.relative_scores(reward, branches, prompts, [("Real", "Anime"), ("Anime", "Real")], "release",
-                                                  [0.2, 0.1], 0.05, None)
+        args = train_srpo_flux.parse_args(["--pretrained_model_name_or_path", "x"])
+        records = [train_srpo_flux.Branch("denoise", 0.9, 0.8, 0.2, 1.0, "Real", "Anime", 1.0),
+                   train_srpo_flux.Branch("inversion", 0.9, 0.8, 0.1, 1.0, "Anime", "Real", -1.0)]
+        results = train_srpo_flux.branch_scores(reward, branches, prompts, records, args, None)
         assert len(calls) == 1  # one ViT pass for 2 branches x 2 phrases
         sum(score.sum() for score, _ in results).backward()
         for images, (wanted, unwanted), k, (score, _) in zip(branches, [("Real", "Anime"), ("Anime", "Real")], [0.2, 0.1], results):

@@ -46,12 +46,12 @@ def test_kohya_lora_starts_the_adapters_as_the_pipeline_loads_it(tiny_flux, tmp_
     # Its alphas are applied to the weights when it is read: it acts as alpha = rank.
     with pytest.raises(ValueError, match=f"was trained with lora_alpha {float(RANK)}; pass --lora_alpha {RANK}"):
         train_srpo_flux.parse_args(flags)
-    args = train_srpo_flux.parse_args(flags + ["--lora_alpha", str(RANK)])
+    args = train_srpo_flux.parse_args(flags + ["--lora_alpha", str(RANK), "--lora_layers", "attention"])
 
     torch.manual_seed(0)
     base = FluxTransformer2DModel(**DOUBLE_ONLY)
     trained = models.prepare_for_training(copy.deepcopy(base), args)
-    # The default layers (the attention projections) lack the MLP layer it adapts too.
+    # The attention preset lacks the MLP layer it adapts too.
     layers = "attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,attn.to_k,attn.to_out.0,attn.to_q,attn.to_v,ff.net.0.proj"
     with pytest.raises(ConfigurationError, match=f"has layers this model's adapters lack.*pass its layers, --lora_layers {layers}$"):
         training.init_lora(trained, args)
