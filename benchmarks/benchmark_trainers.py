@@ -173,6 +173,7 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
         image_dataset=None, weight_dtype=dtype, vae_scale_factor=vae_scale_factor,
         img_ids=latents.image_ids(resolution, resolution, vae_scale_factor, device, dtype),
         rollout_sigmas=schedules.fixed_shift_sigmas(rollout_steps, 3.0),
+        validation_sigmas=schedules.fixed_shift_sigmas(rollout_steps, 3.0),
     )
 
 

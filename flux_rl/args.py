@@ -140,6 +140,11 @@ def add_common_args(parser: argparse.ArgumentParser):
       help="Prompts rendered before the first step (the untrained model), every --validation_steps and at the end.")
     a("--validation_steps", type=int, default=None, help="Render the validation prompts every N steps (besides before the first step and at the end).")
     a("--validation_seed", type=int, default=0, help="Image i of each validation prompt uses seed + i.")
+    a("--validation_guidance", type=float, default=3.5,
+      help="FLUX guidance embedding of the validation images: 3.5, FLUX.1-dev's usual, as users will render them (the "
+           "rollout's --rollout_guidance is the training recipe's, 1 under the HPS preset).")
+    a("--validation_inference_steps", type=int, default=None,
+      help="Sampling steps of the validation images (default: --num_inference_steps), on the rollout's schedule.")
     a("--num_validation_images", type=int, default=1,
       help="Images per validation prompt, rendered one batch of the prompts at a time (a grid row per prompt).")
     a("--push_to_hub", action="store_true")
@@ -247,6 +252,7 @@ COMMON_RANGES = [
     ("loss_scale", "positive", "0 trains nothing and a negative scale lowers the reward"),
     ("rollout_shift", "non-negative", "0 uses diffusers' resolution-dependent shift"),
     ("rollout_guidance", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
+    ("validation_guidance", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
     ("train_guidance", "non-negative", "FLUX's guidance embedding is trained on non-negative values"),
     ("lora_alpha", "positive", "the LoRA update is scaled by alpha / rank, so 0 trains nothing"),
     ("lora_dropout", "in [0, 1)", "it is the probability of dropping an adapter input"),
@@ -289,8 +295,8 @@ def validate_common_args(args):
     if args.resolution <= 0 or args.resolution % 16:
         fail(f"--resolution {args.resolution} must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps", "checkpointing_steps",
-                 "num_validation_images"):
-        if getattr(args, flag) < 1:
+                 "num_validation_images", "validation_inference_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     check_ranges(args, COMMON_RANGES)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:

@@ -158,7 +158,10 @@ def check_resume_config(path: str, args):
             continue
         before, now = _normalised(flag, saved[flag]), _normalised(flag, getattr(args, flag, None))
         if before != now:
-            raise ConfigurationError(f"--resume_from_checkpoint: {os.path.basename(path)} was trained with --{flag} {saved[flag]}, this run "
+            written = saved[flag]
+            if flag == "lora_target_modules" and written is None:
+                written = "attention (the default before 2026-12-05)"
+            raise ConfigurationError(f"--resume_from_checkpoint: {os.path.basename(path)} was trained with --{flag} {written}, this run "
                                      f"has {getattr(args, flag, None)}; resume with the checkpoint's value or start a new --output_dir")
 
 

@@ -43,6 +43,7 @@ class Run:
     vae_scale_factor: int
     img_ids: torch.Tensor
     rollout_sigmas: torch.Tensor
+    validation_sigmas: torch.Tensor
     start_step: int = 0
     _step_started: float = field(default_factory=time.time)
     _last_loss: float = 0.0
@@ -168,7 +169,13 @@ class Run:
 
     def log(self, step: int, values: dict):
         """`values` may be device tensors: the step's logs are read back here, once, after the
-        optimiser step, not with an .item() per branch that would stall the GPU mid-step."""
+        optimiser step, not with an .item() per branch that would stall the GPU mid-step. With
+        several processes each value is the mean over all of them (one all-reduce of one vector;
+        every process calls this with the same keys), not rank 0's alone."""
+        if self.accelerator.num_processes > 1:
+            keys = sorted(values)
+            local = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).to(self.device) for k in keys])
+            values = dict(zip(keys, self.accelerator.reduce(local, reduction="mean").tolist()))
         values = {k: float(v) for k, v in values.items()}
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if values.get("update_skipped") else 0
         if self.skipped_in_a_row and self.accelerator.is_main_process:
@@ -234,7 +241,7 @@ class Run:
             with self.accelerator.autocast(), models.without_dropout(self.unwrapped()):
                 batch = validation.render(
                     self.transformer, self.vae, self.prompt_encoder, prompts, self.args.validation_seed + index,
-                    self.args.resolution, self.args.resolution, self.rollout_sigmas, self.args.rollout_guidance,
+                    self.args.resolution, self.args.resolution, self.validation_sigmas, self.args.validation_guidance,
                     self.vae_scale_factor, self.device, self.weight_dtype,
                     tabulate_modulations_of=self._modulations_model(),
                 )
@@ -425,12 +432,14 @@ def setup(args, method: str) -> Run:
     vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     image_seq_len = (args.resolution // (vae_scale_factor * 2)) ** 2
     sigmas = schedules.rollout_sigmas(args.num_inference_steps, image_seq_len, pipeline.scheduler.config, args.rollout_shift or None)
+    validation_sigmas = schedules.rollout_sigmas(args.validation_inference_steps or args.num_inference_steps, image_seq_len,
+                                                 pipeline.scheduler.config, args.rollout_shift or None)
     run = Run(
         args=args, method=method, accelerator=accelerator, transformer=transformer, vae=pipeline.vae,
         prompt_encoder=flux.PromptEncoder(pipeline, args.max_sequence_length, accelerator.device, args.text_cache_size,
                                           args.offload_text_encoders),
         reward=reward, optimizer=optimizer, lr_scheduler=lr_scheduler, batches=schedule, image_dataset=image_dataset, weight_dtype=weight_dtype,
-        vae_scale_factor=vae_scale_factor, rollout_sigmas=sigmas,
+        vae_scale_factor=vae_scale_factor, rollout_sigmas=sigmas, validation_sigmas=validation_sigmas,
         img_ids=latents.image_ids(args.resolution, args.resolution, vae_scale_factor, accelerator.device, weight_dtype),
     )
 

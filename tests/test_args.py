@@ -135,6 +135,36 @@ def test_lora_target_modules_adapt_exactly_the_named_layers(tmp_path):
     assert adapted == expected
 
 
+@pytest.mark.parametrize("preset, layers_of_a_double_block, layers_of_a_single_block", [
+    ("attention", {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                   "attn.to_add_out"}, {"attn.to_q", "attn.to_k", "attn.to_v"}),
+    (None, {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+            "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"},
+     {"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"}),
+    ("all-linear", None, None),
+])
+def test_lora_layer_presets(preset, layers_of_a_double_block, layers_of_a_single_block, tmp_path):
+    """The default adapts what diffusers' FLUX LoRA trainer does plus the single blocks' proj_mlp and proj_out
+    (their attention output is fused into proj_out); 'attention' is the earlier default; 'all-linear' every linear layer."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from flux_rl import models, tiny_models
+
+    args = train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path)] + (["--lora_layers", preset] if preset else []))
+    transformer = FluxTransformer2DModel(**dict(tiny_models.TINY_TRANSFORMER, num_layers=2, num_single_layers=3))
+    linear = {name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)}
+    models.prepare_for_training(transformer, args)
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in transformer.named_parameters() if ".lora_A" in name}
+    if preset == "all-linear":
+        assert adapted == linear
+        return
+    expected = {f"transformer_blocks.{i}.{layer}" for i in range(2) for layer in layers_of_a_double_block}
+    expected |= {f"single_transformer_blocks.{i}.{layer}" for i in range(3) for layer in layers_of_a_single_block}
+    assert adapted - {"proj_out"} == expected  # "proj_out" also names the transformer's output layer
+    assert ("proj_out" in adapted) == (preset is None)
+
+
 @pytest.mark.parametrize("saved, flags, message", [
     ({"rank": 4}, ["--rank", "8"], "checkpoint-3 was trained with --rank 4, this run has 8"),
     ({"lora_alpha": 8.0}, ["--lora_alpha", "64"], "--lora_alpha 8.0"),
@@ -145,7 +175,10 @@ def test_lora_target_modules_adapt_exactly_the_named_layers(tmp_path):
     ({"rank": 4, "lora_alpha": 8, "lora_target_modules": "to_q, to_k", "learning_rate": 1.0}, ["--rank", "4", "--lora_alpha", "8",
      "--lora_target_modules", "to_q,to_k"], None),  # same structure (an int alpha, spaces); other flags may change
     ({"lora_target_modules": None}, ["--lora_target_modules", "to_k, to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"],
-     None),  # the defaults named out loud are the defaults
+     None),  # a checkpoint from before the presets (None: the attention projections), its layers named out loud
+    ({"lora_target_modules": None}, ["--lora_layers", "attention"], None),
+    ({"lora_target_modules": None}, [], "trained with --lora_target_modules attention \\(the default before 2026-12-05\\), this run has default"),
+    ({"lora_target_modules": "default"}, [], None),
 ])
 def test_resume_refuses_a_checkpoint_of_another_structure(saved, flags, message, tmp_path):
     """Before loading: a checkpoint written with another rank, alpha, LoRA targets or optimizer kind

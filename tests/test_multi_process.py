@@ -30,6 +30,10 @@ def test_ddp_two_processes(tiny_models, tmp_path):
     prompts = [r["prompts"] for r in ranks]
     assert len(prompts[0]) == len(prompts[1]) == 3 * 2
     assert all(a != b for a, b in zip(*prompts)), "both ranks drew the same prompt in a micro-step"
+    # The logged loss is the mean over the ranks (each trained on its own prompts), not rank 0's.
+    local = [r["local_losses"] for r in ranks]
+    assert local[0] != local[1]
+    assert scalar_tags(output_dir)["loss"] == pytest.approx([(a + b) / 2 for a, b in zip(*local)], rel=1e-5)
     # --offload_text_encoders: the first visit encodes the validation prompt (step 0), the second
     # every prompt the rank will train on (its 6 micro-steps, read ahead from its own share of the schedule).
     for rank in ranks:
