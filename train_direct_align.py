@@ -22,10 +22,11 @@ with gradient, recover x0_hat (Eq. 4-5), decode, score, weight by the discount l
 """
 
 import argparse
+from collections import defaultdict
 
 
 from flux_rl import args as common
-from flux_rl import training
+from flux_rl import preemption, training
 from flux_rl.data import step_generator
 from flux_rl.direct_align import direct_align_recover
 from flux_rl.schedules import TrainingWindow, linear_weight
@@ -80,7 +81,17 @@ def training_step(run, step, logs):
 
 
 def main(args):
-    training.train(training.setup(args, "direct-align"), training_step)
+    run = training.setup(args, "direct-align")  # accelerator, prompts, rewards, FLUX with LoRA, optimizer, resume: flux_rl/training.py
+    with preemption.StopRequest().listening() as stop:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, checkpoint, exit
+        if run.start_step == 0:
+            run.validate(0)  # the untrained model's images, which every later validation is compared with
+        for step in run.steps():  # the optimiser steps still to run (a resumed run goes on), with a progress bar
+            logs = defaultdict(list)
+            training_step(run, step, logs)  # rollouts, noise injections, recovery, discounted reward, backward (above)
+            grad_norm, skipped = run.optimizer_step()  # clip to --max_grad_norm, step unless the gradient is not finite, zero
+            run.log(step, {**training.means(logs), "grad_norm": grad_norm, "update_skipped": skipped})  # averaged over processes
+            run.end_of_step(step, stop)  # checkpoint and validation when due; a stop signal: checkpoint and exit
+        training.finish(run)  # final validation, weights in diffusers format, model card, Hub push
 
 
 if __name__ == "__main__":

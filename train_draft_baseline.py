@@ -20,11 +20,12 @@ step with gradient, for n + 1 terms as one public FLUX re-implementation does.
 """
 
 import argparse
+from collections import defaultdict
 
 import torch
 
 from flux_rl import args as common
-from flux_rl import training
+from flux_rl import preemption, training
 from flux_rl.data import step_generator
 from flux_rl.direct_align import inject_noise
 from flux_rl.flux import ode_sample
@@ -103,7 +104,18 @@ def training_step(run, step, logs):
 
 
 def main(args):
-    training.train(training.setup(args, "draft-lv" if args.draft_lv else f"draft-k{args.draft_k}"), training_step)
+    method = "draft-lv" if args.draft_lv else f"draft-k{args.draft_k}"
+    run = training.setup(args, method)  # accelerator, prompts, rewards, FLUX with LoRA, optimizer, resume: flux_rl/training.py
+    with preemption.StopRequest().listening() as stop:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, checkpoint, exit
+        if run.start_step == 0:
+            run.validate(0)  # the untrained model's images, which every later validation is compared with
+        for step in run.steps():  # the optimiser steps still to run (a resumed run goes on), with a progress bar
+            logs = defaultdict(list)
+            training_step(run, step, logs)  # rollouts, the last K steps (or LV's re-noised copies) with gradient, backward (above)
+            grad_norm, skipped = run.optimizer_step()  # clip to --max_grad_norm, step unless the gradient is not finite, zero
+            run.log(step, {**training.means(logs), "grad_norm": grad_norm, "update_skipped": skipped})  # averaged over processes
+            run.end_of_step(step, stop)  # checkpoint and validation when due; a stop signal: checkpoint and exit
+        training.finish(run)  # final validation, weights in diffusers format, model card, Hub push
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ the method the SRPO paper compares with).
 
 import argparse
 import math
+from collections import defaultdict
 
 import torch
 
 from flux_rl import args as common
-from flux_rl import training
+from flux_rl import preemption, training
 from flux_rl.data import step_generator
 
 
@@ -80,7 +81,17 @@ def training_step(run, step, logs):
 
 
 def main(args):
-    training.train(training.setup(args, "refl"), training_step)
+    run = training.setup(args, "refl")  # accelerator, prompts, rewards, FLUX with LoRA, optimizer, resume: flux_rl/training.py
+    with preemption.StopRequest().listening() as stop:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, checkpoint, exit
+        if run.start_step == 0:
+            run.validate(0)  # the untrained model's images, which every later validation is compared with
+        for step in run.steps():  # the optimiser steps still to run (a resumed run goes on), with a progress bar
+            logs = defaultdict(list)
+            training_step(run, step, logs)  # rollouts to a late step, one x0-predicting step with gradient, backward (above)
+            grad_norm, skipped = run.optimizer_step()  # clip to --max_grad_norm, step unless the gradient is not finite, zero
+            run.log(step, {**training.means(logs), "grad_norm": grad_norm, "update_skipped": skipped})  # averaged over processes
+            run.end_of_step(step, stop)  # checkpoint and validation when due; a stop signal: checkpoint and exit
+        training.finish(run)  # final validation, weights in diffusers format, model card, Hub push
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ FLUX.1-dev with HPSv2.1 and the authors' settings (defaults = their release):
 
 import argparse
 import json
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 import rewards
 from flux_rl import args as common
-from flux_rl import training
+from flux_rl import preemption, training
 from flux_rl.data import step_generator
 from flux_rl.direct_align import direct_align_recover_batched
 from flux_rl.monitors import image_statistics
@@ -297,7 +298,17 @@ def main(args):
     # shared initial noise: Run.next_batch; the inversion end point: the TrainingWindow above).
     truncate_model_timesteps(args.match_release)
     clamp_after_resize(not args.match_release)
-    training.train(training.setup(args, "srpo"), training_step)
+    run = training.setup(args, "srpo")  # accelerator, prompts, rewards, FLUX with LoRA, optimizer, resume: flux_rl/training.py
+    with preemption.StopRequest().listening() as stop:  # SIGTERM, SIGUSR1, Ctrl-C: finish the step, checkpoint, exit
+        if run.start_step == 0:
+            run.validate(0)  # the untrained model's images, which every later validation is compared with
+        for step in run.steps():  # the optimiser steps still to run (a resumed run goes on), with a progress bar
+            logs = defaultdict(list)
+            training_step(run, step, logs)  # rollouts, then each start point's branches and backward passes (above)
+            grad_norm, skipped = run.optimizer_step()  # clip to --max_grad_norm, step unless the gradient is not finite, zero
+            run.log(step, {**training.means(logs), "grad_norm": grad_norm, "update_skipped": skipped})  # averaged over processes
+            run.end_of_step(step, stop)  # checkpoint and validation when due; a stop signal: checkpoint and exit
+        training.finish(run)  # final validation, weights in diffusers format, model card, Hub push
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Each script adds its method's own flags and calls `validate_common_args` before 
 import argparse
 import os
 
+from .errors import ConfigurationError  # noqa: F401  (scripts and tests name it from here too)
+
 
 def add_common_args(parser: argparse.ArgumentParser):
     a = parser.add_argument
@@ -186,9 +188,6 @@ def parse_pair(text, flag: str, cast=float) -> tuple:
     return first, second
 
 
-class ConfigurationError(ValueError):
-    """Bad input found once the run has started (a dataset column, a checkpoint folder): shown in
-    one line, like the errors of the parser, since its traceback would say nothing more."""
 
 
 def run_cli(parse_args, main):

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 
-from .args import ConfigurationError
+from .errors import ConfigurationError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 

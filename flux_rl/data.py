@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .args import ConfigurationError
+from .errors import ConfigurationError
 
 BUILTIN_PROMPTS = os.path.join(os.path.dirname(__file__), "assets", "smoke_prompts.txt")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}

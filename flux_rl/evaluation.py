@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import torch
 
-from .args import ConfigurationError
+from .errors import ConfigurationError
 from .hub import fetch_trained_output
 from .models import LORA_WEIGHTS_NAME
 

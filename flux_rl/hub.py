@@ -4,7 +4,7 @@ import contextlib
 import os
 import re
 
-from .args import ConfigurationError
+from .errors import ConfigurationError
 from .models import LORA_WEIGHTS_NAME
 
 CARD = """---

@@ -338,7 +338,7 @@ def load_lora_into(transformer, input_dir: str, weight_name: str = LORA_WEIGHTS_
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    from .args import ConfigurationError
+    from .errors import ConfigurationError
 
     state = FluxPipeline.lora_state_dict(input_dir, weight_name=weight_name)
     state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}

@@ -1,5 +1,7 @@
-"""Setup and teardown every trainer shares: accelerator, models, optimizer, resume, logging,
-checkpoints, validation, final save. The method's own loop and loss stay in each script."""
+"""The toolkit every trainer calls: `setup` (accelerator, prompts, rewards, FLUX, LoRA, optimizer,
+resume), the `Run` it returns (rollout, decode, model calls, gradient sync, optimiser step,
+logging, checkpoints, validation, stop requests) and `finish` (final weights, model card, push).
+Each script owns its loop and its method; nothing here calls back into a script."""
 
 import contextlib
 import logging
@@ -7,7 +9,6 @@ import math
 import os
 import signal
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,8 @@ from tqdm.auto import tqdm
 from rewards.base import host_to_device
 
 from . import checkpoints, data, flux, hub, latents, models, preemption, schedules, validation
-from .args import ConfigurationError, chosen_trackers, compiles_reward, launched_with_fsdp, mixed_precision
+from .args import chosen_trackers, compiles_reward, launched_with_fsdp, mixed_precision
+from .errors import ConfigurationError
 from .optim import AdamWStochasticBF16, step_unless_not_finite
 
 logger = logging.getLogger(__name__)
@@ -185,13 +187,21 @@ class Run:
         self._last_loss = round(values.get("loss", 0.0), 5)
         self.accelerator.log(values, step=step + 1)
 
-    def end_of_step(self, step: int):
-        """Checkpoint and validate after optimiser step `step` (0-based)."""
+    def end_of_step(self, step: int, stop: preemption.StopRequest):
+        """After optimiser step `step` (0-based): a checkpoint every --checkpointing_steps (the final
+        step too), validation every --validation_steps. Then, if any process got a stop signal
+        (SIGTERM, SIGUSR1, a first Ctrl-C) before the last step, a checkpoint and exit 128 + the
+        signal; after MAX_SKIPPED_IN_A_ROW skipped updates in a row, a checkpoint and an error."""
         done = step + 1
         if self._checkpoint_due(done):
             self.save_checkpoint(done)
         if self.args.validation_steps and done % self.args.validation_steps == 0 and done < self.args.max_train_steps:
             self.validate(done)
+        signal_number = stop.agreed(self.accelerator)  # every process stops after the same step
+        if signal_number and done < self.args.max_train_steps:  # one during the last step lets the run finish
+            self.stop_for_resume(done, signal_number)
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            self.stop_after_skipped_updates(done)
 
     def _checkpoint_due(self, done: int) -> bool:
         # The final step too, as diffusers' examples: a run is extended by raising --max_train_steps and resuming.
@@ -463,31 +473,6 @@ def setup(args, method: str) -> Run:
     return run
 
 
-def train(run: Run, training_step):
-    """The loop every trainer shares. `training_step(run, step, logs)` runs the method's forward
-    and backward passes for one optimiser step (all its micro-steps) and appends to `logs`.
-    With --validation_prompt, a fresh run renders them before its first step too (step 0).
-    A stop signal (SIGTERM, SIGUSR1, a first Ctrl-C) ends the loop after the step it arrives in, with a checkpoint;
-    one that arrives during the last step or the final save lets the run finish.
-    MAX_SKIPPED_IN_A_ROW skipped updates in a row end the loop too, with a checkpoint and an error."""
-    stop = preemption.StopRequest()
-    with stop.listening():
-        if run.start_step == 0:
-            run.validate(0)  # the untrained model: what every later validation image is compared with
-        for step in run.steps():
-            logs = defaultdict(list)
-            training_step(run, step, logs)
-            grad_norm, skipped = run.optimizer_step()
-            run.log(step, {**{k: mean_or_nan(v) for k, v in logs.items()}, "grad_norm": grad_norm, "update_skipped": skipped})
-            run.end_of_step(step)
-            signal_number = stop.agreed(run.accelerator)
-            if signal_number and step + 1 < run.args.max_train_steps:
-                run.stop_for_resume(step + 1, signal_number)
-            if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                run.stop_after_skipped_updates(step + 1)
-        finish(run)
-
-
 def finish(run: Run):
     """Final validation, final weights in diffusers format, model card, optional Hub push."""
     args, accelerator = run.args, run.accelerator
@@ -533,5 +518,6 @@ def log_reward_terms(logs, loss, reward, components):
         logs[f"reward/{name}"].append(value.detach().mean())
 
 
-def mean_or_nan(values):
-    return sum(values) / len(values) if values else math.nan
+def means(logs: dict) -> dict:
+    """Each logged quantity's mean over the step's backward passes (NaN for none)."""
+    return {key: sum(values) / len(values) if values else math.nan for key, values in logs.items()}
