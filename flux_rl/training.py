@@ -176,7 +176,9 @@ class Run:
         every process calls this with the same keys), not rank 0's alone."""
         if self.accelerator.num_processes > 1:
             keys = sorted(values)
-            local = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).to(self.device) for k in keys])
+            # FSDP2's grad_norm is a DTensor (the same on every rank): its full value, a plain tensor, joins the vector.
+            plain = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in values.items()}
+            local = torch.stack([torch.as_tensor(plain[k], dtype=torch.float32).to(self.device) for k in keys])
             values = dict(zip(keys, self.accelerator.reduce(local, reduction="mean").tolist()))
         values = {k: float(v) for k, v in values.items()}
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if values.get("update_skipped") else 0
