@@ -415,7 +415,7 @@ def main(input_args=None):
             row = names + [cell(result.seconds, ".3f"), cell(result.peak_gib, ".1f"), cell(tflop, ".4g"), cell(tflop / result.seconds, ".3g"),
                            cell(result.rollout_seconds, ".3f"),
                            cell(result.rollout_flops / 1e12 / result.rollout_seconds if result.rollout_flops else nan, ".3g"),
-                           cell(result.optimizer_seconds, ".3f"), cell(result.first_step_seconds, ".1f"), cell(result.host_waits, ".0f")]
+                           cell(result.optimizer_seconds, ".3f"), cell(result.first_step_seconds, ".3g"), cell(result.host_waits, ".0f")]
             if out_of_memory:
                 row[len(names):len(names) + 2] = ["OOM", f"> {_total_gib():.0f}"]
             if failure:
