@@ -194,42 +194,46 @@ def make_branches(args, window, index, wanted, unwanted) -> list[Branch]:
     return branches
 
 
-def form_k(args, branch: Branch) -> float:
-    """The k the reward form takes: the branch's for the release form, --cfg_scale for Eq. 11."""
-    return args.cfg_scale if args.reward_form == "cfg" else branch.k
+def form_score(args, branch: Branch, r_positive, r_negative):
+    """A branch's reward from its two scores, r1 = r(C1) and r2 = r(C2), in the form --reward_form
+    names (rewards.relative: every form is a * r1 + b * r2, which for a CLIP-like model equals scoring
+    the text direction a * C1 + b * C2 of Eq. 10-11). To try another form, change this function."""
+    k = args.cfg_scale if args.reward_form == "cfg" else branch.k  # Eq. 11's guidance scale, or the release form's k
+    return rewards.combine_scores(r_positive, r_negative, args.reward_form, k)  # Eq. 8 / 9-10 / 11 / release form
 
 
 def branch_scores(reward, branch_images, prompts, branches, args, generator):
     """Each branch's score, the weighted sum over the reward spec of each model's relative reward:
     [(score, details to log)]. All branches' images go through a model's image tower as one batch.
 
-    text-image model: the form of Eq. 8-11 (or the release's) with the branch's phrases,
-        a * r(C1) + b * r(C2) (rewards.relative).
-    image-only model (appendix S1): the same form of R(x) and R(x + small noise), the clean image in
-        the wanted phrase's place; there is no unwanted phrase to penalise, so the inversion branch
-        takes that score negated (sign -1): with its model term's opposite sign (Eq. 13) it then
-        pushes the denoising direction the same way as the denoise branch, as the swapped phrases do
-        for a text reward. Without the sign the two branches' gradients cancel (cosine -0.999).
+    text-image model: form_score of the scores against "<C1 phrase>. <prompt>" and "<C2 phrase>. <prompt>".
+    image-only model (appendix S1): form_score of R(x) and R(x + small noise), the clean image in the
+        wanted phrase's place; there is no unwanted phrase to penalise, so the inversion branch takes
+        that score negated (sign -1): with its model term's opposite sign (Eq. 13) it then pushes the
+        denoising direction the same way as the denoise branch, as the swapped phrases do for a text
+        reward. Without the sign the two branches' gradients cancel (cosine -0.9 to -0.999).
     """
     scores, logged = [0.0] * len(branches), [{} for _ in branches]
     for name, model in reward.models.items():
         if model.uses_text:
-            encodings = model.image_encoding(torch.cat(branch_images)).chunk(len(branches))
-            for i, (images, branch) in enumerate(zip(branch_images, branches)):
-                value, r_positive, r_negative = rewards.relative_terms(  # Eq. 8 / 9-10 / 11 / release form
-                    model, images, prompts, branch.positive, branch.negative, args.reward_form, form_k(args, branch), encodings[i])
-                # Logged by phrase: the inversion branch has the unwanted phrase in the positive slot.
-                wanted, unwanted = (r_positive, r_negative) if branch.sign > 0 else (r_negative, r_positive)
-                logged[i].update({f"{name}/{role}": r.detach() for role, r in (("wanted", wanted), ("unwanted", unwanted)) if r is not None})
-                scores[i] = scores[i] + reward.weights[name] * value
-                logged[i][name] = value.detach()
+            encodings = model.image_encoding(torch.cat(branch_images)).chunk(len(branches))  # one tower pass
+            pairs = [(rewards.control_scores(model, images, prompts, branch.positive, encoding),
+                      None if args.reward_form == "sgp" else rewards.control_scores(model, images, prompts, branch.negative, encoding))
+                     for images, branch, encoding in zip(branch_images, branches, encodings)]
         else:
             clean, noised = rewards.noised_pair(model, torch.cat(branch_images), prompts and list(prompts) * len(branches),
                                                 args.aesthetic_noise_std, generator)  # appendix S1
-            for i, (r_clean, r_noised, branch) in enumerate(zip(clean.chunk(len(branches)), noised.chunk(len(branches)), branches)):
-                value = branch.sign * rewards.combine_scores(r_clean, r_noised, args.reward_form, form_k(args, branch))
-                logged[i].update({f"{name}/clean": r_clean.detach(), f"{name}/noised": r_noised.detach(), name: value.detach()})
-                scores[i] = scores[i] + reward.weights[name] * value
+            pairs = list(zip(clean.chunk(len(branches)), noised.chunk(len(branches))))
+        for i, (branch, (r_positive, r_negative)) in enumerate(zip(branches, pairs)):
+            value = form_score(args, branch, r_positive, r_negative)
+            if model.uses_text:  # logged by phrase: the inversion branch has the unwanted phrase in the C1 slot
+                wanted, unwanted = (r_positive, r_negative) if branch.sign > 0 else (r_negative, r_positive)
+                logged[i].update({f"{name}/wanted": wanted.detach()} | ({} if unwanted is None else {f"{name}/unwanted": unwanted.detach()}))
+            else:
+                value = branch.sign * value
+                logged[i].update({f"{name}/clean": r_positive.detach(), f"{name}/noised": r_negative.detach()})
+            logged[i][name] = value.detach()
+            scores[i] = scores[i] + reward.weights[name] * value
     return list(zip(scores, logged))
 
 
