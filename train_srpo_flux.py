@@ -9,7 +9,9 @@ What it does, in five lines:
      "<unwanted>. <prompt>": the relative reward cancels the reward model's general bias (Eq. 9-11).
   4. The inversion branch (one model step towards MORE noise, phrases swapped) enters with the
      opposite sign: a penalty at the late timesteps where reward hacking happens (Eq. 12-13).
-  5. Each branch is weighted by its own timestep schedule; loss relu(0.7 - score) as the release.
+  5. Each branch is weighted by its own timestep schedule (the release form's k, or lambda(t) of
+     Eq. 6 for the srp, cfg and sgp forms); loss relu(0.7 - score) as the release.
+Image-only rewards (aesthetic) take the appendix S1 form, R(x) against R(x + noise).
 
 Smoke run on the built-in tiny models (CPU):
 
