@@ -204,10 +204,30 @@ def run_cli(parse_args, main):
         args = parse_args()
     except ValueError as error:
         exit_with(error)
+    if weights := finished_run_weights(args):  # a job script that reruns until success succeeds, without loading a model
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{args.output_dir} holds a finished run ({args.max_train_steps} steps): its weights are {weights}, "
+                  f"its model card {os.path.join(args.output_dir, 'README.md')}; nothing to do")
+        return
     try:
         main(args)
     except ConfigurationError as error:
         exit_with(error)
+
+
+def finished_run_weights(args) -> str | None:
+    """With --resume_from_checkpoint: the final weights of the run, if it has finished (its last step's
+    checkpoint, its weights and its model card in place; checkpoints.finished_weights). A run whose
+    last checkpoint is in place but whose end did not complete resumes there and publishes them."""
+    from .checkpoints import finished_weights, read_training_state, resolve_resume
+
+    if not getattr(args, "resume_from_checkpoint", None):  # evaluate_flux.py shares run_cli and has no checkpoints
+        return None
+    path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    state = read_training_state(path) if path else None
+    if state is None or state["global_step"] != args.max_train_steps:
+        return None
+    return finished_weights(args.output_dir, path)
 
 
 # --report_to's trackers (accelerate's) and the package each needs; "all" is every one installed.
@@ -384,6 +404,8 @@ def validate_common_args(args):
     from .checkpoints import check_resume_config, earlier_run_outputs, earlier_run_paths, inside, resolve_resume
     from .models import LORA_WEIGHTS_NAME
 
+    if not getattr(args, "resume_from_checkpoint", None):  # evaluate_flux.py shares run_cli and has no checkpoints
+        return None
     path = resolve_resume(args.resume_from_checkpoint, args.output_dir)  # one-line error when missing
     if path:
         check_resume_config(path, args)

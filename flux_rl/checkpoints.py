@@ -66,7 +66,47 @@ def publish(output_dir: str, name: str, write) -> str:
     else:
         os.replace(source, target)
     shutil.rmtree(staging)
+    shutil.rmtree(target + ".old", ignore_errors=True)  # left by a run killed between the two renames above
     return target
+
+
+def read_training_state(path: str) -> dict | None:
+    """A checkpoint's training_state.json ({"global_step", "config"}), or None when it is missing or
+    does not parse (a checkpoint cut short by a full disk, or damaged since)."""
+    try:
+        with open(os.path.join(path, "training_state.json")) as f:
+            state = json.load(f)
+        return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def set_aside(path: str, logger=None, reason: str = "") -> str:
+    """Renames a checkpoint that cannot be resumed from to checkpoint-N.unloadable (kept, never
+    deleted: what it holds may still be recovered by hand); 'latest' and rotation no longer see it."""
+    target = path + ".unloadable"
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.replace(path, target)
+    if logger:
+        logger.warning(f"{os.path.basename(path)} does not load{f' ({reason})' if reason else ''}; set aside as "
+                       f"{os.path.basename(target)}, resuming from the checkpoint before it")
+    return target
+
+
+def finished_weights(output_dir: str, checkpoint: str) -> str | None:
+    """The final weights of a run whose last step is `checkpoint`, if its end (training.finish) completed:
+    the weights (LoRA file or transformer/) in place, no unfinished save beside them, and the model
+    card, written last, newer than the checkpoint. None: a rerun has to publish them."""
+    from .models import LORA_WEIGHTS_NAME
+
+    weights = [os.path.join(output_dir, name) for name in (LORA_WEIGHTS_NAME, "transformer") if os.path.exists(os.path.join(output_dir, name))]
+    leftovers = [name for name in (f".{LORA_WEIGHTS_NAME}.tmp", ".transformer.tmp", "transformer.old")
+                 if os.path.lexists(os.path.join(output_dir, name))]
+    card = os.path.join(output_dir, "README.md")
+    if len(weights) != 1 or leftovers or not os.path.exists(card):
+        return None
+    return weights[0] if os.path.getmtime(card) >= os.path.getmtime(os.path.join(checkpoint, "training_state.json")) else None
 
 
 def earlier_run_outputs(output_dir: str) -> list[str]:
@@ -122,7 +162,9 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
+        # The newest whose training_state.json reads; one cut short or damaged is passed over (and set aside when
+        # the run starts, training.setup, as is one whose weights or optimizer state do not load).
+        checkpoints = [path for path in list_checkpoints(output_dir) if read_training_state(path) is not None]
         return checkpoints[-1] if checkpoints else None
     path = resume_from_checkpoint
     if not os.path.isdir(path):
@@ -143,16 +185,17 @@ def check_resume_config(path: str, args):
     """A one-line error, before any model loads, when the checkpoint at `path` was written with
     other STRUCTURAL_FLAGS than this run's (accelerate would fail later with a size mismatch, or
     not at all)."""
-    state_file = os.path.join(path, "training_state.json")
-    if not os.path.exists(state_file):
-        raise ConfigurationError(f"--resume_from_checkpoint: {path} has no training_state.json; it is not a complete checkpoint of this trainer")
-    with open(state_file) as f:
-        state = json.load(f)
+    state = read_training_state(path)
+    if state is None:
+        raise ConfigurationError(f"--resume_from_checkpoint: {path} has no readable training_state.json; it is not a complete "
+                                 "checkpoint of this trainer (--resume_from_checkpoint latest passes over such checkpoints)")
     saved = state.get("config", {})
-    if args.max_train_steps <= state.get("global_step", 0):
-        # Nothing would be trained, and the final save would replace the run's weights with the checkpoint's.
-        raise ConfigurationError(f"--resume_from_checkpoint: {os.path.basename(path)} is at step {state['global_step']}, and "
-                                 f"--max_train_steps {args.max_train_steps} leaves nothing to train; raise --max_train_steps")
+    if args.max_train_steps < state["global_step"]:
+        # Its weights are of a longer run than this one: the final save would pass them off as this run's.
+        raise ConfigurationError(f"--resume_from_checkpoint: {os.path.basename(path)} is at step {state['global_step']}, past "
+                                 f"--max_train_steps {args.max_train_steps}; raise --max_train_steps")
+    # At exactly --max_train_steps nothing is left to train: the run publishes that checkpoint's weights (a run killed
+    # after its last checkpoint and before its final weights finishes so), or has finished already (run_cli says where).
     for flag in STRUCTURAL_FLAGS:
         if flag not in saved or (args.full_finetune and flag in ("rank", "lora_alpha", "lora_target_modules")):
             continue

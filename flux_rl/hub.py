@@ -99,8 +99,12 @@ def write_model_card(output_dir, args, method, repo_id=None):
         prompt=repr((args.validation_prompt or ["a photo of a cat"])[0]),  # a Python literal, whatever its quotes
         config=config,
     )
-    with open(os.path.join(output_dir, "README.md"), "w") as f:
+    # Written beside and renamed into place: a run killed here leaves no half card (a card newer than the
+    # last checkpoint tells a rerun that the run finished, checkpoints.finished_weights).
+    path = os.path.join(output_dir, "README.md")
+    with open(path + ".tmp", "w") as f:
         f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 REWARD_DOWNLOAD_ADVICE = ("on a node without the Hub, fetch the weights beforehand (python -m rewards.download --output_dir "

@@ -268,6 +268,38 @@ class Run:
                                          self.args.output_dir, columns=count if count > 1 else None)
 
 
+def resume(accelerator, args, path: str) -> int:
+    """Loads checkpoint `path` and returns its step. With --resume_from_checkpoint latest, a newest
+    checkpoint that does not load (a truncated optimizer state, a damaged weights file, an unreadable
+    training_state.json) is set aside as checkpoint-N.unloadable, never deleted, and the one before it
+    is tried, and so on: the run goes on from the newest checkpoint that loads, saying so. Every
+    process reads the same files, so all fail alike and agree on the fallback."""
+    if args.resume_from_checkpoint == "latest" and accelerator.is_main_process:
+        for candidate in checkpoints.list_checkpoints(args.output_dir):  # passed over at parse time: set aside now
+            if checkpoints.read_training_state(candidate) is None:
+                checkpoints.set_aside(candidate, logger, "no readable training_state.json")
+    accelerator.wait_for_everyone()
+    while True:
+        try:
+            step = checkpoints.load_checkpoint(accelerator, path)
+            logger.info(f"resumed from {path} at step {step}")
+            return step
+        except Exception as error:  # whatever the damaged file raises in torch, safetensors or accelerate
+            reason = hub.first_line(error)
+            if args.resume_from_checkpoint != "latest":
+                raise ConfigurationError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: does not load ({reason}); "
+                                         "name another checkpoint, or use 'latest' to fall back to the newest one that loads") from error
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpoints.set_aside(path, logger, reason)
+        accelerator.wait_for_everyone()
+        path = checkpoints.resolve_resume("latest", args.output_dir)
+        if path is None:  # the failed loads may have changed some weights already: no silent fresh start
+            raise ConfigurationError(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} loads (each set aside as "
+                                     "checkpoint-N.unloadable); start over with --overwrite_output_dir")
+        checkpoints.check_resume_config(path, args)
+
+
 def init_lora(transformer, args):
     """--init_lora_weights: every adapter starts from the given LoRA (a folder, a file, or a Hub id,
     downloaded into --cache_dir and checked as a local one is at parse time)."""
@@ -456,9 +488,8 @@ def setup(args, method: str) -> Run:
     )
 
     if resume_path:
-        run.start_step = checkpoints.load_checkpoint(accelerator, resume_path)
+        run.start_step = resume(accelerator, args, resume_path)
         continue_lr_schedule(lr_scheduler, run.start_step, learning_rate)
-        logger.info(f"resumed from {resume_path} at step {run.start_step}")
     elif args.resume_from_checkpoint:
         logger.info("no checkpoint to resume from yet; starting a new run")
 

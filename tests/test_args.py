@@ -171,7 +171,8 @@ def test_lora_layer_presets(preset, layers_of_a_double_block, layers_of_a_single
     ({"lora_target_modules": "to_q,to_k"}, ["--lora_target_modules", "to_q"], "--lora_target_modules to_q,to_k"),
     ({"full_finetune": False}, ["--full_finetune"], "--full_finetune False"),
     ({"use_8bit_adam": True}, [], "--use_8bit_adam True"),
-    ({}, ["--max_train_steps", "3"], "checkpoint-3 is at step 3, and --max_train_steps 3 leaves nothing to train"),
+    ({}, ["--max_train_steps", "2"], "checkpoint-3 is at step 3, past --max_train_steps 2; raise --max_train_steps"),
+    ({}, ["--max_train_steps", "3"], None),  # nothing left to train: the run publishes that checkpoint's weights
     ({"rank": 4, "lora_alpha": 8, "lora_target_modules": "to_q, to_k", "learning_rate": 1.0}, ["--rank", "4", "--lora_alpha", "8",
      "--lora_target_modules", "to_q,to_k"], None),  # same structure (an int alpha, spaces); other flags may change
     ({"lora_target_modules": None}, ["--lora_target_modules", "to_k, to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"],

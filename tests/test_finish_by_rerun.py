@@ -1,0 +1,92 @@
+"""Nothing trained is lost and every run can finish: a run killed at any stage of publishing its
+final weights finishes when rerun with --resume_from_checkpoint latest, with the weights of an
+uninterrupted run; a rerun of a finished run exits 0 at once; a newest checkpoint that does not
+load is set aside and the run goes on from the one before it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT
+from tests.launch import tiny_args
+
+FLAGS = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--full_finetune", "--learning_rate", "1e-2", "--report_to", "none"]
+
+
+def run(tiny_models, output_dir, *extra, stage=None, expect=0):
+    """The Direct-Align trainer as `python train_direct_align.py` runs it; with `stage`, through
+    tests/publish_kill_probe.py, killed there."""
+    script = ["tests/publish_kill_probe.py", "train_direct_align", stage] if stage else ["train_direct_align.py"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
+    result = subprocess.run([sys.executable, *script, *tiny_args(tiny_models, output_dir, *FLAGS, *extra)], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == expect, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def final_weights(output_dir):
+    folder = os.path.join(output_dir, "transformer")
+    return {name: tensor for file in sorted(os.listdir(folder)) if file.endswith(".safetensors")
+            for name, tensor in load_file(os.path.join(folder, file)).items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_models, tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    run(tiny_models, output_dir)
+    return final_weights(output_dir)
+
+
+@pytest.mark.parametrize("stage", ["writing", "written", "renamed", "before_card", "moved_aside"])
+def test_a_run_killed_while_publishing_finishes_when_rerun(stage, tiny_models, uninterrupted, tmp_path):
+    output_dir = str(tmp_path / "run")
+    if stage == "moved_aside":  # an earlier copy must be in place to be moved aside: killed once after publishing
+        run(tiny_models, output_dir, stage="before_card", expect=137)
+        run(tiny_models, output_dir, "--resume_from_checkpoint", "latest", stage=stage, expect=137)
+        assert os.path.isdir(os.path.join(output_dir, "transformer.old"))
+        assert not os.path.exists(os.path.join(output_dir, "transformer"))
+    else:
+        run(tiny_models, output_dir, stage=stage, expect=137)
+    # Before this change every rerun was refused: "checkpoint-2 is at step 2, and --max_train_steps 2 leaves nothing to train".
+    run(tiny_models, output_dir, "--resume_from_checkpoint", "latest")
+    published = final_weights(output_dir)
+    assert published.keys() == uninterrupted.keys()
+    assert all(torch.equal(published[name], uninterrupted[name]) for name in published)
+    leftovers = [name for name in os.listdir(output_dir) if name.endswith((".tmp", ".old"))]
+    assert not leftovers and os.path.exists(os.path.join(output_dir, "README.md"))
+    # A finished run rerun (a job script that reruns until success): exit 0 at once, naming the weights, touching nothing.
+    before = {name: os.path.getmtime(os.path.join(output_dir, name)) for name in os.listdir(output_dir)}
+    result = run(tiny_models, output_dir, "--resume_from_checkpoint", "latest")
+    assert "holds a finished run (2 steps): its weights are" in result.stdout and "nothing to do" in result.stdout
+    assert before == {name: os.path.getmtime(os.path.join(output_dir, name)) for name in os.listdir(output_dir)}
+
+
+@pytest.fixture(scope="module")
+def four_steps(tiny_models, tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("four-steps") / "run")
+    run(tiny_models, output_dir, "--max_train_steps", "4")
+    return final_weights(output_dir)
+
+
+@pytest.mark.parametrize("damage", ["optimizer", "weights", "training_state"])
+def test_a_newest_checkpoint_that_does_not_load_is_set_aside(damage, tiny_models, four_steps, tmp_path):
+    """Resumed with a damaged checkpoint-3, the run goes on from checkpoint-2 (checkpoint-3 set aside, never
+    deleted) and reaches the weights of an uninterrupted run."""
+    output_dir = str(tmp_path / "run")
+    four = ["--max_train_steps", "4"]
+    run(tiny_models, output_dir, "--max_train_steps", "3")
+    checkpoint = os.path.join(output_dir, "checkpoint-3")
+    target = {"optimizer": "optimizer.bin", "weights": os.path.join("transformer", "diffusion_pytorch_model.safetensors"),
+              "training_state": "training_state.json"}[damage]
+    with open(os.path.join(checkpoint, target), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(checkpoint, target)) // 3)
+    result = run(tiny_models, output_dir, *four, "--resume_from_checkpoint", "latest")
+    # Kept as it was, beside the checkpoint-3 the resumed run wrote anew.
+    assert os.path.getsize(os.path.join(checkpoint + ".unloadable", target)) < os.path.getsize(os.path.join(checkpoint, target))
+    assert "checkpoint-3 does not load" in result.stderr and "set aside as checkpoint-3.unloadable" in result.stderr
+    published = final_weights(output_dir)
+    assert all(torch.equal(published[name], four_steps[name]) for name in four_steps)
