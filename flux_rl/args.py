@@ -404,8 +404,6 @@ def validate_common_args(args):
     from .checkpoints import check_resume_config, earlier_run_outputs, earlier_run_paths, inside, resolve_resume
     from .models import LORA_WEIGHTS_NAME
 
-    if not getattr(args, "resume_from_checkpoint", None):  # evaluate_flux.py shares run_cli and has no checkpoints
-        return None
     path = resolve_resume(args.resume_from_checkpoint, args.output_dir)  # one-line error when missing
     if path:
         check_resume_config(path, args)
