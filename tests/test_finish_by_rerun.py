@@ -58,6 +58,8 @@ def test_a_run_killed_while_publishing_finishes_when_rerun(stage, tiny_models, u
     assert all(torch.equal(published[name], uninterrupted[name]) for name in published)
     leftovers = [name for name in os.listdir(output_dir) if name.endswith((".tmp", ".old"))]
     assert not leftovers and os.path.exists(os.path.join(output_dir, "README.md"))
+    if stage != "before_card":  # once is enough for what follows
+        return
     # A finished run rerun (a job script that reruns until success): exit 0 at once, naming the weights, touching nothing.
     before = {name: os.path.getmtime(os.path.join(output_dir, name)) for name in os.listdir(output_dir)}
     result = run(tiny_models, output_dir, "--resume_from_checkpoint", "latest")
