@@ -7,7 +7,21 @@ import os
 from .errors import ConfigurationError  # noqa: F401  (scripts and tests name it from here too)
 
 
+def one_line_errors(parser: argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a missing value) as the one line run_cli prints, not its
+    usage dump of every flag; a negative number after a flag reads as a flag to argparse, so say how to write it."""
+    def error(message):
+        if "expected one argument" in message:
+            flag = message.split(":")[0].replace("argument ", "").split("/")[0].strip()
+            message += f" (a negative number? write {flag}=-1e-4, with '=')"
+        fail(f"{message}; `python {parser.prog} --help` lists the flags")
+
+    parser.error = error
+    return parser
+
+
 def add_common_args(parser: argparse.ArgumentParser):
+    one_line_errors(parser)
     a = parser.add_argument
     # Model and data
     a("--pretrained_model_name_or_path", type=str, default=None, help="FLUX folder or hub id, e.g. black-forest-labs/FLUX.1-dev.")
@@ -371,6 +385,11 @@ def validate_common_args(args):
     for flag in ("attention_backend", "rollout_attention_backend"):
         if getattr(args, flag, None) is not None:
             _check_attention_backend(flag, getattr(args, flag))
+    if mixed_precision(args) == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():  # accelerate would take it and run a CPU's fp16 autocast, slowly or not at all
+            fail("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
     if args.rollout_attention_backend == "_native_cudnn" and mixed_precision(args) == "no":
         # fp32 weights roll out in fp32, which cuDNN's attention does not take: torch would stop at the first rollout.
         fail("--rollout_attention_backend _native_cudnn takes bf16 or fp16 only; add --mixed_precision bf16 or drop the flag")
@@ -389,7 +408,7 @@ def validate_common_args(args):
         fail("--hub_token would be logged to wandb; run `hf auth login` instead of passing the token")
     for flag in ("pretrained_model_name_or_path", "reward_models_dir", "train_data_dir"):
         value = getattr(args, flag, None)
-        if value and (value.startswith((".", "/")) or flag != "pretrained_model_name_or_path") and not os.path.exists(value):
+        if value and (flag != "pretrained_model_name_or_path" or looks_like_a_local_folder(value)) and not os.path.exists(value):
             fail(f"--{flag} {value}: no such folder")
     import importlib.util
 
@@ -431,6 +450,13 @@ def validate_common_args(args):
 
     import_reward_modules(args.reward_module)  # before the spec is read: they add names to it
     parse_reward_spec(args.reward)
+
+
+def looks_like_a_local_folder(value: str) -> bool:
+    """A path rather than a Hub id ("org/name"): it starts with . or /, has more than one /, or its first
+    part is a folder here (tiny-models/flx, a typo of tiny-models/flux, is not asked of the Hub for 25 s)."""
+    parts = value.split("/")
+    return value.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
 
 
 def check_init_lora(args, path: str | None = None):

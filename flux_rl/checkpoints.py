@@ -56,6 +56,7 @@ def publish(output_dir: str, name: str, write) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     write(staging)
+    readable_as_usual(staging)
     source, target = os.path.join(staging, name), os.path.join(output_dir, name)
     if os.path.isdir(target):  # a folder cannot be renamed over a full one: the old one steps aside first
         previous = target + ".old"
@@ -68,6 +69,17 @@ def publish(output_dir: str, name: str, write) -> str:
     shutil.rmtree(staging)
     shutil.rmtree(target + ".old", ignore_errors=True)  # left by a run killed between the two renames above
     return target
+
+
+def readable_as_usual(folder: str):
+    """Files under `folder` get the mode a new file gets here (0644 under the usual umask 022):
+    safetensors writes its files 0600, which other users of a shared node or a serving process
+    under another account could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def read_training_state(path: str) -> dict | None:

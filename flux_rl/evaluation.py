@@ -22,6 +22,8 @@ METRIC_NOTES = {
     "imagereward": "ImageReward: human preference, normalised (about -2 to 2)",
     "clip": "CLIP score: text-image agreement, cosine of CLIP ViT-H-14 features",
     "sgp_hps": 'SGP-HPS: HPSv2.1 with "Realistic photo" minus with "CG Render" prepended (paper 4.2): realism',
+    "toy_colour": "analytic: cosine of the image's mean colour with the colour words of the prompt (rewards/analytic.py)",
+    "toy_brightness": "analytic: the mean pixel (rewards/analytic.py)",
 }
 SGP_WANTED, SGP_UNWANTED = "Realistic photo", "CG Render"
 
@@ -201,7 +203,8 @@ def summary_table(rows, metrics, models) -> str:
     for row in rows:
         groups[(row["model"], "all")].append(row)
         groups[(row["model"], row["style"])].append(row)
-    styles = ["all"] + sorted({row["style"] for row in rows})
+    styles = sorted({row["style"] for row in rows})
+    styles = ["all"] + (styles if len(styles) > 1 else [])  # one style: its table would be "all prompts" again
     lines = []
     for style in styles:
         lines += [f"### {style}" if style != "all" else "### all prompts", "",

@@ -68,13 +68,13 @@ def write_model_card(output_dir, args, method, repo_id=None):
     base_source = f'"{base}"' + (f', revision="{args.revision}"' if getattr(args, "revision", None) else "")
     if use_lora:
         imports = "FluxPipeline"
-        load_code = (f'pipe = FluxPipeline.from_pretrained({base_source}, torch_dtype=torch.bfloat16).to("cuda")\n'
+        load_code = (f'pipe = FluxPipeline.from_pretrained({base_source}, dtype=torch.bfloat16).to("cuda")\n'
                      f'pipe.load_lora_weights("{weights}")')
     else:  # the trained transformer replaces the base model's; the rest of the pipeline is the base model's
         imports = "FluxPipeline, FluxTransformer2DModel"
-        load_code = (f'transformer = FluxTransformer2DModel.from_pretrained("{weights}", subfolder="transformer", torch_dtype=torch.bfloat16)\n'
+        load_code = (f'transformer = FluxTransformer2DModel.from_pretrained("{weights}", subfolder="transformer", dtype=torch.bfloat16)\n'
                      f'pipe = FluxPipeline.from_pretrained({base_source}, transformer=transformer, '
-                     'torch_dtype=torch.bfloat16).to("cuda")')
+                     'dtype=torch.bfloat16).to("cuda")')
     secret = {"hub_token"}
     config = "\n".join(f"{k} = {v}" for k, v in sorted(vars(args).items()) if k not in secret)
     license, license_name, license_link = BASE_LICENSES.get(base_id, ("other", None, None))

@@ -78,6 +78,8 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     for part in spec.split(","):
         name, _, weight = part.strip().partition(":")
         name = name.strip().lower()
+        if "=" in name and ":" not in part:
+            raise ValueError(f"--reward '{spec}': write each reward as name:weight, e.g. {name.replace('=', ':')}")
         if name not in REWARD_LOADERS:
             raise ValueError(f"unknown reward '{name}' in --reward '{spec}'; choose from {', '.join(REWARD_LOADERS)} "
                              "(or register your own with --reward_module)")

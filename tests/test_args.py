@@ -440,3 +440,24 @@ def test_cuda_only_attention_backend_refused_without_a_gpu(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="--rollout_attention_backend _native_cudnn needs a CUDA GPU"):
         train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--rollout_attention_backend", "_native_cudnn",
                                               "--mixed_precision", "bf16"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learning_rate", "-1e-4"], "expected one argument (a negative number? write --learning_rate=-1e-4, with '=')"),
+    (["--learning_rate=-1e-4"], "--learning_rate must be positive, got -0.0001"),
+    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1; `python "),
+    (["--reward", "hpsv2=1.0"], "write each reward as name:weight, e.g. hpsv2:1.0"),
+    (["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no"),
+    (["--pretrained_model_name_or_path", "tiny-models/flx"], "--pretrained_model_name_or_path tiny-models/flx: no such folder"),
+])
+def test_small_mistakes_are_one_line(flags, message, tmp_path, monkeypatch):
+    """argparse's own errors without its usage dump; a typo'd local folder is not asked of the Hub (its first
+    part, tiny-models/, is a folder here); fp16 refused where no GPU runs it."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-models").mkdir()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as error:
+        train_srpo_flux.parse_args(BASE + ["--output_dir", str(tmp_path / "out")] + flags)
+    assert message in str(error.value) and "\n" not in str(error.value)

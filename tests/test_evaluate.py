@@ -173,3 +173,14 @@ def _images(output_dir):
 def test_bad_evaluation_flags(extra, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         evaluate_flux.parse_args(["--pretrained_model_name_or_path", "x", "--cache_dir", str(tmp_path)] + extra)
+
+
+def test_one_style_gives_one_table():
+    """A --prompt_file has one style: its table would repeat the "all prompts" one."""
+    from flux_rl.evaluation import summary_table
+
+    rows = [{"model": model, "style": "prompts", "toy_brightness": str(value)} for model, value in (("base", 0.4), ("srpo", 0.6))]
+    table = summary_table(rows, ["toy_brightness"], ["base", "srpo"])
+    assert table.count("### ") == 1 and "| srpo | 1 | 0.6000 |" in table and "analytic: the mean pixel" in table
+    rows.append({"model": "base", "style": "photo", "toy_brightness": "0.5"})
+    assert summary_table(rows, ["toy_brightness"], ["base", "srpo"]).count("### ") == 3

@@ -19,7 +19,7 @@ def test_model_card_and_push(tmp_path, monkeypatch):
     assert "hf_secret_token" not in card and "learning_rate = 0.0001" in card
     args.revision = "a1b2c3"  # the base the adapter was trained on is that revision
     hub.write_model_card(str(tmp_path), args, "srpo", "tiny-org/tiny-flux-srpo")
-    assert 'FluxPipeline.from_pretrained("tiny-org/tiny-flux", revision="a1b2c3", torch_dtype' in (tmp_path / "README.md").read_text()
+    assert 'FluxPipeline.from_pretrained("tiny-org/tiny-flux", revision="a1b2c3", dtype=' in (tmp_path / "README.md").read_text()
 
     calls = {}
 

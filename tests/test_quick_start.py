@@ -36,4 +36,7 @@ def test_readme_quick_start_changes_the_images(tiny_models, tmp_path):
     assert np.abs(after - before).mean() > 10, "the validation images should visibly change (mean difference in uint8 levels)"
     rewards = scalar_tags(output_dir)["validation/reward"]
     assert rewards[-1] > rewards[0] + 0.05, f"the validation reward should rise: {rewards}"
-    assert os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+    # Readable as any new file here (safetensors writes 0600, which another account serving the LoRA could not read).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(output_dir, "pytorch_lora_weights.safetensors")).st_mode & 0o777 == 0o666 & ~umask
