@@ -8,7 +8,13 @@ import sys
 from tests.conftest import REPO_ROOT
 
 
-def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 300, fsdp: bool = False,
+# A launched run is killed after this long: a hung collective must not hold CI to its 90 minutes, yet a loaded
+# machine (one run of the whole suite took 44 min on one) must not fail a run that is merely slow.
+# FLUX_RL_TEST_TIMEOUT raises it further.
+LAUNCH_TIMEOUT = float(os.environ.get("FLUX_RL_TEST_TIMEOUT", 1200))
+
+
+def launch(script: str, args: list[str], num_processes: int = 1, timeout: float = LAUNCH_TIMEOUT, fsdp: bool = False,
            expect_nonzero_exit: bool = False) -> subprocess.CompletedProcess:
     """`fsdp`: launch with configs/accelerate/fsdp.yaml as shipped (bar the process count and
     precision), through tests/fsdp_on_cpu.py, which lets accelerate use FSDP without a GPU.

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT
-from tests.launch import tiny_args
+from tests.launch import LAUNCH_TIMEOUT, tiny_args
 
 FLAGS = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--full_finetune", "--learning_rate", "1e-2", "--report_to", "none"]
 
@@ -23,7 +23,7 @@ def run(tiny_models, output_dir, *extra, stage=None, expect=0):
     script = ["tests/publish_kill_probe.py", "train_direct_align", stage] if stage else ["train_direct_align.py"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
     result = subprocess.run([sys.executable, *script, *tiny_args(tiny_models, output_dir, *FLAGS, *extra)], cwd=REPO_ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+                            env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert result.returncode == expect, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.launch import launch, tiny_args
+from tests.launch import LAUNCH_TIMEOUT, launch, tiny_args
 
 
 def test_ddp_two_processes(tiny_models, tmp_path):
@@ -107,7 +107,7 @@ def test_two_machines(tiny_models, tmp_path):
          "train_srpo_flux", *flags],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     for machine in machines:
-        _, stderr = machine.communicate(timeout=300)
+        _, stderr = machine.communicate(timeout=LAUNCH_TIMEOUT)
         assert machine.returncode == 0, stderr[-6000:]
     ranks = [json.load(open(os.path.join(output_dir, f"rank{i}.json"))) for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
