@@ -12,7 +12,7 @@ import os
 import torch
 
 from .base import RewardModel, host_to_device
-from .preprocess import clip_preprocess
+from .preprocess import clip_preprocess, hps_preprocess
 
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 CLIP_H14_HUB = "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -34,7 +34,9 @@ class OpenClipReward(RewardModel):
         self.std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
 
     def preprocess(self, images):
-        return clip_preprocess(images, self.image_size, self.mean, self.std)
+        # HPSv2.1 as its package scores (longest side + zero padding); CLIP-H as open_clip's transform (crop).
+        preprocess = hps_preprocess if self.name == "hpsv2" else clip_preprocess
+        return preprocess(images, self.image_size, self.mean, self.std)
 
     def image_tower(self):
         return self.model.visual

@@ -28,8 +28,8 @@ class PickScoreReward(RewardModel):
         self.mean, self.std = image_processor.image_mean, image_processor.image_std
         self.logit_scale = float(model.logit_scale.exp())
 
-    def preprocess(self, images):
-        return clip_preprocess(images, self.image_size, self.mean, self.std)
+    def preprocess(self, images):  # as CLIPImageProcessor: its centre crop floors the offset
+        return clip_preprocess(images, self.image_size, self.mean, self.std, crop_offset="floor")
 
     def image_tower(self):
         return self.model.vision_model
