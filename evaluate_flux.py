@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 import rewards
 from flux_rl import evaluation, hub
 from flux_rl.args import COMMON_RANGES, check_ranges, run_cli
+from flux_rl.errors import ConfigurationError
 
 
 def parse_args(input_args=None):
@@ -131,7 +132,10 @@ def load_metric_models(args, device, dtype):
     loaded = {}
     for name in dict.fromkeys(needed.values()):
         with hub.fetching(f"--metrics {name}", hub.REWARD_DOWNLOAD_ADVICE):
-            loaded[name] = rewards.load_reward_model(name, args.reward_models_dir, device, dtype)
+            try:
+                loaded[name] = rewards.load_reward_model(name, args.reward_models_dir, device, dtype)
+            except rewards.registry.RewardLoadError as error:  # damaged local weights: one line
+                raise ConfigurationError(str(error)) from None
     return {metric: loaded[name] for metric, name in needed.items()}
 
 

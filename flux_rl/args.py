@@ -331,6 +331,11 @@ def validate_common_args(args):
                  "num_validation_images", "validation_inference_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    import math
+
+    for flag, value in vars(args).items():  # nan passes every comparison, so every range check: refused first
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{flag} {value}: give a finite number")
     check_ranges(args, COMMON_RANGES)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         fail(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
@@ -410,6 +415,11 @@ def validate_common_args(args):
         value = getattr(args, flag, None)
         if value and (flag != "pretrained_model_name_or_path" or looks_like_a_local_folder(value)) and not os.path.exists(value):
             fail(f"--{flag} {value}: no such folder")
+    model = args.pretrained_model_name_or_path
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "model_index.json")):
+        fail(f"--pretrained_model_name_or_path {model}: no model_index.json in it; name a FluxPipeline folder (as save_pretrained "
+             "writes it, or a Hub snapshot) or a Hub id")
+    _check_output_dir_writable(args.output_dir)
     import importlib.util
 
     for name in trackers:
@@ -452,6 +462,20 @@ def validate_common_args(args):
     parse_reward_spec(args.reward)
 
 
+def _check_output_dir_writable(output_dir: str):
+    """--output_dir is a folder, or can become one, that this user can write (checked on the nearest
+    part of it that exists), before anything is loaded or trained."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        fail(f"--output_dir {output_dir} is a file; name a folder")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(f"--output_dir {output_dir}: {existing} is a file, so no folder can be made under it; name another --output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--output_dir {output_dir}: {existing} is not writable by this user; name another --output_dir")
+
+
 def looks_like_a_local_folder(value: str) -> bool:
     """A path rather than a Hub id ("org/name"): it starts with . or /, has more than one /, or its first
     part is a folder here (tiny-models/flx, a typo of tiny-models/flux, is not asked of the Hub for 25 s)."""
@@ -473,7 +497,7 @@ def check_init_lora(args, path: str | None = None):
 
     try:
         _, _, rank, alpha = lora_file_config(path)
-    except (OSError, StopIteration, ValueError) as error:
+    except Exception as error:  # OSError, a safetensors header that does not parse, no LoRA weights in it
         fail(f"--init_lora_weights {args.init_lora_weights}: not a LoRA file that FluxPipeline.load_lora_weights reads "
              f"({type(error).__name__}: {error})")
     if rank != args.rank:

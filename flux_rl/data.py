@@ -30,7 +30,15 @@ def load_prompts(dataset_name: str | None, prompt_column: str = "prompt", split:
     if os.path.isfile(path):
         if extension not in LOCAL_FORMATS:
             raise ConfigurationError(f"--dataset_name {path}: unknown file type '{extension}'; use one of {', '.join(LOCAL_FORMATS)}")
-        dataset = load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train", cache_dir=cache_dir)
+        if os.path.getsize(path) == 0:
+            raise ConfigurationError(f"--dataset_name {path}: the file is empty; write one prompt per line (or records with a "
+                                     f"'{prompt_column}' field)")
+        try:
+            dataset = load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train", cache_dir=cache_dir)
+        except Exception as error:  # datasets' DatasetGenerationError around pyarrow's ArrowInvalid, a JSON or CSV error
+            cause = error.__cause__ or error
+            raise ConfigurationError(f"--dataset_name {path}: not a readable {extension[1:]} file "
+                                     f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
         if extension == ".txt":
             prompt_column = "text"
     else:
@@ -96,7 +104,16 @@ def load_image_dataset(train_data_dir: str, prompt_column: str = "prompt", cache
 
     if not os.path.isdir(train_data_dir):
         raise ConfigurationError(f"--train_data_dir {train_data_dir}: no such folder")
-    dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
+    example = f'{{"file_name": "0.png", "{prompt_column}": "a cat"}}'
+    try:
+        dataset = load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
+    except Exception as error:  # an empty folder, a metadata file that does not parse
+        cause = error.__cause__ or error
+        raise ConfigurationError(f"--train_data_dir {train_data_dir}: not an image folder datasets reads ({type(cause).__name__}: "
+                                 f"{(str(cause).splitlines() or [''])[0]}); put images and a metadata.jsonl with lines like "
+                                 f"{example} in it") from None
+    if len(dataset) == 0:
+        raise ConfigurationError(f"--train_data_dir {train_data_dir}: no images; add images and a metadata.jsonl like {example}")
     if prompt_column not in dataset.column_names:
         raise ConfigurationError(
             f"--prompt_column '{prompt_column}' not in {train_data_dir}; add a metadata.jsonl with "

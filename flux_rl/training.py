@@ -448,8 +448,11 @@ def setup(args, method: str) -> Run:
             items = data.load_prompts(args.dataset_name, args.prompt_column, args.dataset_split, args.cache_dir, args.dataset_config_name)
     schedule = data.BatchSchedule(items, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
-    reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype,
-                                          loading=lambda name: hub.fetching(f"--reward {name}", hub.REWARD_DOWNLOAD_ADVICE))
+    try:
+        reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype,
+                                              loading=lambda name: hub.fetching(f"--reward {name}", hub.REWARD_DOWNLOAD_ADVICE))
+    except rewards.registry.RewardLoadError as error:
+        raise ConfigurationError(str(error)) from None
     if compiles_reward(args):
         try:  # under --compile alone, a reward of one's own without an image_tower() stays eager
             reward.compile_image_towers(args.compile_backend, args.compile_mode, required=args.compile_reward is True)

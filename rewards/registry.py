@@ -10,6 +10,7 @@ downloaded beforehand), else from its public source. Rewards of your own: a modu
 
 import contextlib
 import importlib
+import pickle
 import importlib.util
 import os
 import re
@@ -36,6 +37,11 @@ REWARD_LOADERS = {
     "toy_colour": load_toy_colour,
 }
 BUILT_IN_REWARDS = tuple(REWARD_LOADERS)
+
+
+class RewardLoadError(ValueError):
+    """A reward that does not load from its local files, or a loader of one's own that returns no RewardModel:
+    the trainers show it in one line (training.setup turns it into a ConfigurationError)."""
 
 
 def register_reward(name: str, loader) -> None:
@@ -100,9 +106,17 @@ def load_reward_model(name: str, reward_models_dir: str | None = None, device="c
     if reward_models_dir:
         candidate = os.path.join(reward_models_dir, name)
         source = candidate if os.path.exists(candidate) else None
-    model = REWARD_LOADERS[name](source, device=device, dtype=dtype)
+    try:
+        model = REWARD_LOADERS[name](source, device=device, dtype=dtype)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        if source is None:  # from the Hub: the trainers' loading context says what to do about a failed download
+            raise
+        # Damaged or half-downloaded weights in --reward_models_dir: torch.load, safetensors or transformers fail deep inside.
+        raise RewardLoadError(f"reward '{name}': its weights in {source} do not load ({type(error).__name__}: "
+                              f"{(str(error).splitlines() or [''])[0][:200]}); fetch them again with python -m rewards.download "
+                              f"--names {name}") from None
     if not isinstance(model, RewardModel):
-        raise ValueError(f"reward '{name}': its loader returned {type(model).__name__}, not a rewards.RewardModel")
+        raise RewardLoadError(f"reward '{name}': its loader returned {type(model).__name__}, not a rewards.RewardModel")
     return model.eval().requires_grad_(False)  # a reward is never trained (a module of one's own may forget it)
 
 
