@@ -107,9 +107,10 @@ def train(run: LearningRun, tiny_models: str, output_dir: str, steps: int = 30, 
     """Runs the trainer in this process (its parse_args and main, as `accelerate launch` would on one
     CPU process) and returns its output folder."""
     shutil.rmtree(output_dir, ignore_errors=True)
-    flags = [flag.format(offline_images=os.path.join(output_dir + "-images")) for flag in run.flags]
+    images = output_dir + "-images"
+    flags = [flag.format(offline_images=images) for flag in run.flags]
     if "--train_data_dir" in flags:
-        write_offline_images(output_dir + "-images")
+        write_offline_images(images)
     trainer = importlib.import_module(run.script)
     try:
         trainer.main(trainer.parse_args(tiny_flags(tiny_models, output_dir, steps, checkpointing_steps) + flags))
@@ -123,12 +124,13 @@ def train(run: LearningRun, tiny_models: str, output_dir: str, steps: int = 30, 
 
 
 def measure(images: torch.Tensor, name: str) -> torch.Tensor:
-    from rewards.analytic import colour_margin
+    """The held-out measure of each image: the colour margin, or the toy_brightness reward itself."""
+    from rewards.analytic import ToyBrightness, colour_margin
 
     if name == "red_minus_blue":
         return colour_margin(images, "red", "blue")
     if name == "brightness":
-        return images.float().mean(dim=(1, 2, 3))
+        return ToyBrightness()(images)
     raise ValueError(f"unknown measure {name}")
 
 
