@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 
 import rewards
 from flux_rl import evaluation, hub
-from flux_rl.args import COMMON_RANGES, check_ranges, run_cli
+from flux_rl.args import COMMON_RANGES, check_ranges, one_line_errors, run_cli
 from flux_rl.errors import ConfigurationError
+from flux_rl.launcher import add_launch_args
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     a = parser.add_argument
     a("--pretrained_model_name_or_path", type=str, required=True)
     a("--cache_dir", type=str, default=None, help="Where FLUX is downloaded and cached (default: the Hugging Face cache).")
@@ -54,6 +55,8 @@ def parse_args(input_args=None):
     a("--batch_size", type=int, default=4)
     a("--num_grid_prompts", type=int, default=4, help="Prompts per style in the side-by-side grids.")
     a("--mixed_precision", type=str, default="bf16", choices=["no", "fp16", "bf16"])
+    a("--verbose", action="store_true", help="Show the libraries' own loading bars and warnings too.")
+    add_launch_args(parser)
     args = parser.parse_args(input_args)
     if bool(args.hpdv2_benchmark_dir) == bool(args.prompt_file):
         raise ValueError("give exactly one of --hpdv2_benchmark_dir and --prompt_file")
@@ -176,6 +179,8 @@ def main(args):
     from accelerate.utils import parse_flag_from_env
     from diffusers import FluxPipeline
 
+    from flux_rl.training import quiet_libraries
+
     # One process (python evaluate_flux.py) or one per GPU (accelerate launch). AcceleratorState reads
     # ACCELERATE_USE_CPU itself; PartialState must be told (processes on the CPU, over gloo).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -183,13 +188,14 @@ def main(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32) if device.type == "cuda" else torch.float32
     items = evaluation.load_benchmark(args.hpdv2_benchmark_dir, args.prompt_file, args.prompts_per_style)
     variants = [evaluation.ModelVariant("base", None)] + [evaluation.ModelVariant(n, p) for n, p in args.model_specs]
+    quiet_libraries(args.verbose)
+    # Loaded first so that a missing reward model fails before hours of generation (and before anything is
+    # written to --output_dir); kept on the CPU until scoring, so generation has the GPU memory.
+    metric_models = load_metric_models(args, "cpu", dtype) if state.is_main_process else None
     if state.is_main_process:
+        hub.check_base_model_reachable(args.pretrained_model_name_or_path, cache_dir=args.cache_dir)
         os.makedirs(args.output_dir, exist_ok=True)
         check_earlier_images(args, variants, items, dtype)
-        hub.check_base_model_reachable(args.pretrained_model_name_or_path, cache_dir=args.cache_dir)
-    # Loaded first so that a missing reward model fails before hours of generation; kept on the
-    # CPU until scoring, so generation has the GPU memory.
-    metric_models = load_metric_models(args, "cpu", dtype) if state.is_main_process else None
     todo = images_to_generate(args, variants, items, state)
     pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype, cache_dir=args.cache_dir).to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -5,6 +5,8 @@ import argparse
 import os
 
 from .errors import ConfigurationError  # noqa: F401  (scripts and tests name it from here too)
+from . import launcher
+from .launcher import add_launch_args
 
 
 def one_line_errors(parser: argparse.ArgumentParser):
@@ -165,7 +167,12 @@ def add_common_args(parser: argparse.ArgumentParser):
       help="Images per validation prompt, rendered one batch of the prompts at a time (a grid row per prompt).")
     a("--push_to_hub", action="store_true")
     a("--hub_model_id", type=str, default=None)
-    a("--hub_token", type=str, default=None)
+    a("--hub_token", type=str, default=None,
+      help="Refused: a token on the command line shows in `ps`, shell history and job logs. Run `hf auth login` once, "
+           "or set HF_TOKEN in the environment.")
+    a("--verbose", action="store_true",
+      help="Show the libraries' own output too: diffusers', transformers' and datasets' loading bars and warnings.")
+    add_launch_args(parser)
     return parser
 
 
@@ -207,14 +214,20 @@ def parse_pair(text, flag: str, cast=float) -> tuple:
 def run_cli(parse_args, main):
     """`python script.py ...`: a configuration error prints one line and exits with status 2,
     as argparse does, instead of a traceback. While parsing every ValueError is the input's;
-    once running, only a ConfigurationError is (any other error keeps its traceback)."""
+    once running, only a ConfigurationError is (any other error keeps its traceback).
+    With --num_processes or --accelerate_config this process checks the flags, then starts the
+    workers (flux_rl.launcher) and exits with their status."""
     import sys
 
     def exit_with(error):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
+    request = launcher.launch_request(sys.argv[1:])
     try:
+        if request:
+            environment, count = launcher.worker_environment(request)
+            os.environ.update(environment)  # the flags are checked as the workers will see them (FSDP or not)
         args = parse_args()
     except ValueError as error:
         exit_with(error)
@@ -223,6 +236,8 @@ def run_cli(parse_args, main):
             print(f"{args.output_dir} holds a finished run ({args.max_train_steps} steps): its weights are {weights}, "
                   f"its model card {os.path.join(args.output_dir, 'README.md')}; nothing to do")
         return
+    if request:
+        sys.exit(launcher.run_workers(environment, count, sys.argv))
     try:
         main(args)
     except ConfigurationError as error:
@@ -409,8 +424,9 @@ def validate_common_args(args):
         fail("--validation_steps renders --validation_prompt, which is not given: add e.g. --validation_prompt \"a photo of a cat\"")
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id (e.g. your-name/flux-srpo-lora)")
-    if args.hub_token and {"wandb", "all"} & set(trackers):  # wandb records the command line with the run
-        fail("--hub_token would be logged to wandb; run `hf auth login` instead of passing the token")
+    if args.hub_token:  # never echoed: the value is the secret
+        fail("--hub_token: a token on the command line shows in `ps`, shell history and logs; drop it and run "
+             "`hf auth login` once, or set HF_TOKEN")
     for flag in ("pretrained_model_name_or_path", "reward_models_dir", "train_data_dir"):
         value = getattr(args, flag, None)
         if value and (flag != "pretrained_model_name_or_path" or looks_like_a_local_folder(value)) and not os.path.exists(value):
@@ -420,6 +436,9 @@ def validate_common_args(args):
         fail(f"--pretrained_model_name_or_path {model}: no model_index.json in it; name a FluxPipeline folder (as save_pretrained "
              "writes it, or a Hub snapshot) or a Hub id")
     _check_output_dir_writable(args.output_dir)
+    from .checkpoints import check_free_space
+
+    check_free_space(args)
     import importlib.util
 
     for name in trackers:
@@ -506,13 +525,15 @@ def check_init_lora(args, path: str | None = None):
         fail(f"--init_lora_weights {args.init_lora_weights} was trained with lora_alpha {alpha}; pass --lora_alpha {alpha:g}")
 
 
+# diffusers.optimization.SchedulerType's values, written out so that checking the flag does not import
+# diffusers (3 s); tests/test_args.py holds the two equal.
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant"]
+
+
 def _check_names_used_after_loading(args):
     """Names that diffusers and torch.compile would refuse only once the models are loaded."""
-    from diffusers.optimization import SchedulerType
-
-    schedulers = [kind.value for kind in SchedulerType]
-    if args.lr_scheduler not in schedulers:
-        fail(f"--lr_scheduler {args.lr_scheduler}: choose one of {', '.join(schedulers)}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        fail(f"--lr_scheduler {args.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}")
     if not (args.compile or args.compile_vae or compiles_reward(args)):
         return
     import torch._dynamo

@@ -237,3 +237,71 @@ def load_checkpoint(accelerator, path: str) -> int:
     accelerator.load_state(path)
     with open(os.path.join(path, "training_state.json")) as f:
         return int(json.load(f)["global_step"])
+
+
+# FLUX.1-dev's transformer's parameter count: the size of a full fine-tune's checkpoint when FLUX is a Hub id not
+# downloaded yet.
+FLUX_DEV_PARAMETERS = 11_901_408_320
+
+
+def checkpoint_bytes(args) -> int | None:
+    """About how many bytes one checkpoint of this run takes: the trained weights and AdamW's two
+    moments (fp32; 8-bit Adam's in one byte each; --bf16_weights' weights in two), read from the
+    shapes in the local transformer's safetensors headers (no weights read). None when FLUX is a Hub
+    id not downloaded yet and the run is LoRA (the adapters' size needs the shapes)."""
+    import glob
+    import struct
+
+    from .models import FLUX_LINEAR_LAYERS, lora_targets
+
+    shapes = {}
+    for path in glob.glob(os.path.join(args.pretrained_model_name_or_path, "transformer", "*.safetensors")):
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            return None  # a damaged file is reported where it is loaded
+        shapes.update({name: entry["shape"] for name, entry in header.items() if name != "__metadata__"})
+    moment_bytes = 2 if args.use_8bit_adam else 8
+    if args.full_finetune:
+        parameters = sum(_numel(shape) for shape in shapes.values()) if shapes else FLUX_DEV_PARAMETERS
+        return parameters * ((2 if args.bf16_weights else 4) + moment_bytes)
+    if not shapes:
+        return None
+    targets = lora_targets(args.lora_target_modules)
+    linear = {name.split(".0.", 1)[-1] if name.startswith(("transformer_blocks", "single_transformer_blocks")) else name
+              for name in FLUX_LINEAR_LAYERS}
+    parameters = 0
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight")
+        if len(shape) != 2 or not name.endswith(".weight"):
+            continue
+        layer = re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", module)
+        if layer in linear and any(module == t or module.endswith("." + t) for t in targets):
+            parameters += args.rank * (shape[0] + shape[1])
+    return parameters * (4 + moment_bytes)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def check_free_space(args):
+    """A one-line error when the disk of --output_dir has less room than one checkpoint and the final
+    weights need (a full disk otherwise stops the run at its first checkpoint with a bare
+    'unexpected pos' from torch's writer)."""
+    import shutil
+
+    needed = checkpoint_bytes(args)
+    if needed is None:
+        return
+    folder = os.path.abspath(args.output_dir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.2:  # the checkpoint, the final weights (a third of it in fp32) and some slack
+        raise ConfigurationError(f"--output_dir {args.output_dir}: a checkpoint of this run takes about {needed / 1e9:.2f} GB "
+                                 f"and its disk has {free / 1e9:.2f} GB free; free some space or choose another --output_dir")

@@ -1,7 +1,8 @@
 """FLUX latent packing (2x2 patches into tokens), VAE decode with gradient, VAE encode."""
 
 import torch
-from diffusers import FluxPipeline
+
+# diffusers is imported where it is used: importing it takes 3 s, and `--help` or a mistyped flag should answer at once.
 
 
 def latent_shape(vae_scale_factor: int, latent_channels: int, height: int, width: int) -> tuple[int, int, int]:
@@ -10,15 +11,21 @@ def latent_shape(vae_scale_factor: int, latent_channels: int, height: int, width
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
     batch, channels, height, width = latents.shape
     return FluxPipeline._pack_latents(latents, batch, channels, height, width)
 
 
 def unpack(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
     return FluxPipeline._unpack_latents(latents, height, width, vae_scale_factor)
 
 
 def image_ids(height: int, width: int, vae_scale_factor: int, device, dtype) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
     latent_h, latent_w = height // (vae_scale_factor * 2), width // (vae_scale_factor * 2)
     return FluxPipeline._prepare_latent_image_ids(1, latent_h, latent_w, device, dtype)
 

@@ -43,27 +43,31 @@ def lora_targets(flag_value: str | None) -> list[str]:
     return [name.strip() for name in flag_value.split(",") if name.strip()]
 
 
+# Every linear layer of FLUX.1's transformer, named as in one double and one single block (the other blocks
+# repeat these names with their own index): --lora_layers is checked against it without importing diffusers
+# (3 s) or building the model. tests/test_args.py holds it equal to diffusers' FluxTransformer2DModel.
+_DOUBLE = "transformer_blocks.0."
+_SINGLE = "single_transformer_blocks.0."
+FLUX_LINEAR_LAYERS = [
+    *[f"time_text_embed.{embedder}.linear_{i}" for embedder in ("timestep_embedder", "guidance_embedder", "text_embedder")
+      for i in (1, 2)],
+    "context_embedder", "x_embedder",
+    *[_DOUBLE + name for name in ("norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+                                  "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")],
+    *[_SINGLE + name for name in ("norm.linear", "proj_mlp", "proj_out", "attn.to_q", "attn.to_k", "attn.to_v")],
+    "norm_out.linear", "proj_out",
+]
+
+
 def check_lora_targets(targets: list[str]):
-    """Each target names at least one linear layer of FLUX's transformer, checked on a one-block
-    copy built on the meta device (module names do not depend on the model's size), before any
-    weights load. peft itself refuses only a list where nothing matches: a typo beside a good name
+    """Each target names at least one linear layer of FLUX's transformer (FLUX_LINEAR_LAYERS), before
+    any weights load. peft itself refuses only a list where nothing matches: a typo beside a good name
     would train without that adapter and say nothing."""
-    from diffusers import FluxTransformer2DModel
-
-    from .tiny_models import TINY_TRANSFORMER
-
-    with torch.device("meta"):
-        skeleton = FluxTransformer2DModel(**TINY_TRANSFORMER)  # FLUX.1-dev's layout, one block of each kind
-    modules = dict(skeleton.named_modules())
     for target in targets:
-        matches = [module for name, module in modules.items() if name == target or name.endswith("." + target)]
-        if not matches:
-            raise ValueError(f"--lora_target_modules: '{target}' names no layer of the FLUX transformer; "
-                             f"use names like {','.join(DEFAULT_LORA_TARGETS)},proj_mlp,proj_out,ff.net.2")
-        if not all(isinstance(module, torch.nn.Linear) for module in matches):
-            kind = next(type(m).__name__ for m in matches if not isinstance(m, torch.nn.Linear))
-            raise ValueError(f"--lora_target_modules: '{target}' names a {kind}, not a linear layer; name its projections "
-                             f"(e.g. to_q) instead")
+        if not any(name == target or name.endswith("." + target) for name in FLUX_LINEAR_LAYERS):
+            raise ValueError(f"--lora_target_modules: '{target}' names no linear layer of the FLUX transformer; "
+                             "use a preset (default, attention, all-linear) or names such as to_q,to_k,to_v,proj_mlp,ff.net.2")
 
 
 def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0):

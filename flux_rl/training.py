@@ -364,6 +364,26 @@ def continue_lr_schedule(lr_scheduler, step: int, base_lr: float):
     scheduler.step()
 
 
+def quiet_libraries(verbose: bool):
+    """A console with this run's own lines: the libraries' loading bars (diffusers' "Loading pipeline
+    components", transformers' "Loading weights", datasets' and the Hub's) and their warnings (e.g. a
+    prompt cut at --max_sequence_length, every step) only with --verbose."""
+    if verbose:
+        return
+    import datasets
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.disable_progress_bar()
+        library.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    # datasets logs a file it cannot parse at ERROR, with pyarrow's words; data.load_prompts says it in one line.
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def start_trackers(accelerator, args, method: str):
     """--report_to's trackers. wandb that cannot start (not logged in, its server out of reach) is a
     one-line error naming the ways out."""
@@ -424,20 +444,12 @@ def setup(args, method: str) -> Run:
     # open_clip logs its loading steps at INFO on the root logger: keep the root at WARNING.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("flux_rl").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    quiet_libraries(args.verbose)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        if args.push_to_hub:
-            hub.create_repo_before_training(args.hub_model_id, args.hub_token)
-        os.makedirs(args.output_dir, exist_ok=True)
-        if args.overwrite_output_dir and not args.resume_from_checkpoint:
-            checkpoints.remove_earlier_run(args.output_dir, args.logging_dir, logger)
-    accelerator.wait_for_everyone()
-    resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if accelerator.is_main_process:  # before any model loads: wandb without a login fails here, not after FLUX's load
-        start_trackers(accelerator, args, method)
 
-    # Smallest first, so that a wrong column or reward file is reported before FLUX's 33 GB load.
+    # The inputs first, smallest first, so that a wrong column or reward file is reported before FLUX's 33 GB load
+    # and before anything is written to --output_dir (its folder, logs, an earlier run removed).
     image_dataset = None
     with accelerator.main_process_first():  # one process downloads and converts into datasets' cache; the others read it
         hub.check_base_model_reachable(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
@@ -458,6 +470,16 @@ def setup(args, method: str) -> Run:
             reward.compile_image_towers(args.compile_backend, args.compile_mode, required=args.compile_reward is True)
         except ValueError as error:  # a reward of one's own without an image_tower()
             raise ConfigurationError(str(error)) from None
+    if accelerator.is_main_process:
+        if args.push_to_hub:
+            hub.create_repo_before_training(args.hub_model_id, args.hub_token)
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            checkpoints.remove_earlier_run(args.output_dir, args.logging_dir, logger)
+    accelerator.wait_for_everyone()
+    resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if accelerator.is_main_process:  # before FLUX loads: wandb without a login fails here, not after FLUX's load
+        start_trackers(accelerator, args, method)
     set_seed(args.seed)  # after the rewards' random initialisation: the LoRA init must not depend on the reward chosen
     pipeline = models.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype=weight_dtype,
                                     cache_dir=args.cache_dir)
@@ -533,6 +555,21 @@ def finish(run: Run):
             repo_id = hub.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
             logger.info(f"pushed to https://huggingface.co/{repo_id}")
     accelerator.end_training()
+    if accelerator.is_main_process:
+        print(final_line(args), flush=True)
+
+
+def final_line(args) -> str:
+    """What the run wrote, and where: the last line a user sees."""
+    weights = os.path.join(args.output_dir, "transformer" if args.full_finetune else models.LORA_WEIGHTS_NAME)
+    line = f"saved {'the fine-tuned transformer' if args.full_finetune else 'LoRA weights'} to {weights}, " \
+           f"the model card to {os.path.join(args.output_dir, 'README.md')}"
+    if chosen_trackers(args.report_to) != ["none"]:
+        logs = os.path.join(args.output_dir, args.logging_dir)
+        line += f", logs to {logs}" + (f" (tensorboard --logdir {logs})" if "tensorboard" in args.report_to else "")
+    if args.validation_prompt:
+        line += f", validation images to {os.path.join(args.output_dir, 'validation')}"
+    return line
 
 
 def reward_loss(reward: torch.Tensor, args) -> torch.Tensor:

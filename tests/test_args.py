@@ -54,8 +54,8 @@ BASE = ["--pretrained_model_name_or_path", "does/not-matter-it-is-never-loaded"]
         (["--lr_power", "-1"], "--lr_power must be positive"),
         (["--lr_scheduler", "polynomial", "--learning_rate", "1e-8"], "--lr_scheduler polynomial decays to 1e-7, so --learning_rate"),
         # peft refuses only a list where nothing matches; a typo beside a good name would go unnoticed.
-        (["--lora_target_modules", "to_q,to_vv"], "--lora_target_modules: 'to_vv' names no layer of the FLUX transformer"),
-        (["--lora_target_modules", "attn"], "'attn' names a FluxAttention, not a linear layer"),
+        (["--lora_target_modules", "to_q,to_vv"], "--lora_target_modules: 'to_vv' names no linear layer of the FLUX transformer"),
+        (["--lora_target_modules", "attn"], "'attn' names no linear layer"),
         (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler cosine_annealing: choose one of linear, cosine"),
         (["--compile", "--compile_mode", "max_autotune"], "--compile_mode max_autotune: choose one of .*max-autotune-no-cudagraphs"),
         (["--compile_vae", "--compile_backend", "inductr"], "--compile_backend inductr: choose one of torch.compile's backends"),
@@ -462,3 +462,38 @@ def test_small_mistakes_are_one_line(flags, message, tmp_path, monkeypatch):
     with pytest.raises(ValueError) as error:
         train_srpo_flux.parse_args(BASE + ["--output_dir", str(tmp_path / "out")] + flags)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_tables_written_out_to_check_flags_fast_are_diffusers_own():
+    """--lora_layers and --lr_scheduler are checked against tables written out in flux_rl (so that a mistake
+    is reported without importing diffusers); they must be what the pinned diffusers has."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from diffusers.optimization import SchedulerType
+
+    from flux_rl.args import LR_SCHEDULERS
+    from flux_rl.models import FLUX_LINEAR_LAYERS
+    from flux_rl.tiny_models import TINY_TRANSFORMER
+
+    with torch.device("meta"):
+        skeleton = FluxTransformer2DModel(**TINY_TRANSFORMER)  # one block of each kind, FLUX.1-dev's names
+    assert sorted(FLUX_LINEAR_LAYERS) == sorted(name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear))
+    assert LR_SCHEDULERS == [kind.value for kind in SchedulerType]
+
+
+def test_help_and_flag_mistakes_do_not_import_diffusers(tmp_path):
+    """`--help` and a mistyped flag answer before diffusers (3 s to import) or any model loads."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    probe = ("import runpy, sys\n"
+             "sys.argv = sys.argv[1:]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as end:\n    print('exit', end.code, 'diffusers' in sys.modules, 'transformers' in sys.modules)\n")
+    for script in ("train_srpo_flux.py", "train_direct_align.py", "train_refl_baseline.py", "train_draft_baseline.py"):
+        for flags, status in ((["--help"], 0), (["--pretrained_model_name_or_path", "tiny-models/flux", "--output_dir", str(tmp_path),
+                                                 "--lora_layers", "to_qq"], 2)):
+            result = subprocess.run([sys.executable, "-c", probe, script, *flags], cwd=REPO_ROOT, capture_output=True, text=True)
+            assert result.stdout.splitlines()[-1] == f"exit {status} False False", (script, flags, result.stdout[-500:], result.stderr[-2000:])
