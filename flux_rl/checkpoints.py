@@ -239,35 +239,37 @@ def load_checkpoint(accelerator, path: str) -> int:
         return int(json.load(f)["global_step"])
 
 
-# FLUX.1-dev's transformer's parameter count: the size of a full fine-tune's checkpoint when FLUX is a Hub id not
-# downloaded yet.
-FLUX_DEV_PARAMETERS = 11_901_408_320
-
-
 def checkpoint_bytes(args) -> int | None:
     """About how many bytes one checkpoint of this run takes: the trained weights and AdamW's two
-    moments (fp32; 8-bit Adam's in one byte each; --bf16_weights' weights in two), read from the
-    shapes in the local transformer's safetensors headers (no weights read). None when FLUX is a Hub
-    id not downloaded yet and the run is LoRA (the adapters' size needs the shapes)."""
+    moments (fp32; 8-bit Adam's in one byte each; --bf16_weights' weights in two), from the shapes in
+    the transformer's safetensors headers (no weights read), in its folder or in the Hub cache. None
+    when FLUX is a Hub id not downloaded yet (it is checked on the next run, once in the cache)."""
     import glob
     import struct
 
     from .models import FLUX_LINEAR_LAYERS, lora_targets
 
+    model = args.pretrained_model_name_or_path
+    if not os.path.isdir(model):
+        try:
+            from huggingface_hub import snapshot_download
+
+            model = snapshot_download(model, revision=args.revision, cache_dir=args.cache_dir, local_files_only=True)
+        except Exception:  # not in the cache (or not a repository id at all): nothing to read the sizes from
+            return None
     shapes = {}
-    for path in glob.glob(os.path.join(args.pretrained_model_name_or_path, "transformer", "*.safetensors")):
+    for path in glob.glob(os.path.join(model, "transformer", "*.safetensors")):
         try:
             with open(path, "rb") as f:
                 header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
         except (OSError, ValueError, struct.error):
             return None  # a damaged file is reported where it is loaded
         shapes.update({name: entry["shape"] for name, entry in header.items() if name != "__metadata__"})
-    moment_bytes = 2 if args.use_8bit_adam else 8
-    if args.full_finetune:
-        parameters = sum(_numel(shape) for shape in shapes.values()) if shapes else FLUX_DEV_PARAMETERS
-        return parameters * ((2 if args.bf16_weights else 4) + moment_bytes)
     if not shapes:
         return None
+    moment_bytes = 2 if args.use_8bit_adam else 8
+    if args.full_finetune:
+        return sum(_numel(shape) for shape in shapes.values()) * ((2 if args.bf16_weights else 4) + moment_bytes)
     targets = lora_targets(args.lora_target_modules)
     linear = {name.split(".0.", 1)[-1] if name.startswith(("transformer_blocks", "single_transformer_blocks")) else name
               for name in FLUX_LINEAR_LAYERS}

@@ -286,3 +286,30 @@ def test_under_accelerate_launch_the_line_is_there_and_no_secret(processes, tiny
                             capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(lines) == 1 and "the file is empty" in lines[0], result.stderr[-3000:]
+
+
+def test_a_mistake_only_one_worker_finds_is_shown(tiny_models, tmp_path):
+    """Rank 1 alone refuses its reward (rank 0 waits for it at the next collective): its line is the one shown,
+    once, with its status; rank 0's stop adds nothing."""
+    module = write(f"{tmp_path}/rank_one.py", b"import os\nfrom rewards import register_reward\n"
+                   b"from rewards.analytic import load_toy_brightness\n"
+                   b"register_reward('rank_one', lambda source, device, dtype: None if os.environ['RANK'] == '1' "
+                   b"else load_toy_brightness(source, device, dtype))\n")
+    result, seconds = run_as_user([sys.executable], tiny_models, str(tmp_path / "run"),
+                                  ["--reward_module", module, "--reward", "rank_one:1.0", "--num_processes", "2",
+                                   "--main_process_port", str(free_port())])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == ["error: reward 'rank_one': its loader returned NoneType, not a rewards.RewardModel"], \
+        result.stderr[-3000:]
+
+
+def test_two_processes_started_by_the_script_train(tiny_models, tmp_path):
+    """`python train_srpo_flux.py --num_processes 2` runs two data-parallel workers to the end: exit 0, the
+    weights, and the final line once."""
+    output_dir = tmp_path / "run"
+    result, seconds = run_as_user([sys.executable], tiny_models, str(output_dir),
+                                  ["--max_train_steps", "2", "--num_processes", "2", "--main_process_port", str(free_port())])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es), effective batch 2" in result.stderr
+    assert result.stdout.count("saved LoRA weights to") == 1 and (output_dir / "pytorch_lora_weights.safetensors").exists()
+    assert "Loading pipeline components" not in result.stderr  # the libraries' bars: only with --verbose
