@@ -76,6 +76,7 @@ def parse_args(input_args=None):
         *[entry for entry in COMMON_RANGES if entry[0] == "max_sequence_length"],
     ])
     args.model_specs = evaluation.parse_model_specs(args.models, args.cache_dir)
+    args.benchmark_items = evaluation.load_benchmark(args.hpdv2_benchmark_dir, args.prompt_file, args.prompts_per_style)
     return args
 
 
@@ -186,7 +187,7 @@ def main(args):
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32) if device.type == "cuda" else torch.float32
-    items = evaluation.load_benchmark(args.hpdv2_benchmark_dir, args.prompt_file, args.prompts_per_style)
+    items = args.benchmark_items
     variants = [evaluation.ModelVariant("base", None)] + [evaluation.ModelVariant(n, p) for n, p in args.model_specs]
     quiet_libraries(args.verbose)
     # Loaded first so that a missing reward model fails before hours of generation (and before anything is

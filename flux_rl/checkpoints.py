@@ -31,7 +31,17 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     if accelerator.is_main_process and os.path.exists(temporary):
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
+    try:
+        accelerator.save_state(temporary)
+    except (OSError, RuntimeError) as error:  # a full disk reads as torch's "unexpected pos N vs M"
+        if not disk_full(output_dir, error):
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)
+        earlier = list_checkpoints(output_dir)
+        raise ConfigurationError(f"checkpoint-{step} could not be written: the disk of --output_dir {output_dir} is full "
+                                 f"({shutil.disk_usage(output_dir).free / 1e9:.2f} GB free); "
+                                 + (f"{earlier[-1]} is intact: free some space and rerun with --resume_from_checkpoint latest"
+                                    if earlier else "free some space and rerun")) from None
     accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
     if accelerator.is_main_process:
         with open(os.path.join(temporary, "training_state.json"), "w") as f:
@@ -46,6 +56,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
                     logger.info(f"removed old checkpoint {stale}")
     accelerator.wait_for_everyone()
     return final
+
+
+def disk_full(folder: str, error: Exception) -> bool:
+    """Whether `error`, raised while writing under `folder`, came from a full disk: ENOSPC, or torch's
+    zip writer's "unexpected pos" with (almost) nothing left free."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return "unexpected pos" in str(error) and shutil.disk_usage(folder).free < 2**28
 
 
 def publish(output_dir: str, name: str, write) -> str:

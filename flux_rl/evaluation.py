@@ -46,8 +46,15 @@ def load_benchmark(hpdv2_benchmark_dir=None, prompt_file=None, prompts_per_style
             path = os.path.join(hpdv2_benchmark_dir, f"{style}.json")
             if not os.path.exists(path):
                 raise ConfigurationError(f"--hpdv2_benchmark_dir {hpdv2_benchmark_dir}: missing {style}.json (download benchmark/ from zhwang/HPDv2)")
-            with open(path) as f:
-                prompts = json.load(f)
+            try:
+                with open(path) as f:
+                    prompts = json.load(f)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ConfigurationError(f"--hpdv2_benchmark_dir {hpdv2_benchmark_dir}: {style}.json is not JSON ({error}); "
+                                         "download it again from zhwang/HPDv2's benchmark/") from None
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ConfigurationError(f"--hpdv2_benchmark_dir {hpdv2_benchmark_dir}: {style}.json should be a list of "
+                                         "prompts (strings), as HPDv2's benchmark/ has them")
             items += [(style, i, p) for i, p in enumerate(prompts[:prompts_per_style])]
         return items
     prompts = load_prompts(prompt_file)

@@ -95,19 +95,29 @@ def worker_environment(request: argparse.Namespace) -> tuple[dict[str, str], int
 
 def run_workers(environment: dict[str, str], count: int, argv: list[str]) -> int:
     """Runs `python <argv>` in `count` processes (RANK, LOCAL_RANK, WORLD_SIZE as torchrun sets them)
-    and returns the exit status of the run: 0, or the first failing worker's. Rank 0 writes to the
-    terminal as it is. The others' stderr is passed on a second late: once a worker fails, only its
-    own output is (the others only report, in tracebacks of their own, that it went away), so a
-    mistake that rank 0 finds reads as its one line. SIGTERM and SIGUSR1 are passed on (the workers
-    checkpoint and stop); Ctrl-C reaches them from the terminal itself."""
+    and returns the exit status of the run: 0, or the status of the worker that failed first. Their
+    output is passed on a second late; once a worker fails, only its own output is, not the others'
+    tracebacks about a peer that went away, so a mistake reads as the failing worker's one line.
+    SIGTERM and SIGUSR1 are passed on (the workers checkpoint and stop); Ctrl-C reaches them from
+    the terminal itself."""
     workers = []
     for rank in range(count):
         worker_env = dict(environment, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(count), LOCAL_WORLD_SIZE=str(count),
                           GROUP_RANK="0", MASTER_ADDR=environment.get("MASTER_ADDR", "127.0.0.1"), **{WORKER_MARK: "1"})
         worker_env.setdefault("MASTER_PORT", "29500")
-        workers.append(subprocess.Popen([sys.executable, *argv], env=worker_env, stderr=None if rank == 0 else subprocess.PIPE,
-                                        text=True, bufsize=1))
-    relay = _DelayedRelay(workers[1:])
+        piped = subprocess.PIPE if count > 1 else None
+        workers.append(subprocess.Popen([sys.executable, *argv], env=worker_env, stdout=piped, stderr=piped))
+    relay = _DelayedRelay(workers if count > 1 else [])
+    exits = []  # workers in the order they exited, each noted by its own thread the moment it did
+
+    def note_exit(worker):
+        worker.wait()
+        with relay.lock:
+            exits.append(worker)
+
+    waiters = [threading.Thread(target=note_exit, args=(worker,), daemon=True) for worker in workers]
+    for waiter in waiters:
+        waiter.start()
 
     def pass_on(number, frame):
         for worker in workers:
@@ -117,7 +127,7 @@ def run_workers(environment: dict[str, str], count: int, argv: list[str]) -> int
     previous = {number: signal.signal(number, pass_on) for number in (signal.SIGTERM, signal.SIGUSR1)}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers take Ctrl-C and stop after their step
     try:
-        failed = _wait(workers, relay)
+        failed = _wait(workers, waiters, exits, relay)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -128,23 +138,25 @@ def run_workers(environment: dict[str, str], count: int, argv: list[str]) -> int
 
 
 class _DelayedRelay:
-    """Passes the piped workers' stderr on, each line DELAY seconds late, until one worker fails;
-    from then on only that worker's lines (none if it is rank 0, which writes to the terminal)."""
+    """Passes the workers' stdout and stderr on, DELAY seconds late, in the order they were read,
+    until one fails; from then on only that worker's output (what the others had written in the
+    second before is dropped)."""
 
     DELAY = 1.0
 
     def __init__(self, workers):
-        self.pending = []  # (time read, worker, line)
+        self.pending = []  # (time read, worker, bytes, where they go)
         self.lock = threading.Lock()
         self.only = None  # the failed worker, once known
-        self.readers = [threading.Thread(target=self._read, args=(worker,), daemon=True) for worker in workers]
+        self.readers = [threading.Thread(target=self._read, args=(worker, stream, target), daemon=True) for worker in workers
+                        for stream, target in ((worker.stdout, sys.stdout), (worker.stderr, sys.stderr))]
         for reader in self.readers:
             reader.start()
 
-    def _read(self, worker):
-        for line in worker.stderr:
+    def _read(self, worker, stream, target):
+        while chunk := os.read(stream.fileno(), 65536):
             with self.lock:
-                self.pending.append((time.monotonic(), worker, line))
+                self.pending.append((time.monotonic(), worker, chunk, target))
 
     def flush(self, failed=None, everything=False):
         with self.lock:
@@ -152,11 +164,13 @@ class _DelayedRelay:
                 self.only = failed
             now, kept = time.monotonic(), []
             for entry in self.pending:
-                read_at, worker, line = entry
+                read_at, worker, chunk, target = entry
                 if self.only is not None and worker is not self.only:
                     continue
                 if everything or self.only is not None or now - read_at >= self.DELAY:
-                    sys.stderr.write(line)
+                    target.flush()
+                    target.buffer.write(chunk)
+                    target.buffer.flush()
                 else:
                     kept.append(entry)
             self.pending = kept
@@ -167,15 +181,17 @@ class _DelayedRelay:
         self.flush(everything=True)
 
 
-def _wait(workers, relay: _DelayedRelay) -> subprocess.Popen | None:
+def _wait(workers, waiters, exits: list, relay: _DelayedRelay) -> subprocess.Popen | None:
     """Waits for every worker; once one fails, the others are asked to stop (SIGTERM) and killed
-    GRACE_SECONDS later. Returns the first worker that failed on its own (rank 0 if several did at
-    once), not one stopped because of it; None if none failed."""
+    GRACE_SECONDS later. Returns the first worker to exit with a failure (not one that failed
+    because a peer had gone), or None."""
     failed, deadline = None, None
-    while any(worker.poll() is None for worker in workers):
+    while any(waiter.is_alive() for waiter in waiters):
         if failed is None:
-            failed = next((w for w in workers if w.poll() not in (None, 0)), None)
+            with relay.lock:
+                failed = next((w for w in exits if w.returncode != 0), None)
             if failed is not None:
+                relay.flush(failed)
                 deadline = time.monotonic() + GRACE_SECONDS
                 for worker in workers:
                     if worker.poll() is None:
@@ -184,8 +200,8 @@ def _wait(workers, relay: _DelayedRelay) -> subprocess.Popen | None:
             for worker in workers:
                 if worker.poll() is None:
                     worker.kill()
-        relay.flush(failed)
-        time.sleep(0.1)
-    failed = failed or next((w for w in workers if w.returncode != 0), None)
+        relay.flush()
+        time.sleep(0.05)
+    failed = failed or next((w for w in exits if w.returncode != 0), None)
     relay.flush(failed)
     return failed

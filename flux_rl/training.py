@@ -234,7 +234,8 @@ class Run:
         Every rank sees the same (global) gradient norm, so all stop here together."""
         path = self._checkpoint_now(done)
         self.accelerator.end_training()
-        raise RuntimeError(
+        # One line, as a mistake in the input: the fix is a flag (the traceback would only show this function).
+        raise ConfigurationError(
             f"steps {done - self.skipped_in_a_row + 1}-{done} all had a non-finite gradient, so every update was skipped; "
             f"the weights of step {done - self.skipped_in_a_row} are in {path}. Look at the losses and rewards logged "
             f"for these steps, then resume from it with a lower --learning_rate or --max_grad_norm"

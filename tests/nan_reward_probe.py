@@ -10,6 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from flux_rl import args as common  # noqa: E402
 from flux_rl import training  # noqa: E402
 
 module_name, first_nan_step = sys.argv[1], int(sys.argv[2])
@@ -36,4 +37,5 @@ def training_step_noting_the_step(run, step, logs):
 
 training.setup = setup_with_nan_reward
 module.training_step = training_step_noting_the_step
-module.main(module.parse_args(sys.argv[3:]))
+sys.argv = [sys.argv[0], *sys.argv[3:]]
+common.run_cli(module.parse_args, module.main)  # as the script's own entry point: errors as it prints them

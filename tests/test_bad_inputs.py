@@ -33,6 +33,13 @@ def folder(path) -> str:
     return path
 
 
+def benchmark(tmp: str, photo: bytes) -> str:
+    """An HPDv2 benchmark folder whose photo.json holds `photo`."""
+    for style in ("anime", "concept-art", "paintings"):
+        write(f"{tmp}/benchmark/{style}.json", b'["a cat"]')
+    return os.path.dirname(write(f"{tmp}/benchmark/photo.json", photo))
+
+
 SRPO, DIRECT_ALIGN, REFL, DRAFT, EVALUATE = "train_srpo_flux", "train_direct_align", "train_refl_baseline", "train_draft_baseline", "evaluate_flux"
 
 # (name, script, flags given the temporary folder, what the line must say). Each runs after the script's
@@ -151,6 +158,11 @@ FLAG_MISTAKES = [
     ("model named base", EVALUATE, lambda t: ["--models", "base=" + folder(f"{t}/other")], "the name 'base' is taken"),
     ("garbage LoRA to evaluate", EVALUATE, lambda t: ["--models", "x=" + write(f"{t}/lora.safetensors", b"\x00" * 64)],
      "is neither a folder"),
+    ("benchmark file that is not JSON", EVALUATE, lambda t: ["--prompt_file", "", "--hpdv2_benchmark_dir", benchmark(t, b'["a cat",')],
+     "photo.json is not JSON"),
+    ("benchmark file of numbers", EVALUATE, lambda t: ["--prompt_file", "", "--hpdv2_benchmark_dir", benchmark(t, b"[1, 2]")],
+     "photo.json should be a list of prompts"),
+    ("empty prompt file to evaluate", EVALUATE, lambda t: ["--prompt_file", write(f"{t}/empty.txt")], "the file is empty"),
     ("evaluation flag typo", EVALUATE, lambda t: ["--guidanse_scale", "3"], "unrecognized arguments: --guidanse_scale"),
 ]
 

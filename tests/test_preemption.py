@@ -102,3 +102,33 @@ def test_ctrl_c_mid_step_saves_that_step(tiny_models, tmp_path):
     assert "SIGINT received: stopped after step 2 of 3" in result.stderr
     assert "exit status 130" in result.stderr  # 128 + SIGINT, as a shell reports a Ctrl-C
     assert os.listdir(output_dir).count("checkpoint-2") == 1 and not os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+
+
+def test_sigterm_to_the_script_started_workers_stops_them_with_a_checkpoint(tiny_models, tmp_path):
+    """`python train_srpo_flux.py --num_processes 2` as a scheduler stops it: SIGTERM to the process it started
+    is passed on to both workers, which finish their step, write a checkpoint and exit; the run's status is 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+    from tests.launch import LAUNCH_TIMEOUT, free_port
+
+    output_dir = tmp_path / "stopped"
+    command = [sys.executable, "train_srpo_flux.py", *tiny_args(tiny_models, str(output_dir), "--max_train_steps", "100000",
+                                                                  "--rank", "4", "--checkpointing_steps", "1",
+                                                                  "--checkpoints_total_limit", "1", "--report_to", "none"),
+               "--num_processes", "2", "--main_process_port", str(free_port())]
+    run = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.time()
+    while not glob.glob(str(output_dir / "checkpoint-*")):  # training is under way: the handlers are in place
+        assert run.poll() is None and time.time() - started < LAUNCH_TIMEOUT, run.communicate()[1][-3000:]
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=LAUNCH_TIMEOUT)
+    assert run.returncode == 143, stderr[-3000:]
+    assert "SIGTERM received: stopped after step" in stderr
+    (checkpoint,) = glob.glob(str(output_dir / "checkpoint-*"))
+    assert {"random_states_0.pkl", "random_states_1.pkl", "training_state.json"} <= set(os.listdir(checkpoint))

@@ -99,3 +99,36 @@ def test_publish_replaces_whole_or_not_at_all(tmp_path):
     assert (tmp_path / "weights.safetensors").read_text() == "new"
     assert os.listdir(tmp_path / "transformer") == ["shard-2"]  # the old shards do not linger
     assert sorted(os.listdir(tmp_path)) == ["transformer", "weights.safetensors"]  # no staging or .old left
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A disk that fills up during a run (the free-space check at start cannot foresee other writers):
+    torch's 'unexpected pos' becomes a line that names the disk and the checkpoint to resume from, and
+    the half-written folder is removed."""
+    import shutil
+    from types import SimpleNamespace
+
+    import pytest
+
+    from flux_rl import checkpoints
+    from flux_rl.errors import ConfigurationError
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2}')
+
+    def save_state(folder):
+        os.makedirs(folder)
+        open(os.path.join(folder, "optimizer.bin"), "wb").write(b"\0" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 248512 vs 248400")
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    with pytest.raises(ConfigurationError) as error:
+        checkpoints.save_checkpoint(accelerator, str(tmp_path), 4, None, {})
+    assert str(error.value) == (f"checkpoint-4 could not be written: the disk of --output_dir {tmp_path} is full (0.00 GB free); "
+                                f"{tmp_path}/checkpoint-2 is intact: free some space and rerun with --resume_from_checkpoint latest")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)  # the same words with room on the disk: not ours to explain
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        checkpoints.save_checkpoint(accelerator, str(tmp_path), 4, None, {})
