@@ -232,9 +232,18 @@ def run_cli(parse_args, main):
     except ValueError as error:
         exit_with(error)
     if weights := finished_run_weights(args):  # a job script that reruns until success succeeds, without loading a model
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{args.output_dir} holds a finished run ({args.max_train_steps} steps): its weights are {weights}, "
-                  f"its model card {os.path.join(args.output_dir, 'README.md')}; nothing to do")
+        if os.environ.get("RANK", "0") != "0":
+            return
+        line = (f"{args.output_dir} holds a finished run ({args.max_train_steps} steps): its weights are {weights}, "
+                f"its model card {os.path.join(args.output_dir, 'README.md')}")
+        if args.push_to_hub:  # the run's push may be what failed: pushing again is harmless (the Hub keeps one copy)
+            from .hub import push_to_hub
+
+            try:
+                line += f"; pushed to https://huggingface.co/{push_to_hub(args.output_dir, args.hub_model_id)}"
+            except ConfigurationError as error:
+                exit_with(error)
+        print(line if args.push_to_hub else line + "; nothing to do")
         return
     if request:
         sys.exit(launcher.run_workers(environment, count, sys.argv))

@@ -210,22 +210,29 @@ def fetch_trained_output(repo_id: str, cache_dir: str | None, flag: str) -> str:
                                  f"{type(error).__name__}: {error}".replace("\n", " ")) from None
 
 
-def create_repo_before_training(hub_model_id, hub_token=None) -> str:
+def create_repo_before_training(hub_model_id) -> str:
     """--push_to_hub: the repository is created (or found) before anything loads, as diffusers'
     examples do, so that a missing login, a name taken by someone else or an offline node fails in
     one line at start, not after hours of training."""
     from huggingface_hub import create_repo
 
     try:
-        return create_repo(hub_model_id, exist_ok=True, token=hub_token).repo_id
+        return create_repo(hub_model_id, exist_ok=True).repo_id  # the token of `hf auth login` or HF_TOKEN
     except Exception as error:  # not logged in, no write access, offline: the Hub's message says which
         raise ConfigurationError(f"--push_to_hub: cannot create or reach {hub_model_id} on the Hub ({type(error).__name__}: {error}); "
                                  "log in with `hf auth login`, or drop --push_to_hub and upload later".replace("\n", " ")) from None
 
 
-def push_to_hub(output_dir, hub_model_id, hub_token=None):
+def push_to_hub(output_dir, hub_model_id) -> str:
+    """Uploads the run's final outputs (not its checkpoints). A failure is one line saying how to
+    try again: the same command with --resume_from_checkpoint latest pushes a finished run at once."""
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(hub_model_id, exist_ok=True, token=hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token, ignore_patterns=["checkpoint-*", "*.tmp"])
+    try:
+        repo_id = create_repo(hub_model_id, exist_ok=True).repo_id
+        upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoint-*", "*.tmp", "*.unloadable"])
+    except Exception as error:  # offline, logged out, a network cut mid-upload: the weights are safe on disk
+        raise ConfigurationError(f"--push_to_hub: uploading {output_dir} to {hub_model_id} failed ({type(error).__name__}: {error}); "
+                                 "the run's outputs are all there: rerun the same command with --resume_from_checkpoint latest "
+                                 "to push them".replace("\n", " ")) from None
     return repo_id

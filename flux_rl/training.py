@@ -473,7 +473,7 @@ def setup(args, method: str) -> Run:
             raise ConfigurationError(str(error)) from None
     if accelerator.is_main_process:
         if args.push_to_hub:
-            hub.create_repo_before_training(args.hub_model_id, args.hub_token)
+            hub.create_repo_before_training(args.hub_model_id)
         os.makedirs(args.output_dir, exist_ok=True)
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             checkpoints.remove_earlier_run(args.output_dir, args.logging_dir, logger)
@@ -553,7 +553,7 @@ def finish(run: Run):
         # With --hub_model_id, the card's code loads from that repository, pushed now or uploaded later.
         hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id)
         if args.push_to_hub:
-            repo_id = hub.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
+            repo_id = hub.push_to_hub(args.output_dir, args.hub_model_id)
             logger.info(f"pushed to https://huggingface.co/{repo_id}")
     accelerator.end_training()
     if accelerator.is_main_process:

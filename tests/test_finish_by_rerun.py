@@ -92,3 +92,34 @@ def test_a_newest_checkpoint_that_does_not_load_is_set_aside(damage, tiny_models
     assert "checkpoint-3 does not load" in result.stderr and "set aside as checkpoint-3.unloadable" in result.stderr
     published = final_weights(output_dir)
     assert all(torch.equal(published[name], four_steps[name]) for name in four_steps)
+
+
+def test_a_finished_run_rerun_with_push_to_hub_pushes_again(tmp_path, monkeypatch, capsys):
+    """The push at the end of a run may be what failed (network, login): the same command rerun pushes the
+    finished run, without loading a model; a failing push is one line saying to rerun."""
+    import huggingface_hub
+
+    import train_direct_align
+    from flux_rl import args as common
+
+    monkeypatch.setattr(common, "finished_run_weights", lambda args: os.path.join(args.output_dir, "transformer"))
+    monkeypatch.setattr(train_direct_align, "main", lambda args: pytest.fail("a finished run must not train again"))
+    uploads = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: huggingface_hub.RepoUrl(
+        f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: uploads.append(kw))
+    output_dir = str(tmp_path / "run")
+    monkeypatch.setattr(sys, "argv", ["train_direct_align.py", "--pretrained_model_name_or_path", "someone/flux", "--output_dir",
+                                      output_dir, "--push_to_hub", "--hub_model_id", "me/flux-lora", "--resume_from_checkpoint", "latest"])
+    common.run_cli(train_direct_align.parse_args, train_direct_align.main)
+    assert capsys.readouterr().out.strip().endswith("; pushed to https://huggingface.co/me/flux-lora")
+    assert [(u["repo_id"], u["folder_path"]) for u in uploads] == [("me/flux-lora", output_dir)]
+
+    def offline(**kw):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", offline)
+    with pytest.raises(SystemExit) as end:
+        common.run_cli(train_direct_align.parse_args, train_direct_align.main)
+    line = capsys.readouterr().err.strip()
+    assert end.value.code == 2 and line.startswith("error: --push_to_hub: uploading") and "rerun the same command" in line, line

@@ -28,7 +28,7 @@ def test_model_card_and_push(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)) and Repo())
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
-    assert hub.push_to_hub(str(tmp_path), "tiny-org/tiny-flux-srpo", "hf_secret_token") == "tiny-org/tiny-flux-srpo"
+    assert hub.push_to_hub(str(tmp_path), "tiny-org/tiny-flux-srpo") == "tiny-org/tiny-flux-srpo"  # token: hf auth login / HF_TOKEN
     assert calls["create"][0] == "tiny-org/tiny-flux-srpo" and calls["create"][1]["exist_ok"]
     assert calls["upload"]["folder_path"] == str(tmp_path) and "checkpoint-*" in calls["upload"]["ignore_patterns"]
 
