@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import rewards
 from flux_rl import evaluation, hub
-from flux_rl.args import COMMON_RANGES, check_ranges, one_line_errors, run_cli
+from flux_rl.args import COMMON_RANGES, check_ranges, one_line_errors, parse_size, run_cli
 from flux_rl.errors import ConfigurationError
 from flux_rl.launcher import add_launch_args
 
@@ -47,7 +47,7 @@ def parse_args(input_args=None):
       help="Python file(s) or module(s) registering rewards of your own (as the trainers take it); their names can "
            "then be used in --metrics.")
     a("--output_dir", type=str, default="eval")
-    a("--resolution", type=int, default=1024)
+    a("--resolution", type=str, default="1024", help="One number for a square (1024), or HEIGHT,WIDTH (e.g. 768,1344).")
     a("--num_inference_steps", type=int, default=50, help="50, as the paper's evaluation.")
     a("--guidance_scale", type=float, default=3.5)
     a("--max_sequence_length", type=int, default=512)
@@ -66,8 +66,7 @@ def parse_args(input_args=None):
     unknown = [m for m in args.metrics if m not in known]
     if unknown:
         raise ValueError(f"unknown metric '{unknown[0]}'; choose from {', '.join(known)} (or register your own with --reward_module)")
-    if args.resolution <= 0 or args.resolution % 16:
-        raise ValueError(f"--resolution {args.resolution} must be a positive multiple of 16")
+    args.resolution = parse_size(args.resolution, "resolution")
     for flag in ("num_inference_steps", "batch_size", "num_grid_prompts", "prompts_per_style"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -87,8 +86,10 @@ def image_path(args, model, style, index):
 def check_earlier_images(args, variants, items, dtype):
     """Images already on disk are kept only if this run would render them the same way
     (evaluation.check_and_record_generation): same base, settings, weights and prompts."""
+    height, width = args.resolution
+    resolution = height if height == width else [height, width]  # a square's as one number, as images made before recorded it
     for variant in variants:
-        settings = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "resolution": args.resolution,
+        settings = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "resolution": resolution,
                     "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                     "seed": args.seed, "max_sequence_length": args.max_sequence_length, "dtype": str(dtype),
                     "weights": evaluation.weights_fingerprint(variant)}
@@ -119,7 +120,7 @@ def generate(args, pipe, variants, todo, device, show_progress=True):
             batch = todo_of_variant[start : start + args.batch_size]
             generators = [torch.Generator("cpu").manual_seed(args.seed + index) for _, index, _ in batch]
             images = pipe(
-                [prompt for _, _, prompt in batch], height=args.resolution, width=args.resolution,
+                [prompt for _, _, prompt in batch], height=args.resolution[0], width=args.resolution[1],
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 generator=generators, max_sequence_length=args.max_sequence_length,
             ).images

@@ -56,7 +56,7 @@ import train_direct_align  # noqa: E402
 import train_draft_baseline  # noqa: E402
 import train_refl_baseline  # noqa: E402
 import train_srpo_flux  # noqa: E402
-from flux_rl import data, latents, models, schedules, tiny_models, training  # noqa: E402
+from flux_rl import data, models, tiny_models, training  # noqa: E402
 from flux_rl.args import compiles_reward  # noqa: E402
 from flux_rl.flux import Conditioning  # noqa: E402
 
@@ -171,9 +171,8 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
         optimizer=optimizer, lr_scheduler=lr_scheduler,
         batches=data.BatchSchedule([f"prompt {i}" for i in range(64)], args.train_batch_size, args.seed),
         image_dataset=None, weight_dtype=dtype, vae_scale_factor=vae_scale_factor,
-        img_ids=latents.image_ids(resolution, resolution, vae_scale_factor, device, dtype),
-        rollout_sigmas=schedules.fixed_shift_sigmas(rollout_steps, 3.0),
-        validation_sigmas=schedules.fixed_shift_sigmas(rollout_steps, 3.0),
+        scheduler_config=None,  # --rollout_shift 3 (the trainers' default): the fixed-shift schedule, no config read
+        image_size=args.resolution,
     )
 
 

@@ -49,7 +49,13 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--reward_threshold", type=float, default=0.7, help="Threshold of the relu loss (0.7: SRPO release with HPSv2.1; 2: ReFL with ImageReward).")
     a("--loss_scale", type=float, default=1.0, help="Multiplies the loss (ReFL used 1e-3 with ImageReward).")
     # Rollout
-    a("--resolution", type=int, default=720)
+    a("--resolution", type=str, default="720",
+      help="Image size of the rollouts: one number for a square (720), or HEIGHT,WIDTH (e.g. 720,1280); multiples of 16.")
+    a("--resolution_buckets", type=str, nargs="+", default=None,
+      help="Several sizes, HEIGHT,WIDTH each (e.g. 1024,1024 768,1344 1344,768): every global batch takes one, drawn from "
+           "(--seed, step), the same on every process, so a resumed run draws as an uninterrupted one. Replaces --resolution.")
+    a("--validation_resolution", type=str, default=None,
+      help="Size of the validation images, one number or HEIGHT,WIDTH (default: --resolution, or the first bucket).")
     a("--num_inference_steps", type=int, default=25, help="Rollout steps.")
     a("--rollout_shift", type=float, default=3.0, help="Fixed timestep shift of the rollout schedule; 0 uses diffusers' resolution-dependent shift.")
     a("--rollout_guidance", type=float, default=1.0, help="FLUX guidance embedding during the rollout (release: 1 for HPS, 2 for PickScore).")
@@ -195,6 +201,23 @@ def validate_window_args(args):
     if args.window_shift <= 0:
         fail(f"--window_shift must be positive, got {args.window_shift} (the release's schedule uses 3)")
     TrainingWindow(*args.train_window, shift=args.window_shift, gt_ratio=args.gt_ratio)  # raises on a bad window
+
+
+def parse_size(text, flag: str) -> tuple[int, int]:
+    """'720' -> (720, 720); '720,1280' -> (720, 1280), as (height, width); one line naming the flag otherwise.
+    Each side a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)."""
+    if isinstance(text, tuple):
+        return text
+    parts = str(text).replace("x", ",").split(",")
+    try:
+        height, width = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+        if len(parts) > 2:
+            raise ValueError
+    except ValueError:
+        fail(f"--{flag} '{text}': give one number (720) or HEIGHT,WIDTH (720,1280)")
+    if min(height, width) <= 0 or height % 16 or width % 16:
+        fail(f"--{flag} {text}: each side must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)")
+    return height, width
 
 
 def parse_pair(text, flag: str, cast=float) -> tuple:
@@ -349,8 +372,12 @@ def validate_common_args(args):
     """One-line errors that say what to change, before any model is loaded."""
     if not args.pretrained_model_name_or_path:
         fail("--pretrained_model_name_or_path is required (e.g. black-forest-labs/FLUX.1-dev, or tiny-models/flux for the smoke run)")
-    if args.resolution <= 0 or args.resolution % 16:
-        fail(f"--resolution {args.resolution} must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)")
+    args.resolution = parse_size(args.resolution, "resolution")
+    if args.resolution_buckets:
+        args.resolution_buckets = [parse_size(bucket, "resolution_buckets") for bucket in args.resolution_buckets]
+        args.resolution = args.resolution_buckets[0]  # what the log, the card and validation name when buckets are used
+    args.validation_resolution = parse_size(args.validation_resolution, "validation_resolution") if args.validation_resolution \
+        else args.resolution
     for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps", "checkpointing_steps",
                  "num_validation_images", "validation_inference_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

@@ -92,6 +92,17 @@ class BatchSchedule:
         return result
 
 
+def image_size(args, micro_step: int | None) -> tuple[int, int]:
+    """(height, width) of the images of global micro-step `micro_step`: --resolution, or with
+    --resolution_buckets one bucket for the whole global batch (every process draws the same), drawn
+    from (seed, micro-step) alone, so that a resumed run trains each step at the size it had."""
+    buckets = getattr(args, "resolution_buckets", None)
+    if not buckets or micro_step is None:
+        return args.resolution
+    generator = torch.Generator().manual_seed(args.seed * 1_000_033 + micro_step + 17)
+    return buckets[int(torch.randint(len(buckets), (1,), generator=generator))]
+
+
 def step_generator(seed: int, micro_step: int, process_index: int, device="cpu") -> torch.Generator:
     """All randomness of one micro-step (noise, timesteps, phrases) from one seeded generator."""
     return torch.Generator(device).manual_seed(seed + 1_000_003 * micro_step + 7919 * process_index)
@@ -122,14 +133,15 @@ def load_image_dataset(train_data_dir: str, prompt_column: str = "prompt", cache
     return dataset
 
 
-def image_to_tensor(image, resolution: int) -> torch.Tensor:
-    """PIL image -> 3 x resolution x resolution in [0, 1]: shortest side resized, centre crop."""
+def image_to_tensor(image, size: tuple[int, int]) -> torch.Tensor:
+    """PIL image -> 3 x height x width in [0, 1]: resized to cover (height, width), centre crop."""
     import numpy as np
     from PIL import Image
 
+    height, width = size
     image = image.convert("RGB")
-    scale = resolution / min(image.size)
-    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    scale = max(height / image.height, width / image.width)
+    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255

@@ -43,18 +43,44 @@ class Run:
     image_dataset: object
     weight_dtype: torch.dtype
     vae_scale_factor: int
-    img_ids: torch.Tensor
-    rollout_sigmas: torch.Tensor
-    validation_sigmas: torch.Tensor
+    scheduler_config: dict  # FLUX's scheduler config: the resolution-dependent shift when --rollout_shift is 0
+    # (height, width) of the current micro-step's images: --resolution, or the bucket of its batch (data.image_size).
+    # Set by rollout() and next_batch(); decode(), velocity_fn() and rollout_sigmas read it.
+    image_size: tuple = None
     start_step: int = 0
     _step_started: float = field(default_factory=time.time)
     _last_loss: float = 0.0
     skipped_in_a_row: int = 0  # updates skipped for a non-finite gradient, up to the last logged step
     _dataset_prompts: list = None  # offline SRPO: the image dataset's prompt column, read once
+    _per_size: dict = field(default_factory=dict)  # (what, size, steps) -> image ids or sigmas, made once per size
 
     @property
     def device(self):
         return self.accelerator.device
+
+    def image_ids(self, size):
+        """FLUX's position ids of an image of `size` (height, width), on the device."""
+        if ("ids", size) not in self._per_size:
+            ids = latents.image_ids(*size, self.vae_scale_factor, "cpu", self.weight_dtype)  # made on the host, queued up
+            self._per_size["ids", size] = host_to_device(ids, self.device)
+        return self._per_size["ids", size]
+
+    def sigmas(self, steps, size):
+        """The sampler's schedule of `steps` steps for images of `size`: fixed-shift, or (--rollout_shift 0)
+        diffusers' shift for that many image tokens."""
+        if ("sigmas", size, steps) not in self._per_size:
+            image_seq_len = (size[0] // (self.vae_scale_factor * 2)) * (size[1] // (self.vae_scale_factor * 2))
+            self._per_size["sigmas", size, steps] = schedules.rollout_sigmas(steps, image_seq_len, self.scheduler_config,
+                                                                              self.args.rollout_shift or None)
+        return self._per_size["sigmas", size, steps]
+
+    @property
+    def rollout_sigmas(self):
+        """The rollout's schedule at the current micro-step's image size."""
+        return self.sigmas(self.args.num_inference_steps, self.image_size)
+
+    def validation_sigmas(self):
+        return self.sigmas(self.args.validation_inference_steps or self.args.num_inference_steps, self.args.validation_resolution)
 
     def velocity_fn(self, cond, guidance=None):
         """velocity(x, sigma) of the trained transformer for `cond`, for the Direct-Align math."""
@@ -62,7 +88,7 @@ class Run:
 
         def run_model(x, sigma):
             with self.accelerator.autocast():
-                return flux.velocity(self.transformer, x, sigma, guidance, cond, self.img_ids)
+                return flux.velocity(self.transformer, x, sigma, guidance, cond, self.image_ids(self.image_size))
 
         return run_model
 
@@ -92,13 +118,14 @@ class Run:
 
     def initial_noise(self, batch, generator):
         channels = self.unwrapped().config.in_channels // 4
-        shape = latents.latent_shape(self.vae_scale_factor, channels, self.args.resolution, self.args.resolution)
+        shape = latents.latent_shape(self.vae_scale_factor, channels, *self.image_size)
         return host_to_device(latents.pack(torch.randn((batch, *shape), generator=generator)), self.device)
 
     def rollout(self, prompts, generator, stop_index=None, micro_step=None):
         """(x, noise, cond): the ODE image of `noise` (or the state at rollout_sigmas[stop_index]),
         no gradient. Direct-Align later injects this same noise, as the release does, so
-        x_sigma stays near the sampled trajectory. `micro_step`: see condition."""
+        x_sigma stays near the sampled trajectory. `micro_step`: see condition; it sets the image size."""
+        self.image_size = data.image_size(self.args, micro_step)
         cond = self.condition(prompts, micro_step)
         noise = self.initial_noise(len(prompts), generator)
         sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
@@ -106,7 +133,7 @@ class Run:
         backend = models.attention_backend_within(self.unwrapped(), self.args.rollout_attention_backend)
         with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, backend, \
                 models.without_dropout(self.unwrapped()):  # record_function: a named range in profiles
-            x = flux.sample(self.transformer, noise, sigmas, self.args.rollout_guidance, cond, self.img_ids,
+            x = flux.sample(self.transformer, noise, sigmas, self.args.rollout_guidance, cond, self.image_ids(self.image_size),
                             tabulate_modulations_of=self._modulations_model(), full_schedule=self.rollout_sigmas)
         return x, noise, cond
 
@@ -125,15 +152,16 @@ class Run:
             noise_generator = data.step_generator(self.args.seed, micro_step, 0) if shared else generator
             x0, noise, cond = self.rollout(items, noise_generator, micro_step=micro_step)
             return x0, noise, cond, items
+        self.image_size = data.image_size(self.args, micro_step)
         rows = [self.image_dataset[i] for i in items]
         prompts = [row[self.args.prompt_column] for row in rows]
-        images = host_to_device(torch.stack([data.image_to_tensor(row["image"], self.args.resolution) for row in rows]), self.device)
+        images = host_to_device(torch.stack([data.image_to_tensor(row["image"], self.image_size) for row in rows]), self.device)
         x0 = latents.encode(self.vae, images)
         return x0, self.initial_noise(len(rows), generator), self.condition(prompts, micro_step), prompts
 
     def decode(self, packed):
         with self.accelerator.autocast(), torch.profiler.record_function("vae_decode"):
-            return latents.decode(self.vae, packed, self.args.resolution, self.args.resolution, self.vae_scale_factor)
+            return latents.decode(self.vae, packed, *self.image_size, self.vae_scale_factor)
 
     def sync_gradients(self, last: bool):
         """DDP all-reduce only on the last backward of an optimiser step. Under FSDP every
@@ -254,7 +282,7 @@ class Run:
             with self.accelerator.autocast(), models.without_dropout(self.unwrapped()):
                 batch = validation.render(
                     self.transformer, self.vae, self.prompt_encoder, prompts, self.args.validation_seed + index,
-                    self.args.resolution, self.args.resolution, self.validation_sigmas, self.args.validation_guidance,
+                    *self.args.validation_resolution, self.validation_sigmas(), self.args.validation_guidance,
                     self.vae_scale_factor, self.device, self.weight_dtype,
                     tabulate_modulations_of=self._modulations_model(),
                 )
@@ -500,17 +528,12 @@ def setup(args, method: str) -> Run:
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
     vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    image_seq_len = (args.resolution // (vae_scale_factor * 2)) ** 2
-    sigmas = schedules.rollout_sigmas(args.num_inference_steps, image_seq_len, pipeline.scheduler.config, args.rollout_shift or None)
-    validation_sigmas = schedules.rollout_sigmas(args.validation_inference_steps or args.num_inference_steps, image_seq_len,
-                                                 pipeline.scheduler.config, args.rollout_shift or None)
     run = Run(
         args=args, method=method, accelerator=accelerator, transformer=transformer, vae=pipeline.vae,
         prompt_encoder=flux.PromptEncoder(pipeline, args.max_sequence_length, accelerator.device, args.text_cache_size,
                                           args.offload_text_encoders),
         reward=reward, optimizer=optimizer, lr_scheduler=lr_scheduler, batches=schedule, image_dataset=image_dataset, weight_dtype=weight_dtype,
-        vae_scale_factor=vae_scale_factor, rollout_sigmas=sigmas, validation_sigmas=validation_sigmas,
-        img_ids=latents.image_ids(args.resolution, args.resolution, vae_scale_factor, accelerator.device, weight_dtype),
+        vae_scale_factor=vae_scale_factor, scheduler_config=pipeline.scheduler.config, image_size=args.resolution,
     )
 
     if resume_path:
@@ -527,7 +550,9 @@ def setup(args, method: str) -> Run:
         f"(= {args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
         f"trainable parameters {trainable:,} of {total:,} ({'full fine-tune' if args.full_finetune else f'LoRA rank {args.rank}'}), "
         f"{args.max_train_steps} steps, learning rate {learning_rate:g}{' (--scale_lr)' if args.scale_lr else ''} "
-        f"({args.lr_scheduler}), rollout {args.num_inference_steps} steps at {args.resolution}px"
+        f"({args.lr_scheduler}), rollout {args.num_inference_steps} steps at "
+        + (", ".join(f"{h}x{w}" for h, w in args.resolution_buckets) + " (buckets)" if args.resolution_buckets else
+           "{}x{}".format(*args.resolution))
     )
     return run
 

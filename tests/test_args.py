@@ -415,7 +415,7 @@ for argv in json.loads(sys.argv[1]):
                             env=env)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or " exited with " in line]
-    resolution = "error: --resolution 100 must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)"
+    resolution = "error: --resolution 100: each side must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)"
     expected = [line for script in scripts for line in (resolution, f"{script} exited with 2")]
     expected += [f"error: --prompt_column 'prompt' not in {captions}; its columns are ['caption']", "train_srpo_flux.py exited with 2"]
     *parse_time, push, push_exit, wandb, wandb_exit, hub_flux, hub_flux_exit, hub_reward, hub_reward_exit = lines

@@ -1,15 +1,16 @@
 """The trainer's rollout equals FluxPipeline's sampling for the same noise, embeddings and sigmas."""
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from flux_rl import flux, latents, schedules
 
 
-def test_rollout_equals_flux_pipeline(tiny_flux):
+@pytest.mark.parametrize("height, width", [(64, 64), (48, 80)])
+def test_rollout_equals_flux_pipeline(height, width, tiny_flux):
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
-    height = width = 64
     vae_scale = pipe.vae_scale_factor
     prompts = ["a photo of a cat", "a red car"]
     encoder = flux.PromptEncoder(pipe, max_sequence_length=64)
