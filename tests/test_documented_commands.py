@@ -54,6 +54,9 @@ def test_documented_command_parses(source, script, flags, fsdp, tmp_path, monkey
                 open(value, "w").write("a photo of a cat\n")
             else:
                 os.makedirs(value, exist_ok=True)
+            if flag == "--hpdv2_benchmark_dir":  # read while parsing: HPDv2's four style files
+                for style in ("anime", "concept-art", "paintings", "photo"):
+                    open(os.path.join(value, f"{style}.json"), "w").write('["a photo of a cat"]')
     from flux_rl.args import looks_like_a_local_folder
 
     for flag, value in zip(flags, flags[1:]):  # FLUX from a local folder (the quick start's tiny-models/flux)

@@ -35,9 +35,9 @@ def test_offline_images_are_cropped_to_the_size(tmp_path):
 
 def test_a_non_square_run_end_to_end(tiny_models, tmp_path):
     """`python train_srpo_flux.py --resolution 48,80`: trains and renders its validation images 48 high, 80 wide
-    (and at --validation_resolution when given)."""
-    for flags, size in ((["--resolution", "48,80"], (80, 48)), (["--resolution", "48,80", "--validation_resolution", "80,64"], (64, 80))):
-        output_dir = tmp_path / f"run-{size[0]}"
+    (--validation_resolution: see the next test)."""
+    for flags, size in ((["--resolution", "48,80"], (80, 48)),):
+        output_dir = tmp_path / "run"
         command = [sys.executable, "train_srpo_flux.py", *tiny_args(tiny_models, str(output_dir), "--max_train_steps", "2",
                                                                      "--validation_prompt", "a photo of a cat", "--report_to", "none"),
                    *flags]

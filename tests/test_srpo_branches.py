@@ -220,7 +220,7 @@ def test_defaults_reproduce_the_release():
     assert args.denoise_weights == (0.1, 0.25) and args.inversion_weights == (0.3, 0.01)
     assert args.denoise_lambda == args.inversion_lambda == (1.0, 1.0)
     assert (args.loss_type, args.reward_threshold, args.learning_rate, args.max_grad_norm) == ("relu", 0.7, 5e-6, 0.1)
-    assert (args.adam_weight_decay, args.resolution, args.num_inference_steps, args.rollout_shift) == (1e-4, 720, 25, 3.0)
+    assert (args.adam_weight_decay, args.resolution, args.num_inference_steps, args.rollout_shift) == (1e-4, (720, 720), 25, 3.0)
     assert (args.rollout_guidance, args.train_guidance, args.reward, args.reward_form) == (1.0, 3.5, "hpsv2:1.0", "release")
     assert not args.match_release
 
