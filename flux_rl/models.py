@@ -7,6 +7,8 @@ import os
 import torch
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what save_lora writes and load_lora_weights looks for
+# Metadata of a final LoRA file whose lora_B weights carry alpha / rank (save_lora's fold_alpha): the alpha it was trained with.
+FOLDED_ALPHA_KEY = "flux_rl.folded_lora_alpha"
 # --lora_layers presets. peft adapts every module whose name is a target or ends in "." + target.
 ATTENTION_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
 LORA_LAYER_PRESETS = {
@@ -294,15 +296,34 @@ def in_dtype(state_dict: dict, dtype) -> dict:
     return state_dict
 
 
-def save_lora(output_dir: str, transformer, state_dict=None, dtype=None):
+def save_lora(output_dir: str, transformer, state_dict=None, dtype=None, fold_alpha=False):
     """Writes pytorch_lora_weights.safetensors, which FluxPipeline.load_lora_weights(output_dir) reads.
-    `state_dict`: the full model state when it had to be gathered first (FSDP). `dtype`: see in_dtype."""
+    `state_dict`: the full model state when it had to be gathered first (FSDP). `dtype`: see in_dtype.
+    `fold_alpha` (the final weights): the strength alpha / rank multiplied into the lora_B weights and
+    alpha = rank written, so that tools reading only the tensors (ComfyUI, Forge: strength 1.0 without
+    an .alpha tensor) apply it as diffusers does. Checkpoints keep the adapters as trained."""
     from diffusers import FluxPipeline
 
     # The adapter's config (rank, alpha, targets) goes into the file's metadata, as diffusers' own trainers write it:
     # load_lora_weights reads alpha from there, and without it takes alpha = rank, a different scale when they differ.
-    FluxPipeline.save_lora_weights(output_dir, transformer_lora_layers=in_dtype(lora_state_dict(transformer, state_dict), dtype),
-                                   weight_name=LORA_WEIGHTS_NAME, transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    config = transformer.peft_config["default"].to_dict()
+    layers = lora_state_dict(transformer, state_dict)
+    trained_alpha = config["lora_alpha"]
+    fold = fold_alpha and trained_alpha != config["r"]
+    if fold:
+        scale = trained_alpha / config["r"]
+        layers = {key: value.detach().float() * scale if ".lora_B." in key else value for key, value in layers.items()}
+        config = {**config, "lora_alpha": config["r"]}
+    FluxPipeline.save_lora_weights(output_dir, transformer_lora_adapter_metadata=config, weight_name=LORA_WEIGHTS_NAME,
+                                   transformer_lora_layers=in_dtype(layers, dtype))
+    if fold:  # noted beside diffusers' metadata (which must stay a LoraConfig), so that --init_lora_weights can undo it
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        path = os.path.join(output_dir, LORA_WEIGHTS_NAME)
+        with safe_open(path, "pt") as f:
+            tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+        save_file(tensors, path, metadata={**metadata, FOLDED_ALPHA_KEY: repr(float(trained_alpha))})
 
 
 def lora_state_dict(transformer, state_dict=None, adapter_name: str = "default") -> dict:
@@ -355,6 +376,25 @@ def load_lora_into(transformer, input_dir: str, weight_name: str = LORA_WEIGHTS_
     if complete and missing:
         raise ConfigurationError(f"the LoRA in {input_dir} lacks {len(missing)} adapter weights of this run, e.g. {missing[:2]}; {layers}")
     _trainable_to_fp32(transformer)
+    folded = _folded_alpha(input_dir, weight_name)
+    if folded is not None:  # a final file with alpha / rank in its lora_B: back to the adapters as trained (same --lora_alpha)
+        config = transformer.peft_config["default"]
+        with torch.no_grad():
+            for name, parameter in transformer.named_parameters():
+                if ".lora_B." in name:
+                    parameter.mul_(config.r / folded)
+
+
+def _folded_alpha(input_dir: str, weight_name: str) -> float | None:
+    """The trained alpha of a LoRA file written with save_lora(fold_alpha=True), else None."""
+    from safetensors import safe_open
+
+    path = os.path.join(input_dir, weight_name) if os.path.isdir(input_dir) else input_dir
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, "pt") as f:
+        value = (f.metadata() or {}).get(FOLDED_ALPHA_KEY)
+    return None if value is None else float(value)
 
 
 def lora_layers_of(state: dict) -> str:
@@ -381,11 +421,14 @@ def lora_file_config(path: str) -> tuple[str, str, int, float | None]:
         down = [key for key in f.keys() if key.endswith((".lora_A.weight", ".lora_down.weight"))]
         ranks = sorted({f.get_slice(key).get_shape()[0] for key in down})
         config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        folded = (f.metadata() or {}).get(FOLDED_ALPHA_KEY)
     if not ranks:
         raise ValueError("no lora_A / lora_down weights in it")
     if len(ranks) > 1:
         raise ValueError(f"its adapters have ranks {ranks}; a run trains adapters of one --rank")
     kohya = down[0].endswith(".lora_down.weight")
+    if folded is not None:  # its lora_B carry alpha / rank; the adapters it starts are the trained ones, at that alpha
+        return folder, name, ranks[0], float(folded)
     return folder, name, ranks[0], float(ranks[0]) if kohya else config.get("transformer.lora_alpha")  # diffusers prefixes the config
 
 

@@ -16,10 +16,13 @@ SCRIPT = "train_direct_align.py"
 def test_checkpoint_rotation_keeps_newest(lora_run):
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(lora_run, "checkpoint-*")))
     assert names == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
-    # The final step's checkpoint (a run continues from it with a higher --max_train_steps) holds the final weights.
+    # The final step's checkpoint (a run continues from it with a higher --max_train_steps) holds the final weights:
+    # the adapters as trained there; in the final file lora_B carries alpha / rank (8 / 4, lora_run's), so that readers
+    # of the tensors alone (ComfyUI) apply the LoRA at the strength diffusers does.
     final, checkpoint = (load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
                          for folder in (lora_run, os.path.join(lora_run, "checkpoint-5")))
-    assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
+    assert final.keys() == checkpoint.keys()
+    assert all(torch.equal(final[k], checkpoint[k] * (2 if ".lora_B." in k else 1)) for k in final)
 
 
 def test_run_artifacts(lora_run):
