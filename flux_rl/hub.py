@@ -30,7 +30,7 @@ from diffusers import {imports}
 {load_code}
 image = pipe({prompt}, num_inference_steps=50, guidance_scale=3.5).images[0]
 ```
-
+{comfyui_section}
 {validation_section}{license_section}## Training configuration
 
 ```
@@ -96,6 +96,9 @@ def write_model_card(output_dir, args, method, repo_id=None):
         steps=args.max_train_steps,
         imports=imports,
         load_code=load_code,
+        comfyui_section=("\nIn ComfyUI, Forge or Krita, load `pytorch_lora_weights.safetensors` with the LoRA loader at strength 1.0 "
+                         "(the trained strength is in the weights); for FLUX.1's own key layout, `python -m flux_rl.lora_export "
+                         "<this folder>` writes a kohya-style copy.\n" if use_lora else ""),
         prompt=repr((args.validation_prompt or ["a photo of a cat"])[0]),  # a Python literal, whatever its quotes
         config=config,
     )
