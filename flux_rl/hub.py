@@ -172,13 +172,16 @@ def check_base_model_reachable(name_or_path: str, revision: str | None = None, c
                   "download it on a connected machine (e.g. `hf download black-forest-labs/FLUX.1-dev --local-dir flux-dev`) "
                   "and pass that folder"):
         try:
-            hf_hub_download(name_or_path, "model_index.json", revision=revision, cache_dir=cache_dir)
+            model_index = hf_hub_download(name_or_path, "model_index.json", revision=revision, cache_dir=cache_dir)
         except errors.HFValidationError:  # e.g. models/flux/dev: meant as a folder
             raise ConfigurationError(f"--pretrained_model_name_or_path {name_or_path}: no such folder, and not a Hub model id "
                                      "(e.g. black-forest-labs/FLUX.1-dev)") from None
         except errors.RemoteEntryNotFoundError:
             raise ConfigurationError(f"--pretrained_model_name_or_path {name_or_path} has no model_index.json: name a diffusers "
                                      "FLUX pipeline, e.g. black-forest-labs/FLUX.1-dev") from None
+    from .models import check_pipeline_class
+
+    check_pipeline_class(model_index, name_or_path)
 
 
 def _validation_images(output_dir, args) -> tuple[str, str]:

@@ -28,6 +28,27 @@ LORA_LAYER_PRESETS["all-linear"] = LORA_LAYER_PRESETS["default"] + [
 DEFAULT_LORA_TARGETS = LORA_LAYER_PRESETS["default"]
 
 
+# The diffusers pipelines these trainers train: FLUX.1's (FLUX.1-dev, -schnell, -Krea-dev share FluxPipeline's layout).
+SUPPORTED_PIPELINES = ("FluxPipeline",)
+
+
+def check_pipeline_class(model_index_path: str, name: str):
+    """The checkpoint's family, from its model_index.json, before anything loads: a Qwen-Image or FLUX.2
+    folder would otherwise load as FLUX.1 and fail deep inside diffusers."""
+    import json
+
+    from .errors import ConfigurationError
+
+    try:
+        with open(model_index_path) as f:
+            pipeline_class = json.load(f).get("_class_name")
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"--pretrained_model_name_or_path {name}: its model_index.json does not read ({error})") from None
+    if pipeline_class not in SUPPORTED_PIPELINES:
+        raise ConfigurationError(f"--pretrained_model_name_or_path {name} is a {pipeline_class} checkpoint; these trainers train "
+                                 f"{', '.join(SUPPORTED_PIPELINES)} models (FLUX.1-dev, FLUX.1-schnell, FLUX.1-Krea-dev) so far")
+
+
 def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dtype=torch.float32, cache_dir=None):
     from diffusers import FluxPipeline
 

@@ -387,7 +387,7 @@ def test_command_line_error_is_one_line(tiny_rewards, tmp_path):
     captions.write_text('{"caption": "a red car"}\n')
     empty = tmp_path / "no-flux-here"
     empty.mkdir()
-    (empty / "model_index.json").write_text("{}")  # passes the parse-time look, fails any load: nothing may load it first
+    (empty / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')  # passes the parse-time look, fails any load
     scripts = ("train_srpo_flux.py", "train_direct_align.py", "train_refl_baseline.py", "train_draft_baseline.py")
     runs = [[script, "--pretrained_model_name_or_path", "x", "--resolution", "100"] for script in scripts]
     runnable = ["train_srpo_flux.py", "--pretrained_model_name_or_path", str(empty), "--reward_models_dir", tiny_rewards,

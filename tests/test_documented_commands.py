@@ -62,7 +62,7 @@ def test_documented_command_parses(source, script, flags, fsdp, tmp_path, monkey
     for flag, value in zip(flags, flags[1:]):  # FLUX from a local folder (the quick start's tiny-models/flux)
         if flag == "--pretrained_model_name_or_path" and looks_like_a_local_folder(value):
             os.makedirs(value, exist_ok=True)
-            open(os.path.join(value, "model_index.json"), "w").write("{}")
+            open(os.path.join(value, "model_index.json"), "w").write('{"_class_name": "FluxPipeline"}')
     if script == "evaluate_flux":  # --models name=folder: the trainers' output folders
         for spec in flags[flags.index("--models") + 1 :] if "--models" in flags else []:
             if spec.startswith("--"):

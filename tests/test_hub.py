@@ -172,7 +172,12 @@ def test_a_flux_id_is_checked_before_anything_loads(tmp_path, monkeypatch):
     # Cached (as `hf download` leaves it), it passes offline.
     snapshot = tmp_path / "models--tiny-org--tiny-flux" / "snapshots" / ("1" * 40)
     snapshot.mkdir(parents=True)
-    (snapshot / "model_index.json").write_text("{}")
+    (snapshot / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     (tmp_path / "models--tiny-org--tiny-flux" / "refs").mkdir()
     (tmp_path / "models--tiny-org--tiny-flux" / "refs" / "main").write_text("1" * 40)
     hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path))
+    # Another family's checkpoint (here Qwen-Image's) is named for what it is, before anything loads.
+    (snapshot / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    with pytest.raises(hub.ConfigurationError, match="tiny-org/tiny-flux is a QwenImagePipeline checkpoint; these trainers train "
+                                                     "FluxPipeline models"):
+        hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path))
