@@ -169,6 +169,14 @@ def add_common_args(parser: argparse.ArgumentParser):
            "rollout's --rollout_guidance is the training recipe's, 1 under the HPS preset).")
     a("--validation_inference_steps", type=int, default=None,
       help="Sampling steps of the validation images (default: --num_inference_steps), on the rollout's schedule.")
+    a("--heldout_reward", type=str, default=None,
+      help='A reward spec never trained on (e.g. "pickscore:1.0,aesthetic:1.0"), scored on the validation images beside the '
+           "trained reward (logged as validation/heldout): the gap between the two is the sign of reward hacking.")
+    a("--stop_on_hacking", action="store_true",
+      help="With --heldout_reward and --validation_steps: stop when the held-out reward has fallen --hacking_margin below its "
+           "best while the trained reward rose; the final weights are then those of the best step, whose checkpoint is kept.")
+    a("--hacking_margin", type=float, default=0.02,
+      help="How far below its best the held-out reward may fall before --stop_on_hacking stops, as a share of the best (0.02: 2%%).")
     a("--num_validation_images", type=int, default=1,
       help="Images per validation prompt, rendered one batch of the prompts at a time (a grid row per prompt).")
     a("--push_to_hub", action="store_true")
@@ -286,7 +294,7 @@ def finished_run_weights(args) -> str | None:
         return None
     path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     state = read_training_state(path) if path else None
-    if state is None or state["global_step"] != args.max_train_steps:
+    if state is None or (state["global_step"] != args.max_train_steps and not state.get("stopped_for_hacking")):
         return None
     return finished_weights(args.output_dir, path)
 
@@ -456,6 +464,12 @@ def validate_common_args(args):
         fail(f"--report_to {args.report_to}: choose from {', '.join(TRACKER_PACKAGES)} (several comma-separated), all or none")
     if args.validation_steps is not None and args.validation_steps < 1:
         fail(f"--validation_steps must be at least 1, got {args.validation_steps}")
+    if args.heldout_reward and not args.validation_prompt:
+        fail("--heldout_reward scores the validation images: add --validation_prompt (several prompts, e.g. a dozen) and --validation_steps")
+    if args.stop_on_hacking and not (args.heldout_reward and args.validation_steps):
+        fail("--stop_on_hacking compares the held-out and trained rewards at each validation: give --heldout_reward and --validation_steps")
+    if args.hacking_margin < 0:
+        fail(f"--hacking_margin must be non-negative, got {args.hacking_margin}")
     if args.validation_steps is not None and not args.validation_prompt:
         fail("--validation_steps renders --validation_prompt, which is not given: add e.g. --validation_prompt \"a photo of a cat\"")
     if args.push_to_hub and not args.hub_model_id:
@@ -519,6 +533,8 @@ def validate_common_args(args):
 
     import_reward_modules(args.reward_module)  # before the spec is read: they add names to it
     parse_reward_spec(args.reward)
+    if args.heldout_reward:
+        parse_reward_spec(args.heldout_reward)
 
 
 def _check_output_dir_writable(output_dir: str):

@@ -24,8 +24,10 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, config: dict, logger=None) -> str:
-    """Save, then keep only the newest `total_limit` checkpoints (None keeps all)."""
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, config: dict, logger=None,
+                    keep: str | None = None, state: dict | None = None) -> str:
+    """Save, then keep only the newest `total_limit` checkpoints (None keeps all) and `keep` (the best
+    one, --stop_on_hacking). `state`: more entries for its training_state.json."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     temporary = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(temporary):
@@ -45,12 +47,12 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
     if accelerator.is_main_process:
         with open(os.path.join(temporary, "training_state.json"), "w") as f:
-            json.dump({"global_step": step, "config": config}, f, indent=2, default=str)
+            json.dump({"global_step": step, "config": config, **(state or {})}, f, indent=2, default=str)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(temporary, final)
         if total_limit is not None:
-            for stale in list_checkpoints(output_dir)[:-total_limit]:
+            for stale in [path for path in list_checkpoints(output_dir) if path != keep][:-total_limit]:
                 shutil.rmtree(stale)
                 if logger:
                     logger.info(f"removed old checkpoint {stale}")
@@ -160,7 +162,7 @@ def earlier_run_paths(output_dir: str, logging_dir: str = "logs") -> list[str]:
     names = [os.path.basename(path) for path in list_checkpoints(output_dir)]
     names += [name for name in os.listdir(output_dir) if name.startswith("checkpoint-") and name.endswith(".tmp")]
     names += [LORA_WEIGHTS_NAME, "transformer", "README.md", "validation", f".{LORA_WEIGHTS_NAME}.tmp", ".transformer.tmp",
-              "transformer.old"]
+              "transformer.old", "best_checkpoint.json"]
     logs = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir)
     if logs != "." and not logs.startswith(".."):  # a --logging_dir outside the run's folder is not the run's to clear
         names.append(logs)
@@ -327,3 +329,20 @@ def check_free_space(args):
     if free < needed * 1.2:  # the checkpoint, the final weights (a third of it in fp32) and some slack
         raise ConfigurationError(f"--output_dir {args.output_dir}: a checkpoint of this run takes about {needed / 1e9:.2f} GB "
                                  f"and its disk has {free / 1e9:.2f} GB free; free some space or choose another --output_dir")
+
+
+def write_json_atomically(path: str, value: dict):
+    """`value` as JSON at `path`, written beside it and renamed into place (a kill leaves the old file or the new)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object at `path`, or None when it is missing or does not parse."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        return value if isinstance(value, dict) else None
+    except (OSError, ValueError):
+        return None

@@ -19,7 +19,7 @@ license: {license}
 
 # {title}
 
-{kind_text} of `{base_model}` trained with **{method}** on the reward `{reward}` for {steps} steps.
+{kind_text} of `{base_model}` trained with **{method}** on the reward `{reward}` for {steps} steps.{note}
 
 ## Use
 
@@ -57,7 +57,7 @@ def hub_id_of(model: str) -> str | None:
     return f"{match[1]}/{match[2]}" if match else None
 
 
-def write_model_card(output_dir, args, method, repo_id=None):
+def write_model_card(output_dir, args, method, repo_id=None, note=None):
     use_lora = not args.full_finetune
     weights = repo_id or output_dir
     # The Hub refuses a card whose base_model is not a model id (a local path would fail the push
@@ -94,6 +94,7 @@ def write_model_card(output_dir, args, method, repo_id=None):
         title=os.path.basename(os.path.abspath(output_dir)),
         reward=args.reward,
         steps=args.max_train_steps,
+        note=f"\n\n**Stopped early** (`--stop_on_hacking`, held-out reward `{args.heldout_reward}`): {note}." if note else "",
         imports=imports,
         load_code=load_code,
         comfyui_section=("\nIn ComfyUI, Forge or Krita, load `pytorch_lora_weights.safetensors` with the LoRA loader at strength 1.0 "

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 # A bf16 overflow now and then costs one skipped update; this many in a row means the run cannot
 # train (a reward or a learning rate that gives NaN for every image), so it stops with a checkpoint.
 MAX_SKIPPED_IN_A_ROW = 10
+# --heldout_reward: the step with the best held-out reward so far and its checkpoint, in --output_dir.
+BEST_CHECKPOINT_FILE = "best_checkpoint.json"
 
 
 @dataclass
@@ -53,6 +56,9 @@ class Run:
     skipped_in_a_row: int = 0  # updates skipped for a non-finite gradient, up to the last logged step
     _dataset_prompts: list = None  # offline SRPO: the image dataset's prompt column, read once
     _per_size: dict = field(default_factory=dict)  # (what, size, steps) -> image ids or sigmas, made once per size
+    heldout: object = None  # --heldout_reward's model: scored on the validation images, never trained on
+    best: dict = None  # the validation step with the best held-out reward: step, heldout, reward, path (best_checkpoint.json)
+    stop_reason: str = None  # set by watch_for_hacking: the loop ends, and the final weights are the best step's
 
     @property
     def device(self):
@@ -196,6 +202,9 @@ class Run:
             self._step_started = time.time()
             yield step
             progress.set_postfix(loss=self._last_loss)
+            if self.stop_reason:  # --stop_on_hacking: no more steps; finish() publishes the best step's weights
+                progress.close()
+                return
 
     def log(self, step: int, values: dict):
         """`values` may be device tensors: the step's logs are read back here, once, after the
@@ -226,7 +235,7 @@ class Run:
         if self._checkpoint_due(done):
             self.save_checkpoint(done)
         if self.args.validation_steps and done % self.args.validation_steps == 0 and done < self.args.max_train_steps:
-            self.validate(done)
+            self.watch_for_hacking(done, self.validate(done))
         signal_number = stop.agreed(self.accelerator)  # every process stops after the same step
         if signal_number and done < self.args.max_train_steps:  # one during the last step lets the run finish
             self.stop_for_resume(done, signal_number)
@@ -237,10 +246,36 @@ class Run:
         # The final step too, as diffusers' examples: a run is extended by raising --max_train_steps and resuming.
         return done % self.args.checkpointing_steps == 0
 
-    def save_checkpoint(self, done: int) -> str:
+    def save_checkpoint(self, done: int, state: dict | None = None) -> str:
         return checkpoints.save_checkpoint(
-            self.accelerator, self.args.output_dir, done, self.args.checkpoints_total_limit, _config(self.args), logger
+            self.accelerator, self.args.output_dir, done, self.args.checkpoints_total_limit, _config(self.args), logger,
+            keep=self.best and self.best["path"], state=state,
         )
+
+    def watch_for_hacking(self, done: int, scores: dict | None):
+        """After a validation at step `done`: a new best held-out reward gets a checkpoint, kept from
+        rotation and named in best_checkpoint.json; with --stop_on_hacking, a held-out reward fallen
+        --hacking_margin below the best while the trained reward rose since ends the run: a checkpoint
+        of this step (marked, so that a rerun finds the run finished), then the best step's state is
+        loaded back, and finish() publishes it. Every process sees the same scores (Run.validate)."""
+        if self.heldout is None or not scores:
+            return
+        heldout, trained = scores["heldout"], scores["reward"]
+        if self.best is None or heldout > self.best["heldout"]:
+            path = self._checkpoint_now(done)
+            self.best = {"step": done, "heldout": heldout, "reward": trained, "path": path}
+            if self.accelerator.is_main_process:
+                checkpoints.write_json_atomically(os.path.join(self.args.output_dir, BEST_CHECKPOINT_FILE), self.best)
+            return
+        fallen = heldout < self.best["heldout"] - self.args.hacking_margin * abs(self.best["heldout"])
+        if self.args.stop_on_hacking and fallen and trained > self.best["reward"]:
+            self.stop_reason = (f"stopped at step {done} for reward hacking: the held-out reward fell from {self.best['heldout']:.4g} "
+                                f"(step {self.best['step']}) to {heldout:.4g} while the trained reward rose from "
+                                f"{self.best['reward']:.4g} to {trained:.4g}; the final weights are step {self.best['step']}'s "
+                                f"({self.best['path']})")
+            self.save_checkpoint(done, state={"stopped_for_hacking": True, "best_checkpoint": self.best["path"]})
+            checkpoints.load_checkpoint(self.accelerator, self.best["path"])
+            logger.warning(self.stop_reason)
 
     def _checkpoint_now(self, done: int) -> str:
         """A checkpoint of step `done`, unless end_of_step has just written it."""
@@ -269,13 +304,14 @@ class Run:
             f"for these steps, then resume from it with a lower --learning_rate or --max_grad_norm"
         )
 
-    def validate(self, step: int):
+    def validate(self, step: int) -> dict | None:
         """Every rank renders through the wrapped model (FSDP needs all ranks in each forward);
-        the main process logs."""
+        the main process logs. Returns the mean trained reward and (--heldout_reward) held-out
+        reward of the images, the same on every process."""
         prompts, count = self.args.validation_prompt, self.args.num_validation_images
         if not prompts:
             return None
-        images, scores = [], []
+        images, scores, heldout, heldout_parts = [], [], [], defaultdict(list)
         # One batch of the prompts per seed: the batch the rollout's compiled graphs already know,
         # and no more memory than one image per prompt.
         for index in range(count):
@@ -288,13 +324,27 @@ class Run:
                 )
                 with torch.no_grad():
                     scores.append(self.reward(batch, prompts)[0])
+                    if self.heldout is not None:
+                        value, parts = self.heldout(batch.float(), prompts)
+                        heldout.append(value)
+                        for name, part in parts.items():
+                            heldout_parts[f"validation/heldout/{name}"].append(part.float().mean())
             images.append(batch)
-        if not self.accelerator.is_main_process:
-            return None
-        # prompt-major: with several seeds, row p of the grid holds prompt p's images, one column per seed
-        images, scores = torch.stack(images, 1).flatten(0, 1), torch.stack(scores, 1).flatten()
-        return validation.log_validation(self.accelerator, images, [p for p in prompts for _ in range(count)], scores, step,
-                                         self.args.output_dir, columns=count if count > 1 else None)
+        means = {"reward": torch.stack(scores).float().mean()}
+        if heldout:
+            means["heldout"] = torch.stack(heldout).float().mean()
+        if self.accelerator.num_processes > 1:  # the same images on every rank; the mean makes the decision one
+            means = {k: self.accelerator.reduce(v.to(self.device), reduction="mean") for k, v in means.items()}
+        means = {k: float(v) for k, v in means.items()}
+        if self.accelerator.is_main_process:
+            # prompt-major: with several seeds, row p of the grid holds prompt p's images, one column per seed
+            grid, flat = torch.stack(images, 1).flatten(0, 1), torch.stack(scores, 1).flatten()
+            validation.log_validation(self.accelerator, grid, [p for p in prompts for _ in range(count)], flat, step,
+                                      self.args.output_dir, columns=count if count > 1 else None)
+            if heldout:
+                self.accelerator.log({"validation/heldout": means["heldout"],
+                                      **{k: float(torch.stack(v).mean()) for k, v in heldout_parts.items()}}, step=step)
+        return means
 
 
 def resume(accelerator, args, path: str) -> int:
@@ -492,6 +542,9 @@ def setup(args, method: str) -> Run:
     try:
         reward = rewards.load_combined_reward(args.reward, args.reward_models_dir, accelerator.device, weight_dtype,
                                               loading=lambda name: hub.fetching(f"--reward {name}", hub.REWARD_DOWNLOAD_ADVICE))
+        heldout = rewards.load_combined_reward(args.heldout_reward, args.reward_models_dir, accelerator.device, weight_dtype,
+                                               loading=lambda name: hub.fetching(f"--heldout_reward {name}", hub.REWARD_DOWNLOAD_ADVICE)
+                                               ) if args.heldout_reward else None
     except rewards.registry.RewardLoadError as error:
         raise ConfigurationError(str(error)) from None
     if compiles_reward(args):
@@ -536,9 +589,13 @@ def setup(args, method: str) -> Run:
         vae_scale_factor=vae_scale_factor, scheduler_config=pipeline.scheduler.config, image_size=args.resolution,
     )
 
+    run.heldout = heldout
     if resume_path:
         run.start_step = resume(accelerator, args, resume_path)
         continue_lr_schedule(lr_scheduler, run.start_step, learning_rate)
+        best = checkpoints.read_json(os.path.join(args.output_dir, BEST_CHECKPOINT_FILE))
+        if heldout is not None and best and os.path.isdir(best.get("path", "")) and best["step"] <= run.start_step:
+            run.best = best  # the held-out best so far, still kept from rotation
     elif args.resume_from_checkpoint:
         logger.info("no checkpoint to resume from yet; starting a new run")
 
@@ -573,16 +630,18 @@ def finish(run: Run):
         else:
             checkpoints.publish(args.output_dir, models.LORA_WEIGHTS_NAME, lambda folder: models.save_lora(
                 folder, transformer, state_dict=state, dtype=dtype, fold_alpha=True))
-    run.validate(args.max_train_steps)
+    run.validate(run.best["step"] if run.stop_reason else args.max_train_steps)  # stopped for hacking: the best step's again
     if accelerator.is_main_process:
         # With --hub_model_id, the card's code loads from that repository, pushed now or uploaded later.
-        hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id)
+        hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id, note=run.stop_reason)
         if args.push_to_hub:
             repo_id = hub.push_to_hub(args.output_dir, args.hub_model_id)
             logger.info(f"pushed to https://huggingface.co/{repo_id}")
     accelerator.end_training()
     if accelerator.is_main_process:
-        print(final_line(args), flush=True)
+        print(final_line(args) + (f"; {run.stop_reason}" if run.stop_reason else
+                                  f"; the best held-out reward was step {run.best['step']}'s ({run.best['path']})" if run.best else ""),
+              flush=True)
 
 
 def final_line(args) -> str:
