@@ -38,6 +38,10 @@ def parse_args(input_args=None):
     a("--cache_dir", type=str, default=None, help="Where FLUX is downloaded and cached (default: the Hugging Face cache).")
     a("--models", type=str, nargs="*", default=[],
       help="Trained outputs as name=folder or name=hub-id (LoRA or full fine-tune, as the trainers save and push them).")
+    a("--run_checkpoints", type=str, default=None,
+      help="A trainer's --output_dir: every checkpoint of it (as step-N) and its final weights are evaluated too, and "
+           "by_step.png plots each metric against the step (the run's best held-out step marked), to pick the step before "
+           "reward hacking.")
     a("--hpdv2_benchmark_dir", type=str, default=None, help="Folder with anime/concept-art/paintings/photo.json.")
     a("--prompt_file", type=str, default=None, help="Any prompt file the trainers read (txt/json/csv/...).")
     a("--prompts_per_style", type=int, default=None, help="First N prompts of each style (the human study used 125).")
@@ -75,6 +79,12 @@ def parse_args(input_args=None):
         *[entry for entry in COMMON_RANGES if entry[0] == "max_sequence_length"],
     ])
     args.model_specs = evaluation.parse_model_specs(args.models, args.cache_dir)
+    if args.run_checkpoints:
+        taken = {name for name, _ in args.model_specs}
+        for name, path in evaluation.run_checkpoint_specs(args.run_checkpoints):
+            if name in taken:
+                raise ValueError(f"--models names '{name}', as --run_checkpoints does; name it otherwise")
+            args.model_specs.append((name, path))
     args.benchmark_items = evaluation.load_benchmark(args.hpdv2_benchmark_dir, args.prompt_file, args.prompts_per_style)
     return args
 
@@ -174,6 +184,9 @@ def write_report(args, variants, items, rows):
         grid = evaluation.side_by_side_grid([[image_path(args, n, s, i) for n in names] for s, i in chosen], names)
         grid.save(os.path.join(args.output_dir, "grids", f"{style}.png"))
     evaluation.distribution_plot(rows, args.metrics, names, os.path.join(args.output_dir, "distributions.png"))
+    if args.run_checkpoints:
+        steps, best = evaluation.run_steps(args.run_checkpoints, args.model_specs)
+        evaluation.plot_by_step(rows, args.metrics, steps, os.path.join(args.output_dir, "by_step.png"), best)
 
 
 def main(args):

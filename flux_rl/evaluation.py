@@ -257,3 +257,63 @@ def distribution_plot(rows, metrics, models, path):
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
+
+
+def run_checkpoint_specs(run_dir: str) -> list[tuple[str, str]]:
+    """--run_checkpoints: (step-N, folder) of each complete checkpoint of a trainer's --output_dir, in
+    step order, then (final, run_dir) when its final weights are there: every stage of one run, to
+    see where a held-out metric turned (the step before reward hacking)."""
+    from .checkpoints import list_checkpoints, read_training_state
+
+    if not os.path.isdir(run_dir):
+        raise ConfigurationError(f"--run_checkpoints {run_dir}: no such folder (a trainer's --output_dir)")
+    specs = [(f"step-{state['global_step']}", path) for path in list_checkpoints(run_dir)
+             if (state := read_training_state(path)) is not None]
+    if os.path.exists(os.path.join(run_dir, LORA_WEIGHTS_NAME)) or os.path.isdir(os.path.join(run_dir, "transformer")):
+        specs.append(("final", run_dir))
+    if not specs:
+        raise ConfigurationError(f"--run_checkpoints {run_dir}: no checkpoint-N folders or final weights in it")
+    return specs
+
+
+def plot_by_step(rows, metrics, steps: dict, path, best_step: int | None = None):
+    """Each metric's mean per model against the training step of the model (`steps`: model name ->
+    step; the base model at 0), one panel per metric; `best_step`: the run's best held-out step, marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    ordered = sorted(steps, key=steps.get)
+    for axis, metric in zip(axes[0], metrics):
+        means = [sum(float(r[metric]) for r in rows if r["model"] == model) / max(1, sum(r["model"] == model for r in rows))
+                 for model in ordered]
+        axis.plot([steps[model] for model in ordered], means, marker="o")
+        if best_step is not None:
+            axis.axvline(best_step, color="green", linestyle="--", linewidth=1)
+        axis.set_title(metric)
+        axis.set_xlabel("training step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def run_steps(run_dir: str, specs: list[tuple[str, str]]) -> tuple[dict, int | None]:
+    """({model name: training step} for --run_checkpoints' models, base at 0; the run's best held-out
+    step or None). The final weights sit at the run's last step, or at its best step when the run was
+    stopped for reward hacking (it published the best step's weights)."""
+    from .checkpoints import list_checkpoints, read_json, read_training_state
+
+    steps = {"base": 0}
+    for name, _ in specs:
+        if name.startswith("step-"):
+            steps[name] = int(name.removeprefix("step-"))
+    best = read_json(os.path.join(run_dir, "best_checkpoint.json"))
+    newest = read_training_state(list_checkpoints(run_dir)[-1]) if list_checkpoints(run_dir) else None
+    if any(name == "final" for name, _ in specs):
+        if newest and newest.get("stopped_for_hacking") and best:
+            steps["final"] = best["step"]
+        else:
+            steps["final"] = int((newest or {}).get("config", {}).get("max_train_steps", max(steps.values())))
+    return steps, best and best.get("step")

@@ -184,3 +184,37 @@ def test_one_style_gives_one_table():
     assert table.count("### ") == 1 and "| srpo | 1 | 0.6000 |" in table and "analytic: the mean pixel" in table
     rows.append({"model": "base", "style": "photo", "toy_brightness": "0.5"})
     assert summary_table(rows, ["toy_brightness"], ["base", "srpo"]).count("### ") == 3
+
+
+def test_the_checkpoints_of_one_run_by_step(tiny_flux, trained_outputs, benchmark_dir, tmp_path):
+    """--run_checkpoints: every complete checkpoint (step-N) and the final weights join the models; by_step.png
+    plots the metrics against the step, the final weights at the best step when the run stopped for hacking."""
+    import shutil
+
+    from safetensors import safe_open  # noqa: F401  (the LoRA files are read by the variants)
+
+    lora_dir, _ = trained_outputs
+    run = tmp_path / "run"
+    for step in (2, 4):
+        shutil.copytree(lora_dir, run / f"checkpoint-{step}")
+        (run / f"checkpoint-{step}" / "training_state.json").write_text(json.dumps({"global_step": step, "config": {"max_train_steps": 6}}))
+    (run / "checkpoint-9.tmp").mkdir()  # an unfinished save is no stage of the run
+    shutil.copy(os.path.join(lora_dir, models.LORA_WEIGHTS_NAME), run / models.LORA_WEIGHTS_NAME)
+    flags = ["--pretrained_model_name_or_path", tiny_flux, "--hpdv2_benchmark_dir", benchmark_dir, "--output_dir", str(tmp_path / "e"),
+             "--run_checkpoints", str(run), "--metrics", "toy_brightness"]
+    args = evaluate_flux.parse_args(flags)
+    assert args.model_specs == [("step-2", str(run / "checkpoint-2")), ("step-4", str(run / "checkpoint-4")), ("final", str(run))]
+    steps, best = evaluation.run_steps(str(run), args.model_specs)
+    assert (steps, best) == ({"base": 0, "step-2": 2, "step-4": 4, "final": 6}, None)
+    # Stopped for hacking at step 4 with step 2 the best: the final weights are step 2's.
+    (run / "best_checkpoint.json").write_text(json.dumps({"step": 2, "path": str(run / "checkpoint-2")}))
+    (run / "checkpoint-4" / "training_state.json").write_text(json.dumps({"global_step": 4, "stopped_for_hacking": True}))
+    assert evaluation.run_steps(str(run), args.model_specs) == ({"base": 0, "step-2": 2, "step-4": 4, "final": 2}, 2)
+    rows = [{"model": model, "toy_brightness": str(value)} for model, value in (("base", 0.4), ("step-2", 0.5), ("step-4", 0.6),
+                                                                                   ("final", 0.5))]
+    evaluation.plot_by_step(rows, ["toy_brightness"], steps, str(tmp_path / "by_step.png"), 2)
+    assert Image.open(tmp_path / "by_step.png").size[0] > 100
+    with pytest.raises(ValueError, match="--models names 'final', as --run_checkpoints does"):
+        evaluate_flux.parse_args(flags + ["--models", f"final={lora_dir}"])
+    with pytest.raises(ConfigurationError, match="no checkpoint-N folders or final weights"):
+        evaluate_flux.parse_args(flags[:-4] + ["--run_checkpoints", str(tmp_path)])
