@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from flux_rl import args as common
 from tests.conftest import REPO_ROOT
@@ -134,8 +135,9 @@ FLAG_MISTAKES = [
     ("another family's folder", SRPO, lambda t: ["--pretrained_model_name_or_path", os.path.dirname(
         write(f"{t}/qwen/model_index.json", b'{"_class_name": "QwenImagePipeline"}'))], "is a QwenImagePipeline checkpoint"),
     ("missing FLUX folder", SRPO, lambda t: ["--pretrained_model_name_or_path", f"{t}/no-flux"], "no such folder"),
-    ("misspelt relative FLUX folder", SRPO, lambda t: ["--pretrained_model_name_or_path", "tiny-models/flx"],
-     "--pretrained_model_name_or_path tiny-models/flx: no such folder"),
+    # A relative path whose first part is a folder here (as tiny-models/flx for tiny-models/flux): not asked of the Hub.
+    ("misspelt relative FLUX folder", SRPO, lambda t: ["--pretrained_model_name_or_path", "tests/flx"],
+     "--pretrained_model_name_or_path tests/flx: no such folder"),
     ("output dir is a file", SRPO, lambda t: ["--output_dir", write(f"{t}/out.txt")], "is a file; name a folder"),
     ("output dir under a file", SRPO, lambda t: ["--output_dir", write(f"{t}/file") + "/run"], "is a file, so no folder can be made under it"),
     ("garbage LoRA to start from", SRPO, lambda t: ["--init_lora_weights", write(f"{t}/lora.safetensors", b"\x00" * 64)],
@@ -198,6 +200,7 @@ def test_flag_mistakes_are_one_line(name, script, flags, message, tiny_flux, tmp
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("mine")
     monkeypatch.setattr(module, "main", lambda args: pytest.fail(f"{name}: the run started"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the rows about GPU-only flags, on any machine
     # The row's own value of a flag given twice wins (argparse keeps the last), e.g. its own FLUX folder.
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *required_flags(script, tiny_flux, str(tmp_path)), *flags(str(tmp_path))])
     started = time.perf_counter()
