@@ -177,6 +177,10 @@ def add_common_args(parser: argparse.ArgumentParser):
            "best while the trained reward rose; the final weights are then those of the best step, whose checkpoint is kept.")
     a("--hacking_margin", type=float, default=0.02,
       help="How far below its best the held-out reward may fall before --stop_on_hacking stops, as a share of the best (0.02: 2%%).")
+    a("--drift_band", type=float, default=None,
+      help="With --stop_on_hacking: also stop when a drift monitor of the validation images (saturation, brightness, "
+           "high-frequency energy) has moved more than this share of its value before training (e.g. 0.3), the other "
+           "face of reward hacking; logged as validation/drift/* either way.")
     a("--num_validation_images", type=int, default=1,
       help="Images per validation prompt, rendered one batch of the prompts at a time (a grid row per prompt).")
     a("--push_to_hub", action="store_true")
@@ -468,6 +472,8 @@ def validate_common_args(args):
         fail("--heldout_reward scores the validation images: add --validation_prompt (several prompts, e.g. a dozen) and --validation_steps")
     if args.stop_on_hacking and not (args.heldout_reward and args.validation_steps):
         fail("--stop_on_hacking compares the held-out and trained rewards at each validation: give --heldout_reward and --validation_steps")
+    if args.drift_band is not None and not (args.drift_band > 0 and args.stop_on_hacking):
+        fail(f"--drift_band must be positive and goes with --stop_on_hacking, got {args.drift_band}")
     if args.hacking_margin < 0:
         fail(f"--hacking_margin must be non-negative, got {args.hacking_margin}")
     if args.validation_steps is not None and not args.validation_prompt:

@@ -162,7 +162,7 @@ def earlier_run_paths(output_dir: str, logging_dir: str = "logs") -> list[str]:
     names = [os.path.basename(path) for path in list_checkpoints(output_dir)]
     names += [name for name in os.listdir(output_dir) if name.startswith("checkpoint-") and name.endswith(".tmp")]
     names += [LORA_WEIGHTS_NAME, "transformer", "README.md", "validation", f".{LORA_WEIGHTS_NAME}.tmp", ".transformer.tmp",
-              "transformer.old", "best_checkpoint.json"]
+              "transformer.old", "best_checkpoint.json", "drift_baseline.json"]
     logs = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir)
     if logs != "." and not logs.startswith(".."):  # a --logging_dir outside the run's folder is not the run's to clear
         names.append(logs)

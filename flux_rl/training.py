@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rewards.base import host_to_device
 
-from . import checkpoints, data, flux, hub, latents, models, preemption, schedules, validation
+from . import checkpoints, data, flux, hub, latents, models, monitors, preemption, schedules, validation
 from .args import chosen_trackers, compiles_reward, launched_with_fsdp, mixed_precision
 from .errors import ConfigurationError
 from .optim import AdamWStochasticBF16, step_unless_not_finite
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 10
 # --heldout_reward: the step with the best held-out reward so far and its checkpoint, in --output_dir.
 BEST_CHECKPOINT_FILE = "best_checkpoint.json"
+DRIFT_BASELINE_FILE = "drift_baseline.json"  # --drift_band: the untrained model's drift monitors
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Run:
     heldout: object = None  # --heldout_reward's model: scored on the validation images, never trained on
     best: dict = None  # the validation step with the best held-out reward: step, heldout, reward, path (best_checkpoint.json)
     stop_reason: str = None  # set by watch_for_hacking: the loop ends, and the final weights are the best step's
+    drift_baseline: dict = None  # the drift monitors of the untrained model's validation images (drift_baseline.json)
 
     @property
     def device(self):
@@ -261,6 +263,13 @@ class Run:
         if self.heldout is None or not scores:
             return
         heldout, trained = scores["heldout"], scores["reward"]
+        drifted = [f"{name.rsplit('/', 1)[1]} {self.drift_baseline[name]:.4g} -> {value:.4g}" for name, value in scores.items()
+                   if self.args.drift_band and self.drift_baseline and name in self.drift_baseline
+                   and abs(value - self.drift_baseline[name]) > self.args.drift_band * abs(self.drift_baseline[name])]
+        if drifted and self.best is not None:  # a drifted step is no new best, whatever its held-out score
+            self.stop_for_hacking(done, f"a drift monitor of the validation images left its band (--drift_band "
+                                        f"{self.args.drift_band}: {', '.join(drifted)})")
+            return
         if self.best is None or heldout > self.best["heldout"]:
             path = self._checkpoint_now(done)
             self.best = {"step": done, "heldout": heldout, "reward": trained, "path": path}
@@ -269,13 +278,17 @@ class Run:
             return
         fallen = heldout < self.best["heldout"] - self.args.hacking_margin * abs(self.best["heldout"])
         if self.args.stop_on_hacking and fallen and trained > self.best["reward"]:
-            self.stop_reason = (f"stopped at step {done} for reward hacking: the held-out reward fell from {self.best['heldout']:.4g} "
-                                f"(step {self.best['step']}) to {heldout:.4g} while the trained reward rose from "
-                                f"{self.best['reward']:.4g} to {trained:.4g}; the final weights are step {self.best['step']}'s "
-                                f"({self.best['path']})")
-            self.save_checkpoint(done, state={"stopped_for_hacking": True, "best_checkpoint": self.best["path"]})
-            checkpoints.load_checkpoint(self.accelerator, self.best["path"])
-            logger.warning(self.stop_reason)
+            self.stop_for_hacking(done, f"the held-out reward fell from {self.best['heldout']:.4g} (step {self.best['step']}) "
+                                        f"to {heldout:.4g} while the trained reward rose from {self.best['reward']:.4g} to {trained:.4g}")
+
+    def stop_for_hacking(self, done: int, why: str):
+        """--stop_on_hacking: a checkpoint of step `done` (marked: a rerun finds the run finished), the
+        best step's state loaded back, and the loop ends (Run.steps) so that finish() publishes it."""
+        self.stop_reason = (f"stopped at step {done} for reward hacking: {why}; the final weights are step {self.best['step']}'s "
+                            f"({self.best['path']})")
+        self.save_checkpoint(done, state={"stopped_for_hacking": True, "best_checkpoint": self.best["path"]})
+        checkpoints.load_checkpoint(self.accelerator, self.best["path"])
+        logger.warning(self.stop_reason)
 
     def _checkpoint_now(self, done: int) -> str:
         """A checkpoint of step `done`, unless end_of_step has just written it."""
@@ -330,7 +343,8 @@ class Run:
                         for name, part in parts.items():
                             heldout_parts[f"validation/heldout/{name}"].append(part.float().mean())
             images.append(batch)
-        means = {"reward": torch.stack(scores).float().mean()}
+        means = {"reward": torch.stack(scores).float().mean(),
+                 **{f"validation/{k}": v for k, v in monitors.image_statistics(torch.cat(images)).items()}}
         if heldout:
             means["heldout"] = torch.stack(heldout).float().mean()
         if self.accelerator.num_processes > 1:  # the same images on every rank; the mean makes the decision one
@@ -341,9 +355,14 @@ class Run:
             grid, flat = torch.stack(images, 1).flatten(0, 1), torch.stack(scores, 1).flatten()
             validation.log_validation(self.accelerator, grid, [p for p in prompts for _ in range(count)], flat, step,
                                       self.args.output_dir, columns=count if count > 1 else None)
+            self.accelerator.log({k: v for k, v in means.items() if k.startswith("validation/drift/")}, step=step)
             if heldout:
                 self.accelerator.log({"validation/heldout": means["heldout"],
                                       **{k: float(torch.stack(v).mean()) for k, v in heldout_parts.items()}}, step=step)
+        if step == 0 and self.start_step == 0 and self.args.drift_band:  # the untrained model's: what --drift_band measures from
+            self.drift_baseline = {k: v for k, v in means.items() if k.startswith("validation/drift/")}
+            if self.accelerator.is_main_process:
+                checkpoints.write_json_atomically(os.path.join(self.args.output_dir, DRIFT_BASELINE_FILE), self.drift_baseline)
         return means
 
 
@@ -596,6 +615,7 @@ def setup(args, method: str) -> Run:
         best = checkpoints.read_json(os.path.join(args.output_dir, BEST_CHECKPOINT_FILE))
         if heldout is not None and best and os.path.isdir(best.get("path", "")) and best["step"] <= run.start_step:
             run.best = best  # the held-out best so far, still kept from rotation
+        run.drift_baseline = checkpoints.read_json(os.path.join(args.output_dir, DRIFT_BASELINE_FILE))
     elif args.resume_from_checkpoint:
         logger.info("no checkpoint to resume from yet; starting a new run")
 

@@ -124,6 +124,7 @@ FLAG_MISTAKES = [
      "--heldout_reward scores the validation images: add --validation_prompt"),
     ("guard without a held-out reward", DIRECT_ALIGN, lambda t: ["--stop_on_hacking", "--validation_prompt", "a cat", "--validation_steps", "5"],
      "--stop_on_hacking compares the held-out and trained rewards"),
+    ("drift band without the guard", SRPO, lambda t: ["--drift_band", "0.3"], "--drift_band must be positive and goes with --stop_on_hacking"),
     ("negative hacking margin", SRPO, lambda t: ["--hacking_margin=-0.1"], "--hacking_margin must be non-negative"),
     ("unknown held-out reward", REFL, lambda t: ["--heldout_reward", "hpsv3:1.0", "--validation_prompt", "a cat"], "unknown reward 'hpsv3'"),
     ("validation steps without prompts", SRPO, lambda t: ["--validation_steps", "5"], "--validation_steps renders --validation_prompt"),

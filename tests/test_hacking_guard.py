@@ -30,12 +30,12 @@ register_reward("toy_darkness", lambda source, device, dtype: ToyDarkness().to(d
 """
 
 
-def guarded_run(tiny_models, tmp_path, heldout: str, steps: int = 12):
+def guarded_run(tiny_models, tmp_path, heldout: str, steps: int = 12, extra: tuple = ()):
     module = tmp_path / "darkness.py"
     module.write_bytes(DARKNESS)
     flags = ("--reward", "toy_brightness:1.0", "--reward_module", str(module), "--heldout_reward", heldout, "--stop_on_hacking",
              "--validation_prompt", "a photo of a cat", "a red car", "--validation_steps", "2", "--checkpoints_total_limit", "1",
-             "--learning_rate", "3e-2", "--hacking_margin", "0.0005", "--report_to", "tensorboard")
+             "--learning_rate", "3e-2", "--hacking_margin", "0.0005", "--report_to", "tensorboard", *extra)
     output_dir = str(tmp_path / heldout.split(":")[0])
     train(LearningRun("train_direct_align", flags, "brightness", 1), tiny_models, output_dir, steps=steps, checkpointing_steps=100)
     return output_dir
@@ -71,3 +71,15 @@ def test_a_heldout_reward_that_agrees_lets_the_run_finish(tiny_models, tmp_path,
     assert json.load(open(os.path.join(output_dir, "best_checkpoint.json")))["step"] == 4  # the newest validation before the end
     assert "; the best held-out reward was step 4's" in capsys.readouterr().out.strip().splitlines()[-1]
     assert "Stopped early" not in open(os.path.join(output_dir, "README.md")).read()
+
+
+def test_a_drift_monitor_leaving_its_band_stops_the_run(tiny_models, tmp_path, capsys):
+    """An agreeing held-out reward never stops the run, but the validation images' brightness drifting more than
+    --drift_band from the untrained model's does: at the first validation past it, with the best step before."""
+    output_dir = guarded_run(tiny_models, tmp_path, "toy_brightness:1.0", extra=("--drift_band", "0.001"))
+    drift = scalar_tags(output_dir)["validation/drift/brightness"]
+    baseline = json.load(open(os.path.join(output_dir, "drift_baseline.json")))["validation/drift/brightness"]
+    assert drift[0] == baseline and abs(drift[1] - baseline) <= 0.001 * baseline < abs(drift[2] - baseline)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "stopped at step 4 for reward hacking: a drift monitor of the validation images left its band" in line
+    assert "the final weights are step 2's" in line
