@@ -20,6 +20,7 @@ METRIC_NOTES = {
     "pickscore": "PickScore: human preference, scaled cosine (about 20-23)",
     "aesthetic": "Aesthetic Predictor v2.5: image-only aesthetics (about 1-10)",
     "imagereward": "ImageReward: human preference, normalised (about -2 to 2)",
+    "hpsv3": "HPSv3: human preference from Qwen2-VL-7B, mu of its head (about 1-15); a 16 GB model, so not in the default list",
     "clip": "CLIP score: text-image agreement, cosine of CLIP ViT-H-14 features",
     "sgp_hps": 'SGP-HPS: HPSv2.1 with "Realistic photo" minus with "CG Render" prepended (paper 4.2): realism',
     "toy_colour": "analytic: cosine of the image's mean colour with the colour words of the prompt (rewards/analytic.py)",

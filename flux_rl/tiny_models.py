@@ -13,6 +13,8 @@ writes, fully offline:
     tiny-models/rewards/aesthetic/    siglip/ (SiglipVisionModel + processor) + aesthetic_predictor_v2_5.pth
     tiny-models/rewards/imagereward/  ImageReward.pt in the original BLIP layout + med_config.json
                                       (+ vision_config.json and a BERT tokenizer, which the real one takes from defaults)
+    tiny-models/rewards/hpsv3/        HPSv3.safetensors in the release layout + a Qwen2-VL config.json and
+                                      byte-level tokenizer (+ hpsv3_config.json: a 112 x 112 image)
 
 Each folder has the layout of the real model, so the project's real loaders read it unchanged
 (`FluxPipeline.from_pretrained`, open_clip `local-dir:`, transformers `from_pretrained`). The
@@ -297,6 +299,84 @@ def write_image_reward(path, seed=5):
     tokenizer.save_pretrained(path)
 
 
+QWEN2VL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                          "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL-Instruct's chat_template.json (what its processor's apply_chat_template renders).
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_tokenizer():
+    """A byte-level BPE tokenizer in Qwen2's format, bytes only (no merges), with Qwen2-VL's special
+    tokens; <|Reward|> is not in it, as it is not in Qwen2-VL's: the HPSv3 loader adds it."""
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import Qwen2Tokenizer
+
+    vocab = {token: i for i, token in enumerate(bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN2VL_SPECIAL_TOKENS})
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_qwen2vl_config(tokenizer, vocab_size):
+    from transformers import Qwen2VLConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
+    return Qwen2VLConfig(
+        # head_dim 8: M-RoPE's sections (t, h, w) split its 4 frequencies 1 + 1 + 2, as 7B's 64 split 16 + 24 + 24.
+        text_config=dict(hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab_size, rms_norm_eps=1e-6, initializer_range=0.2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=2, embed_dim=TINY_WIDTH, hidden_size=TINY_WIDTH, num_heads=4, mlp_ratio=2,
+                           initializer_range=0.2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def write_hpsv3(path, seed=6):
+    """HPSv3's release layout: HPSv3.safetensors as the hpsv3 package's Qwen2VLRewardModelBT saves it
+    under transformers 4.45 (visual.*, model.* for the language model, lm_head, rm_head.{0,3,5}),
+    beside a Qwen2-VL config.json and tokenizer (which the real loader takes from
+    Qwen/Qwen2-VL-7B-Instruct) and hpsv3_config.json with a smaller image (112 x 112: 16 image
+    tokens, the release's 448 x 448 gives 256)."""
+    from safetensors.torch import save_file
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, Qwen2VLTextModel
+
+    from rewards.hpsv3 import REWARD_TOKEN, SETTINGS_FILE, RankNetHead
+
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    tokenizer = build_qwen2_tokenizer()
+    config = tiny_qwen2vl_config(tokenizer, vocab_size=len(tokenizer) + 1)  # + <|Reward|>, as the release resizes
+    visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+    language_model = Qwen2VLTextModel._from_config(config.get_text_config())
+    head = RankNetHead(TINY_WIDTH)
+    for layer in (head[0], head[3], head[5]):  # wide enough that scores differ visibly between images
+        torch.nn.init.normal_(layer.weight, std=1.0 / layer.in_features**0.5)
+    state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+    state.update({f"model.{k}": v for k, v in language_model.state_dict().items()})
+    state["lm_head.weight"] = torch.zeros(config.get_text_config().vocab_size, TINY_WIDTH)  # in the release, unused for scoring
+    state.update({f"rm_head.{k}": v for k, v in head.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "HPSv3.safetensors"))
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, SETTINGS_FILE), "w") as f:
+        json.dump({"image_pixels": 112 * 112}, f)
+    assert REWARD_TOKEN not in tokenizer.get_vocab()
+
+
 def write_all(output_dir):
     write_flux_pipeline(os.path.join(output_dir, "flux"))
     rewards_dir = os.path.join(output_dir, "rewards")
@@ -305,6 +385,7 @@ def write_all(output_dir):
     write_pickscore(os.path.join(rewards_dir, "pickscore"))
     write_aesthetic(os.path.join(rewards_dir, "aesthetic"))
     write_image_reward(os.path.join(rewards_dir, "imagereward"))
+    write_hpsv3(os.path.join(rewards_dir, "hpsv3"))
     return output_dir
 
 

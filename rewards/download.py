@@ -9,6 +9,7 @@ Layout written (what each loader reads from `<dir>/<name>/`):
     pickscore/  PickScore_v1 CLIPModel + the laion CLIP-H processor files
     aesthetic/siglip/ (SigLIP so400m) + aesthetic_predictor_v2_5.pth
     imagereward/ImageReward.pt + med_config.json + BLIP's BERT tokenizer (with [DEC], [ENC])
+    hpsv3/HPSv3.safetensors + Qwen2-VL-7B-Instruct's config.json and tokenizer files (about 17 GB)
 """
 
 import argparse
@@ -16,6 +17,9 @@ import os
 import sys
 
 from .aesthetic import HEAD_FILE, HEAD_URL, SIGLIP_MODEL
+from .hpsv3 import BASE_MODEL as HPSV3_BASE_MODEL
+from .hpsv3 import CHECKPOINT_FILE as HPSV3_FILE
+from .hpsv3 import HPSV3_REPO
 from .image_reward import CHECKPOINT_FILE, IMAGE_REWARD_REPO, MED_CONFIG_FILE
 from .open_clip_rewards import CLIP_H14_HUB, HPS_FILE, HPS_REPO
 from .pickscore import PICKSCORE_MODEL, PICKSCORE_PROCESSOR
@@ -65,9 +69,17 @@ def download_imagereward(folder):
     tokenizer.save_pretrained(folder)
 
 
+def download_hpsv3(folder):
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    hf_hub_download(HPSV3_REPO, HPSV3_FILE, local_dir=folder)
+    # Qwen2-VL's own weights are not needed: HPSv3.safetensors holds the whole fine-tuned model.
+    snapshot_download(HPSV3_BASE_MODEL, local_dir=folder, allow_patterns=["config.json", *PROCESSOR_FILES])
+
+
 DOWNLOADERS = {
     "hpsv2": download_hpsv2, "clip": download_clip, "pickscore": download_pickscore,
-    "aesthetic": download_aesthetic, "imagereward": download_imagereward,
+    "aesthetic": download_aesthetic, "imagereward": download_imagereward, "hpsv3": download_hpsv3,
 }
 
 

@@ -22,6 +22,7 @@ import torch
 from .aesthetic import load_aesthetic
 from .analytic import load_toy_brightness, load_toy_colour
 from .base import RewardModel
+from .hpsv3 import load_hpsv3
 from .image_reward import load_image_reward
 from .open_clip_rewards import load_clip_score, load_hpsv2
 from .pickscore import load_pickscore
@@ -32,6 +33,7 @@ REWARD_LOADERS = {
     "clip": load_clip_score,
     "aesthetic": load_aesthetic,
     "imagereward": load_image_reward,
+    "hpsv3": load_hpsv3,
     # Formulas of known optimum, no weights (rewards/analytic.py): the learning tests and the tiny quick start.
     "toy_brightness": load_toy_brightness,
     "toy_colour": load_toy_colour,

@@ -126,7 +126,7 @@ FLAG_MISTAKES = [
      "--stop_on_hacking compares the held-out and trained rewards"),
     ("drift band without the guard", SRPO, lambda t: ["--drift_band", "0.3"], "--drift_band must be positive and goes with --stop_on_hacking"),
     ("negative hacking margin", SRPO, lambda t: ["--hacking_margin=-0.1"], "--hacking_margin must be non-negative"),
-    ("unknown held-out reward", REFL, lambda t: ["--heldout_reward", "hpsv3:1.0", "--validation_prompt", "a cat"], "unknown reward 'hpsv3'"),
+    ("unknown held-out reward", REFL, lambda t: ["--heldout_reward", "hpsv4:1.0", "--validation_prompt", "a cat"], "unknown reward 'hpsv4'"),
     ("validation steps without prompts", SRPO, lambda t: ["--validation_steps", "5"], "--validation_steps renders --validation_prompt"),
     ("LoRA to start from with a full fine-tune", SRPO,
      lambda t: ["--full_finetune", "--init_lora_weights", write(f"{t}/lora.safetensors", b"\x00" * 64)], "drop it with --full_finetune"),

@@ -117,7 +117,7 @@ def test_the_audit_catches_each_pattern():
 
 # Every reward kind (CLIP-like, PickScore, the cross-attention ImageReward, the image-only aesthetic
 # scorer with its noised relative form) in one SRPO spec.
-ALL_REWARDS = "hpsv2:1,pickscore:0.05,imagereward:0.5,aesthetic:0.1"
+ALL_REWARDS = "hpsv2:1,pickscore:0.05,imagereward:0.5,aesthetic:0.1,hpsv3:0.1"
 
 
 @pytest.mark.parametrize("trainer,mode,flags", [

@@ -218,3 +218,23 @@ def test_the_checkpoints_of_one_run_by_step(tiny_flux, trained_outputs, benchmar
         evaluate_flux.parse_args(flags + ["--models", f"final={lora_dir}"])
     with pytest.raises(ConfigurationError, match="no checkpoint-N folders or final weights"):
         evaluate_flux.parse_args(flags[:-4] + ["--run_checkpoints", str(tmp_path)])
+
+
+def test_hpsv3_as_a_metric(tiny_models, tiny_flux, benchmark_dir, tmp_path):
+    """--metrics hpsv3 (not in the default list): scored per image beside another metric, in the table too."""
+    output_dir = str(tmp_path / "eval")
+    flags = ["--pretrained_model_name_or_path", tiny_flux, "--hpdv2_benchmark_dir", benchmark_dir, "--prompts_per_style", "1",
+             "--reward_models_dir", os.path.join(tiny_models, "rewards"), "--output_dir", output_dir, "--resolution", "64",
+             "--num_inference_steps", "2", "--max_sequence_length", "32", "--metrics", "hpsv3,toy_brightness"]
+    assert "hpsv3" not in evaluation.METRICS
+    try:
+        evaluate_flux.main(evaluate_flux.parse_args(flags))
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    rows = list(csv.DictReader(open(os.path.join(output_dir, "scores.csv"))))
+    assert len(rows) == 4 and all(float(r["hpsv3"]) == float(r["hpsv3"]) for r in rows)  # finite, one per style
+    assert len({r["hpsv3"] for r in rows}) == 4  # the images differ, so do their scores
+    assert "| hpsv3 | toy_brightness |" in open(os.path.join(output_dir, "table.md")).read()

@@ -83,3 +83,16 @@ def test_a_drift_monitor_leaving_its_band_stops_the_run(tiny_models, tmp_path, c
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "stopped at step 4 for reward hacking: a drift monitor of the validation images left its band" in line
     assert "the final weights are step 2's" in line
+
+
+def test_hpsv3_trains_and_watches_end_to_end(tiny_models, tmp_path):
+    """HPSv3 (the tiny Qwen2-VL one) as the trained reward of an SRPO run and as its held-out reward beside
+    an analytic one: both logged at every validation, per component too, and the run finishes."""
+    flags = ("--reward", "hpsv3:1.0", "--heldout_reward", "hpsv3:1.0,toy_brightness:1.0", "--validation_prompt", "a photo of a cat",
+             "--validation_steps", "1", "--report_to", "tensorboard")
+    output_dir = train(LearningRun("train_srpo_flux", flags, "brightness", 1), tiny_models, str(tmp_path / "hpsv3"), steps=2)
+    logged = scalar_tags(output_dir)
+    assert len(logged["validation/heldout"]) == 3 and len(logged["validation/heldout/hpsv3"]) == 3  # steps 0, 1 and the final
+    assert logged["validation/heldout/hpsv3"] == logged["validation/reward"]  # the same model on the same images
+    assert len(logged["denoise/hpsv3/wanted"]) == 2 and len(logged["inversion/hpsv3/unwanted"]) == 2  # SRPO's phrases, per step
+    assert os.path.exists(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))

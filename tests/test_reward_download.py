@@ -44,6 +44,37 @@ def test_download_layout_loads_offline(tiny_rewards, tmp_path, monkeypatch):
         assert model(torch.rand(1, 3, 64, 64), ["a cat"]).shape == (1,)
 
 
+def test_hpsv3_download_layout_loads_offline(tiny_rewards, tmp_path, monkeypatch):
+    """HPSv3.safetensors from MizzenAI/HPSv3, config and tokenizer from Qwen/Qwen2-VL-7B-Instruct (both served
+    from the tiny folder here): the folder loads, at the release's 448 x 448 image (no hpsv3_config.json)."""
+    import fnmatch
+
+    tiny = os.path.join(tiny_rewards, "hpsv3")
+    asked = []
+
+    def fake_hf_hub_download(repo_id, filename, local_dir, **kwargs):
+        asked.append((repo_id, filename))
+        return shutil.copy(os.path.join(tiny, filename), os.path.join(local_dir, filename))
+
+    def fake_snapshot_download(repo_id, local_dir, allow_patterns, **kwargs):
+        asked.append((repo_id, "*"))
+        for name in os.listdir(tiny):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                shutil.copy(os.path.join(tiny, name), local_dir)
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    out = tmp_path / "weights"
+    download.main(["--output_dir", str(out), "--names", "hpsv3"])
+    assert asked == [(download.HPSV3_REPO, "HPSv3.safetensors"), (download.HPSV3_BASE_MODEL, "*")]
+    assert {"HPSv3.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out / "hpsv3"))
+    assert "hpsv3_config.json" not in os.listdir(out / "hpsv3")
+    model = rewards.load_reward_model("hpsv3", str(out))
+    assert model.image_pixels == 256 * 28 * 28
+    assert model(torch.rand(1, 3, 64, 64), ["a cat"]).shape == (1,)
+
+
 def test_unknown_name_fails(capsys):
     import pytest
 

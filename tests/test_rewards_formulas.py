@@ -106,7 +106,7 @@ def test_noised_relative_reward_appendix_s1(tiny_rewards):
     assert not torch.allclose(got, torch.zeros_like(got))
 
 
-@pytest.mark.parametrize("name", ["hpsv2", "pickscore", "clip", "aesthetic", "imagereward"])
+@pytest.mark.parametrize("name", ["hpsv2", "pickscore", "clip", "aesthetic", "imagereward", "hpsv3"])
 def test_gradient_reaches_the_image(tiny_rewards, name):
     model = rewards.load_reward_model(name, tiny_rewards)
     images = torch.rand(2, 3, 720, 720, requires_grad=True)
@@ -145,7 +145,7 @@ def test_reward_spec_parsing():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("hpsv3:1", "unknown reward 'hpsv3'"),
+        ("hpsv4:1", "unknown reward 'hpsv4'"),
         ("hpsv2:abc", "not a number"),
         ("hpsv2:1,hpsv2:2", "appears twice"),
         ("", "empty --reward"),

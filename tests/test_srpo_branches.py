@@ -158,7 +158,7 @@ def test_cfg_form_takes_cfg_scale_not_the_branch_weight(tiny_rewards):
 REWARD_KINDS = [
     ("hpsv2:1.0", "Real", "Anime"), ("pickscore:0.05", "Real", "Anime"), ("clip:1.0", "Real", "Anime"),
     ("imagereward:1.0", "Real", "Anime"), ("aesthetic:1.0", "Real", "Anime"), ("toy_brightness:1.0", "Real", "Anime"),
-    ("toy_colour:1.0", "red", "blue"), ("hpsv2:1.0,aesthetic:1.0", "Real", "Anime"),
+    ("toy_colour:1.0", "red", "blue"), ("hpsv2:1.0,aesthetic:1.0", "Real", "Anime"), ("hpsv3:1.0", "Real", "Anime"),
 ]
 
 

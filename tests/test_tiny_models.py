@@ -43,5 +43,6 @@ def test_factory_command_line(tmp_path):
     subprocess.run([sys.executable, "-m", "flux_rl.tiny_models", "--output_dir", str(out)], check=True, cwd=REPO_ROOT)
     assert os.path.exists(out / "flux" / "model_index.json")
     for name in ("hpsv2/HPS_v2.1_compressed.pt", "clip/open_clip_config.json", "pickscore/config.json",
-                 "aesthetic/aesthetic_predictor_v2_5.pth", "imagereward/ImageReward.pt", "imagereward/med_config.json"):
+                 "aesthetic/aesthetic_predictor_v2_5.pth", "imagereward/ImageReward.pt", "imagereward/med_config.json",
+                 "hpsv3/HPSv3.safetensors", "hpsv3/config.json", "hpsv3/tokenizer.json"):
         assert os.path.exists(out / "rewards" / name), name

@@ -4,7 +4,7 @@
 
 No reward weights can be downloaded here, so each check builds the package's own model with random
 weights, saves them in the layout of the released file (ImageReward.pt, HPS_v2.1_compressed.pt,
-aesthetic_predictor_v2_5.pth + the SigLIP folder), loads that file with our loader, and compares the
+aesthetic_predictor_v2_5.pth + the SigLIP folder, HPSv3.safetensors), loads that file with our loader, and compares the
 scores of the same inputs. A wrong name mapping, shape or formula shows as a failed load or a
 different score. The packages are fetched as wheels (`pip download --no-deps`, from the package
 registry) and imported from their unpacked files, with stubs for the imports they need and current
@@ -28,7 +28,10 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 PACKAGES = {"image_reward": "image-reward==1.5", "hpsv2": "hpsv2==1.2.0",
-            "aesthetic_predictor_v2_5": "aesthetic-predictor-v2-5==2024.12.18.1"}
+            "aesthetic_predictor_v2_5": "aesthetic-predictor-v2-5==2024.12.18.1", "hpsv3": "hpsv3==1.0.0"}
+# hpsv3 pins transformers 4.45.2, whose Qwen2-VL classes differ from current ones: its side of the
+# check runs in a venv of its own that sees this one's packages behind its transformers.
+HPSV3_PINS = ["transformers==4.45.2", "tokenizers<0.21", "huggingface_hub<1.0"]
 TOLERANCE = 1e-5
 # BLIP's configs/med_config.json, which THUDM/ImageReward ships: encoder_width says 768, and
 # BLIP_Pretrain replaces it with its ViT-L's 1024.
@@ -171,15 +174,70 @@ def check_aesthetic(folder):
     return expected, got
 
 
+def transformers_445_python(cache):
+    """A Python with transformers 4.45.2 in front and this environment's other packages behind it."""
+    import site
+
+    venv = os.path.join(cache, "transformers-4.45")
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(os.path.join(venv, "ready")):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", *HPSV3_PINS], check=True)
+        own = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        with open(os.path.join(own, "zz_outer_environment.pth"), "w") as f:
+            f.write("\n".join(site.getsitepackages()) + "\n")
+        open(os.path.join(venv, "ready"), "w").close()
+    return python
+
+
+def check_hpsv3(folder, cache):
+    """The package's Qwen2VLRewardModelBT at Qwen2-VL-7B's widths (2 + 2 layers), saved as HPSv3.safetensors
+    under transformers 4.45.2 and scored by the package's inference steps (tools/hpsv3_package_side.py);
+    the same file and PNGs through our loader. Two 448 x 448 images (no resize: the scores must agree)
+    and one 720 x 1280 (resized: PIL's bicubic on uint8 there, antialiased bicubic on floats here;
+    its difference is printed, not held to TOLERANCE)."""
+    import numpy
+    from PIL import Image
+
+    from flux_rl.tiny_models import build_qwen2_tokenizer
+    from rewards.hpsv3 import load_hpsv3
+
+    build_qwen2_tokenizer().save_pretrained(folder)  # Qwen2-VL's special tokens; its 151k vocabulary is not here
+    generator = torch.Generator().manual_seed(0)
+    paths = []
+    for i, (height, width) in enumerate([(448, 448), (448, 448), (720, 1280)]):
+        pixels = (torch.rand(height, width, 3, generator=generator) * 255).round().to(torch.uint8)
+        paths.append(os.path.join(folder, f"image{i}.png"))
+        Image.fromarray(pixels.numpy()).save(paths[-1])
+    side = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hpsv3_package_side.py")
+    subprocess.run([transformers_445_python(cache), side, os.path.join(cache, "hpsv3"), folder, *paths], check=True)
+    with open(os.path.join(folder, "package_scores.json")) as f:
+        package = json.load(f)
+    model = load_hpsv3(folder)
+    with torch.no_grad():
+        got = torch.cat([model(torch.from_numpy(numpy.array(Image.open(path))).permute(2, 0, 1)[None] / 255.0, [prompt])
+                         for path, prompt in zip(paths, package["prompts"])])
+    expected = torch.tensor(package["mu"])
+    print(f"HPSv3 on a 720 x 1280 image (resized both sides): package {expected[2]:.6f}, ours {got[2]:.6f}, "
+          f"difference {abs(expected[2] - got[2]):.2g}", flush=True)
+    return expected[:2], got[:2]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "reward-packages"))
+    parser.add_argument("--only", default=None, help="one check by name: ImageReward, HPSv2.1, 'Aesthetic v2.5' or HPSv3")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     unpack_packages(args.cache)
     stub_missing_imports()
     failed = False
-    for name, check in (("ImageReward", check_image_reward), ("HPSv2.1", check_hpsv2), ("Aesthetic v2.5", check_aesthetic)):
+    checks = (("ImageReward", check_image_reward), ("HPSv2.1", check_hpsv2), ("Aesthetic v2.5", check_aesthetic),
+              ("HPSv3", lambda folder: check_hpsv3(folder, args.cache)))
+    for name, check in checks:
+        if args.only and name.lower() != args.only.lower():
+            continue
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as folder:
             expected, got = check(folder)
