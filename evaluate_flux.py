@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rewards
-from flux_rl import evaluation, hub
+from flux_rl import evaluation, families, hub, models
 from flux_rl.args import COMMON_RANGES, check_ranges, one_line_errors, parse_size, run_cli
 from flux_rl.errors import ConfigurationError
 from flux_rl.launcher import add_launch_args
@@ -131,8 +131,8 @@ def generate(args, pipe, variants, todo, device, show_progress=True):
             generators = [torch.Generator("cpu").manual_seed(args.seed + index) for _, index, _ in batch]
             images = pipe(
                 [prompt for _, _, prompt in batch], height=args.resolution[0], width=args.resolution[1],
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                generator=generators, max_sequence_length=args.max_sequence_length,
+                num_inference_steps=args.num_inference_steps, generator=generators, max_sequence_length=args.max_sequence_length,
+                **families.family_of(pipe).pipeline_guidance(args.guidance_scale, len(batch)),
             ).images
             for (style, index, _), image in zip(batch, images):
                 path = image_path(args, variant.name, style, index)
@@ -192,7 +192,6 @@ def write_report(args, variants, items, rows):
 def main(args):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
-    from diffusers import FluxPipeline
 
     from flux_rl.training import quiet_libraries
 
@@ -212,7 +211,7 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
         check_earlier_images(args, variants, items, dtype)
     todo = images_to_generate(args, variants, items, state)
-    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype, cache_dir=args.cache_dir).to(device)
+    pipe = models.load_pipeline(args.pretrained_model_name_or_path, dtype=dtype, cache_dir=args.cache_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     generate(args, pipe, variants, todo, device, show_progress=state.is_main_process)
     count = sum(len(share) for share in todo.values())

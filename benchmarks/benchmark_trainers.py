@@ -58,6 +58,7 @@ import train_refl_baseline  # noqa: E402
 import train_srpo_flux  # noqa: E402
 from flux_rl import data, models, tiny_models, training  # noqa: E402
 from flux_rl.args import compiles_reward  # noqa: E402
+from flux_rl.families import flux1  # noqa: E402
 from flux_rl.flux import Conditioning  # noqa: E402
 
 nan = float("nan")
@@ -172,7 +173,7 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
         batches=data.BatchSchedule([f"prompt {i}" for i in range(64)], args.train_batch_size, args.seed),
         image_dataset=None, weight_dtype=dtype, vae_scale_factor=vae_scale_factor,
         scheduler_config=None,  # --rollout_shift 3 (the trainers' default): the fixed-shift schedule, no config read
-        image_size=args.resolution,
+        image_size=args.resolution, family=flux1,
     )
 
 

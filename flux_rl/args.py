@@ -410,9 +410,10 @@ def validate_common_args(args):
         fail(f"--lr_scheduler polynomial decays to 1e-7, so --learning_rate must be above it, got {args.learning_rate}")
     if args.rank < 1:
         fail(f"--rank must be at least 1, got {args.rank}")
-    if args.lora_target_modules and not args.full_finetune:
+    if args.lora_target_modules and not args.full_finetune and _local_pipeline_class(args) in (None, "FluxPipeline"):
         from .models import check_lora_targets, lora_targets
 
+        # FLUX.1's layers are written out (no model needed); another family's are checked once its transformer loads.
         check_lora_targets(lora_targets(args.lora_target_modules))
     if not 0.0 <= args.gradient_checkpointing_ratio <= 1.0:
         fail(f"--gradient_checkpointing_ratio must lie in [0, 1] (the share of blocks recomputed), got {args.gradient_checkpointing_ratio}")
@@ -555,6 +556,18 @@ def _check_output_dir_writable(output_dir: str):
         fail(f"--output_dir {output_dir}: {existing} is a file, so no folder can be made under it; name another --output_dir")
     if not os.access(existing, os.W_OK | os.X_OK):
         fail(f"--output_dir {output_dir}: {existing} is not writable by this user; name another --output_dir")
+
+
+def _local_pipeline_class(args) -> str | None:
+    """The pipeline class a local checkpoint folder's model_index.json names (None: a Hub id, or unreadable)."""
+    import json
+
+    path = os.path.join(getattr(args, "pretrained_model_name_or_path", "") or "", "model_index.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        return None
 
 
 def looks_like_a_local_folder(value: str) -> bool:

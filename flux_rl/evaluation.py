@@ -96,15 +96,13 @@ class ModelVariant:
                 raise ConfigurationError(f"{path}: neither pytorch_lora_weights.safetensors nor transformer/ found{hint}")
 
     def apply(self, pipe):
-        from diffusers import FluxTransformer2DModel
-
         self._base = pipe.transformer
         if self.path is None:
             return pipe
         if self.is_lora:
             pipe.load_lora_weights(self.path)
-        else:
-            pipe.transformer = FluxTransformer2DModel.from_pretrained(
+        else:  # the base's own transformer class: FluxTransformer2DModel, QwenImageTransformer2DModel
+            pipe.transformer = type(self._base).from_pretrained(
                 os.path.join(self.path, "transformer"), dtype=self._base.dtype
             ).to(self._base.device)
         return pipe

@@ -58,28 +58,38 @@ class PromptEncoder:
         self.lookahead = self.LOOKAHEAD if offload else 0
         self.text_ids = None
 
+    def text_encoders(self):
+        return [self.pipeline.text_encoder, self.pipeline.text_encoder_2]
+
+    def encode_chunk(self, chunk) -> list:
+        """One text-encoder call: what the cache keeps per prompt (FLUX: T5 and pooled CLIP embeddings)."""
+        embeds, pooled, text_ids = self.pipeline.encode_prompt(
+            prompt=chunk, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        self.text_ids = text_ids.cpu()
+        return list(zip(embeds.cpu(), pooled.cpu()))
+
+    def collate(self, entries: list):
+        return Conditioning(torch.stack([e for e, _ in entries]), torch.stack([p for _, p in entries]), self.text_ids)
+
     def _encode(self, prompts):
         """Embeddings of `prompts` into the cache, ENCODE_BATCH at a time, in one visit of the encoders."""
-        encoders = [self.pipeline.text_encoder, self.pipeline.text_encoder_2]
+        encoders = self.text_encoders()
         if self.offload:
             for encoder in encoders:
                 encoder.to(self.device)
         try:
             for start in range(0, len(prompts), self.ENCODE_BATCH):
                 chunk = prompts[start : start + self.ENCODE_BATCH]
-                embeds, pooled, text_ids = self.pipeline.encode_prompt(
-                    prompt=chunk, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
-                )
-                for prompt, e, p in zip(chunk, embeds.cpu(), pooled.cpu()):
-                    self.cache[prompt] = (e, p)
-                self.text_ids = text_ids.cpu()
+                for prompt, entry in zip(chunk, self.encode_chunk(chunk)):
+                    self.cache[prompt] = entry
         finally:
             if self.offload:
                 for encoder in encoders:
                     encoder.to("cpu")
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], upcoming: list[str] = ()) -> Conditioning:
+    def __call__(self, prompts: list[str], upcoming: list[str] = ()):
         """Conditioning of `prompts`. `upcoming`: prompts wanted soon, encoded now too when the
         encoders must visit the GPU anyway (with offload; as many as the cache keeps beside `prompts`)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
@@ -89,11 +99,10 @@ class PromptEncoder:
             self._encode(missing + ahead[: max(room, 0)])
         for prompt in prompts:
             self.cache.move_to_end(prompt)
-        embeds = torch.stack([self.cache[p][0] for p in prompts])
-        pooled = torch.stack([self.cache[p][1] for p in prompts])
+        entries = [self.cache[p] for p in prompts]
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
-        return Conditioning(embeds, pooled, self.text_ids)
+        return self.collate(entries)
 
 
 def model_config(transformer):
@@ -150,11 +159,12 @@ def ode_sample(velocity_fn, x, sigmas, checkpoint=False, progress=False, before_
 
 @torch.no_grad()
 def sample(transformer, noise, sigmas, guidance, cond: Conditioning, img_ids, progress=False, tabulate_modulations_of=None,
-           full_schedule=None):
+           full_schedule=None, velocity=velocity):
     """The rollout: from `noise` at sigmas[0] to sigmas[-1] without gradient. fp32 packed latents.
     `tabulate_modulations_of`: the unwrapped transformer, whose modulation layers then run once for
     every step of `full_schedule` (default `sigmas`; a rollout stopped early passes the whole schedule,
-    so that the tables keep one shape), see flux_rl/modulations.py (--batch_rollout_modulations)."""
+    so that the tables keep one shape), see flux_rl/modulations.py (--batch_rollout_modulations).
+    `velocity`: the model family's call (flux_rl/families); `img_ids`: its positions of the image tokens."""
     if tabulate_modulations_of is None:
         table = contextlib.nullcontext()
     else:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from . import flux, models, schedules, validation
+from . import families, models, schedules, validation
 from .evaluation import ModelVariant
 
 
@@ -24,12 +24,12 @@ def render_images(pipe, trained_output, prompts, seeds, resolution=64, num_infer
     variant.apply(pipe)
     try:
         device, dtype = pipe.transformer.device, pipe.transformer.dtype
-        vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        family, vae_scale_factor = families.family_of(pipe), pipe.vae_scale_factor
         image_seq_len = (resolution // (vae_scale_factor * 2)) ** 2
         sigmas = schedules.rollout_sigmas(num_inference_steps, image_seq_len, pipe.scheduler.config, shift or None)
-        encoder = flux.PromptEncoder(pipe, max_sequence_length, device)
+        encoder = family.prompt_encoder(pipe, max_sequence_length, device, 2048, False)
         batches = [validation.render(pipe.transformer, pipe.vae, encoder, list(prompts), seed, resolution, resolution, sigmas,
-                                     guidance, vae_scale_factor, device, dtype) for seed in seeds]
+                                     guidance, vae_scale_factor, device, dtype, family=family) for seed in seeds]
     finally:
         variant.restore(pipe)
     return torch.cat(batches)

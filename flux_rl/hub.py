@@ -11,7 +11,7 @@ CARD = """---
 {base_model_line}library_name: diffusers
 license: {license}
 {license_lines}tags:
-- flux
+- {family_tag}
 - text-to-image
 - {method}
 - {kind}
@@ -57,8 +57,13 @@ def hub_id_of(model: str) -> str | None:
     return f"{match[1]}/{match[2]}" if match else None
 
 
-def write_model_card(output_dir, args, method, repo_id=None, note=None):
+# Each family's transformer class and Hub tag, for the card's loading code.
+TRANSFORMER_CLASSES = {"FluxPipeline": ("FluxTransformer2DModel", "flux"), "QwenImagePipeline": ("QwenImageTransformer2DModel", "qwen-image")}
+
+
+def write_model_card(output_dir, args, method, repo_id=None, note=None, pipeline_class="FluxPipeline"):
     use_lora = not args.full_finetune
+    transformer_class, family_tag = TRANSFORMER_CLASSES[pipeline_class]
     weights = repo_id or output_dir
     # The Hub refuses a card whose base_model is not a model id (a local path would fail the push
     # at the end of training): a local copy of FLUX gets no base_model line.
@@ -67,13 +72,13 @@ def write_model_card(output_dir, args, method, repo_id=None, note=None):
     # the base the adapter was trained on: with --revision, that revision
     base_source = f'"{base}"' + (f', revision="{args.revision}"' if getattr(args, "revision", None) else "")
     if use_lora:
-        imports = "FluxPipeline"
-        load_code = (f'pipe = FluxPipeline.from_pretrained({base_source}, dtype=torch.bfloat16).to("cuda")\n'
+        imports = pipeline_class
+        load_code = (f'pipe = {pipeline_class}.from_pretrained({base_source}, dtype=torch.bfloat16).to("cuda")\n'
                      f'pipe.load_lora_weights("{weights}")')
     else:  # the trained transformer replaces the base model's; the rest of the pipeline is the base model's
-        imports = "FluxPipeline, FluxTransformer2DModel"
-        load_code = (f'transformer = FluxTransformer2DModel.from_pretrained("{weights}", subfolder="transformer", dtype=torch.bfloat16)\n'
-                     f'pipe = FluxPipeline.from_pretrained({base_source}, transformer=transformer, '
+        imports = f"{pipeline_class}, {transformer_class}"
+        load_code = (f'transformer = {transformer_class}.from_pretrained("{weights}", subfolder="transformer", dtype=torch.bfloat16)\n'
+                     f'pipe = {pipeline_class}.from_pretrained({base_source}, transformer=transformer, '
                      'dtype=torch.bfloat16).to("cuda")')
     secret = {"hub_token"}
     config = "\n".join(f"{k} = {v}" for k, v in sorted(vars(args).items()) if k not in secret)
@@ -99,7 +104,8 @@ def write_model_card(output_dir, args, method, repo_id=None, note=None):
         load_code=load_code,
         comfyui_section=("\nIn ComfyUI, Forge or Krita, load `pytorch_lora_weights.safetensors` with the LoRA loader at strength 1.0 "
                          "(the trained strength is in the weights); for FLUX.1's own key layout, `python -m flux_rl.lora_export "
-                         "<this folder>` writes a kohya-style copy.\n" if use_lora else ""),
+                         "<this folder>` writes a kohya-style copy.\n" if use_lora and pipeline_class == "FluxPipeline" else ""),
+        family_tag=family_tag,
         prompt=repr((args.validation_prompt or ["a photo of a cat"])[0]),  # a Python literal, whatever its quotes
         config=config,
     )

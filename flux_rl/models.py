@@ -28,13 +28,14 @@ LORA_LAYER_PRESETS["all-linear"] = LORA_LAYER_PRESETS["default"] + [
 DEFAULT_LORA_TARGETS = LORA_LAYER_PRESETS["default"]
 
 
-# The diffusers pipelines these trainers train: FLUX.1's (FLUX.1-dev, -schnell, -Krea-dev share FluxPipeline's layout).
-SUPPORTED_PIPELINES = ("FluxPipeline",)
+# The diffusers pipelines these trainers train, one adapter each in flux_rl/families (written out here so that
+# checking a checkpoint's model_index.json imports nothing; tests/test_families.py holds it equal to FAMILIES).
+SUPPORTED_PIPELINES = ("FluxPipeline", "QwenImagePipeline")
 
 
-def check_pipeline_class(model_index_path: str, name: str):
-    """The checkpoint's family, from its model_index.json, before anything loads: a Qwen-Image or FLUX.2
-    folder would otherwise load as FLUX.1 and fail deep inside diffusers."""
+def check_pipeline_class(model_index_path: str, name: str) -> str:
+    """The checkpoint's pipeline class (its family), from its model_index.json, before anything loads:
+    a FLUX.2 or SD3 folder would otherwise fail deep inside diffusers."""
     import json
 
     from .errors import ConfigurationError
@@ -46,24 +47,41 @@ def check_pipeline_class(model_index_path: str, name: str):
         raise ConfigurationError(f"--pretrained_model_name_or_path {name}: its model_index.json does not read ({error})") from None
     if pipeline_class not in SUPPORTED_PIPELINES:
         raise ConfigurationError(f"--pretrained_model_name_or_path {name} is a {pipeline_class} checkpoint; these trainers train "
-                                 f"{', '.join(SUPPORTED_PIPELINES)} models (FLUX.1-dev, FLUX.1-schnell, FLUX.1-Krea-dev) so far")
+                                 f"{', '.join(SUPPORTED_PIPELINES)} models (FLUX.1-dev, FLUX.1-schnell, FLUX.1-Krea-dev; "
+                                 "Qwen-Image) so far")
+    return pipeline_class
 
 
 def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dtype=torch.float32, cache_dir=None):
-    from diffusers import FluxPipeline
+    """The checkpoint's own pipeline (the class its model_index.json names: FluxPipeline, QwenImagePipeline)."""
+    from diffusers import DiffusionPipeline
 
-    return FluxPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
-                                        cache_dir=cache_dir)
+    return DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
+                                             cache_dir=cache_dir)
 
 
-def lora_targets(flag_value: str | None) -> list[str]:
-    """--lora_target_modules as a list: a preset's name (LORA_LAYER_PRESETS; None: "default") or
-    comma-separated module names; peft adapts each module whose name is a target or ends in '.' + target."""
+def lora_targets(flag_value: str | None, presets: dict | None = None) -> list[str]:
+    """--lora_target_modules as a list: a preset's name (`presets`, a family's: LORA_LAYER_PRESETS for
+    FLUX.1; None: "default") or comma-separated module names; peft adapts each module whose name is a
+    target or ends in '.' + target."""
+    presets = presets or LORA_LAYER_PRESETS
     if not flag_value:
-        return DEFAULT_LORA_TARGETS
-    if flag_value.strip() in LORA_LAYER_PRESETS:
-        return LORA_LAYER_PRESETS[flag_value.strip()]
+        return presets["default"]
+    if flag_value.strip() in presets:
+        return presets[flag_value.strip()]
     return [name.strip() for name in flag_value.split(",") if name.strip()]
+
+
+def check_lora_targets_in(transformer, targets: list[str]):
+    """Each target names a linear layer of the loaded transformer (a family without a written-out
+    table, FLUX_LINEAR_LAYERS, is checked once loaded, before adapters are added)."""
+    from .errors import ConfigurationError
+
+    linear = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in linear):
+            raise ConfigurationError(f"--lora_target_modules: '{target}' names no linear layer of the {type(transformer).__name__}; "
+                                     f"its blocks' layers are e.g. {', '.join(sorted({n.split('.', 2)[-1] for n in linear})[:8])}")
 
 
 # Every linear layer of FLUX.1's transformer, named as in one double and one single block (the other blocks
@@ -177,7 +195,7 @@ def compile_blocks(transformer, backend: str = "inductor", mode: str | None = No
     """torch.compile each FLUX block on its own. The 19 double and 38 single blocks share two
     graphs, so compilation is short, and the Python loop between blocks (where gradient
     checkpointing and FSDP act) stays eager."""
-    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+    for block in list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", [])):
         block.compile(backend=backend, mode=mode, dynamic=False)
     return transformer
 
@@ -228,9 +246,13 @@ def prepare_vae(vae, args):
     """The VAE as the trainer flags want it: frozen, its attention kernel, decoder checkpointing and
     compilation."""
     vae.requires_grad_(False).eval()
-    if args.vae_attention == "math":
+    if args.vae_attention == "math" and hasattr(vae, "set_attn_processor"):  # AutoencoderKL's; Qwen-Image's video VAE has its own
         vae.set_attn_processor(MathAttentionUnderAutograd())
     if args.vae_gradient_checkpointing:
+        if not getattr(vae, "_supports_gradient_checkpointing", True):
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(f"--vae_gradient_checkpointing: diffusers' {type(vae).__name__} does not support it; drop the flag")
         vae.enable_gradient_checkpointing()
     if args.compile_vae:
         compile_vae_decoder(vae, args.compile_backend, args.compile_mode)
@@ -257,7 +279,7 @@ def enable_block_checkpointing(transformer, ratio: float = 1.0):
     FLUX forward, 37 TFLOP at 720 px, at ratio 0), more memory. Which blocks does not change the
     peak, only how many: every block's saved tensors live until the backward reaches it.
     The choice is an attribute of the block, so it survives wrappers that forward attributes (FSDP)."""
-    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
+    for blocks in (transformer.transformer_blocks, getattr(transformer, "single_transformer_blocks", [])):
         count = int(ratio * len(blocks) + 0.5)  # half rounds up (round() would take 0.5 to 0)
         chosen = {int(i * len(blocks) / count) for i in range(count)} if count else set()
         for index, block in enumerate(blocks):
@@ -285,7 +307,11 @@ def prepare_for_training(transformer, args):
     elif args.full_finetune:
         transformer.float().requires_grad_(True)  # fp32 master weights under autocast
     else:
-        add_lora(transformer, args.rank, args.lora_alpha, lora_targets(args.lora_target_modules), getattr(args, "lora_dropout", 0.0))
+        from .families import family_of_model
+
+        targets = lora_targets(args.lora_target_modules, family_of_model(transformer).LORA_PRESETS)
+        check_lora_targets_in(transformer, targets)
+        add_lora(transformer, args.rank, args.lora_alpha, targets, getattr(args, "lora_dropout", 0.0))
         if getattr(args, "lora_dropout", 0.0):
             # peft's dropout acts in training mode only. The whole step stays in it, so that a block that gradient
             # checkpointing recomputes in the backward draws the same mask (torch.utils.checkpoint replays the RNG);

@@ -7,6 +7,8 @@ writes, fully offline:
     tiny-models/flux/                 a FluxPipeline folder (FluxTransformer2DModel, AutoencoderKL with
                                       FLUX's 16 latent channels / 0.3611 scale / 0.1159 shift, CLIP + T5
                                       text encoders and tokenizers, FlowMatchEulerDiscreteScheduler)
+    tiny-models/qwen-image/           a QwenImagePipeline folder (QwenImageTransformer2DModel, AutoencoderKLQwenImage with
+                                      latent mean / std, a Qwen2.5-VL text encoder and BPE tokenizer, Qwen-Image's scheduler)
     tiny-models/rewards/hpsv2/        open_clip_config.json + HPS_v2.1_compressed.pt ({"state_dict": ...})
     tiny-models/rewards/clip/         open_clip_config.json + open_clip_model.safetensors (open_clip hub layout)
     tiny-models/rewards/pickscore/    a transformers CLIPModel + CLIPProcessor folder
@@ -377,8 +379,63 @@ def write_hpsv3(path, seed=6):
     assert REWARD_TOKEN not in tokenizer.get_vocab()
 
 
+def build_qwen_image_tokenizer():
+    """Qwen2's byte-level BPE format with merges learnt here (offline) from Qwen-Image's prompt
+    template, so that the template's head before the prompt is 34 tokens, as with Qwen2.5-VL's own
+    tokenizer: QwenImagePipeline drops exactly its first 34 token states (prompt_template_encode_start_idx)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    template = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+                "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+    corpus = [template.format("")] * 20 + ["a photo of a cat", "a red car", "a lighthouse", "a painting of a dog"] * 5
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=380, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(merge) for merge in model["merges"]])
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN2VL_SPECIAL_TOKENS})
+    return tokenizer
+
+
+# Qwen/Qwen-Image's scheduler_config.json: an exponential, resolution-dependent shift (0.5 to 0.9), ending at 0.02.
+QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+
+
+def write_qwen_image_pipeline(path, seed=7):
+    """A QwenImagePipeline folder: diffusers' own test sizes (transformer 2 layers of 3 x 16 heads, a video VAE
+    with 4 latent channels and 4x downsampling) with latent statistics that are not 0 / 1, so that their use
+    is tested, a tiny Qwen2.5-VL text encoder and Qwen-Image's scheduler config."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_image_tokenizer()
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                              num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False,
+                                              axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+                                 latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         vocab_size=len(tokenizer), rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2],
+                                                                     "rope_theta": 1e6},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(path)
+
+
 def write_all(output_dir):
     write_flux_pipeline(os.path.join(output_dir, "flux"))
+    write_qwen_image_pipeline(os.path.join(output_dir, "qwen-image"))
     rewards_dir = os.path.join(output_dir, "rewards")
     write_hpsv2(os.path.join(rewards_dir, "hpsv2"))
     write_open_clip(os.path.join(rewards_dir, "clip"))

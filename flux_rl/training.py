@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rewards.base import host_to_device
 
-from . import checkpoints, data, flux, hub, latents, models, monitors, preemption, schedules, validation
+from . import checkpoints, data, families, flux, hub, latents, models, monitors, preemption, schedules, validation
 from .args import chosen_trackers, compiles_reward, launched_with_fsdp, mixed_precision
 from .errors import ConfigurationError
 from .optim import AdamWStochasticBF16, step_unless_not_finite
@@ -47,7 +47,8 @@ class Run:
     image_dataset: object
     weight_dtype: torch.dtype
     vae_scale_factor: int
-    scheduler_config: dict  # FLUX's scheduler config: the resolution-dependent shift when --rollout_shift is 0
+    scheduler_config: dict  # the pipeline's scheduler config: the resolution-dependent shift when --rollout_shift is 0
+    family: object = None  # the model family's adapter (flux_rl/families: flux1, qwen_image); set by setup
     # (height, width) of the current micro-step's images: --resolution, or the bucket of its batch (data.image_size).
     # Set by rollout() and next_batch(); decode(), velocity_fn() and rollout_sigmas read it.
     image_size: tuple = None
@@ -67,10 +68,10 @@ class Run:
         return self.accelerator.device
 
     def image_ids(self, size):
-        """FLUX's position ids of an image of `size` (height, width), on the device."""
+        """The family's positions of the image tokens of an image of `size` (height, width), on the device:
+        FLUX's position ids (made on the host, queued up), Qwen-Image's latent grid."""
         if ("ids", size) not in self._per_size:
-            ids = latents.image_ids(*size, self.vae_scale_factor, "cpu", self.weight_dtype)  # made on the host, queued up
-            self._per_size["ids", size] = host_to_device(ids, self.device)
+            self._per_size["ids", size] = self.family.positions(*size, self.vae_scale_factor, self.device, self.weight_dtype)
         return self._per_size["ids", size]
 
     def sigmas(self, steps, size):
@@ -96,7 +97,7 @@ class Run:
 
         def run_model(x, sigma):
             with self.accelerator.autocast():
-                return flux.velocity(self.transformer, x, sigma, guidance, cond, self.image_ids(self.image_size))
+                return self.family.velocity(self.transformer, x, sigma, guidance, cond, self.image_ids(self.image_size))
 
         return run_model
 
@@ -142,12 +143,14 @@ class Run:
         with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, backend, \
                 models.without_dropout(self.unwrapped()):  # record_function: a named range in profiles
             x = flux.sample(self.transformer, noise, sigmas, self.args.rollout_guidance, cond, self.image_ids(self.image_size),
-                            tabulate_modulations_of=self._modulations_model(), full_schedule=self.rollout_sigmas)
+                            tabulate_modulations_of=self._modulations_model(), full_schedule=self.rollout_sigmas,
+                            velocity=self.family.velocity)
         return x, noise, cond
 
     def _modulations_model(self):
-        """The model whose modulation layers a rollout runs once per schedule (--batch_rollout_modulations)."""
-        return self.unwrapped() if self.args.batch_rollout_modulations else None
+        """The model whose modulation layers a rollout runs once per schedule (--batch_rollout_modulations;
+        FLUX.1's, flux_rl/modulations.py: other families roll out without the tables)."""
+        return self.unwrapped() if self.args.batch_rollout_modulations and self.family.TABULATES_MODULATIONS else None
 
     def next_batch(self, micro_step, generator):
         """(x0, noise, cond, prompts) of one micro-step: an online rollout from the initial noise,
@@ -164,12 +167,12 @@ class Run:
         rows = [self.image_dataset[i] for i in items]
         prompts = [row[self.args.prompt_column] for row in rows]
         images = host_to_device(torch.stack([data.image_to_tensor(row["image"], self.image_size) for row in rows]), self.device)
-        x0 = latents.encode(self.vae, images)
+        x0 = self.family.encode(self.vae, images)
         return x0, self.initial_noise(len(rows), generator), self.condition(prompts, micro_step), prompts
 
     def decode(self, packed):
         with self.accelerator.autocast(), torch.profiler.record_function("vae_decode"):
-            return latents.decode(self.vae, packed, *self.image_size, self.vae_scale_factor)
+            return self.family.decode(self.vae, packed, *self.image_size, self.vae_scale_factor)
 
     def sync_gradients(self, last: bool):
         """DDP all-reduce only on the last backward of an optimiser step. Under FSDP every
@@ -333,7 +336,7 @@ class Run:
                     self.transformer, self.vae, self.prompt_encoder, prompts, self.args.validation_seed + index,
                     *self.args.validation_resolution, self.validation_sigmas(), self.args.validation_guidance,
                     self.vae_scale_factor, self.device, self.weight_dtype,
-                    tabulate_modulations_of=self._modulations_model(),
+                    tabulate_modulations_of=self._modulations_model(), family=self.family,
                 )
                 with torch.no_grad():
                     scores.append(self.reward(batch, prompts)[0])
@@ -584,8 +587,9 @@ def setup(args, method: str) -> Run:
     set_seed(args.seed)  # after the rewards' random initialisation: the LoRA init must not depend on the reward chosen
     pipeline = models.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype=weight_dtype,
                                     cache_dir=args.cache_dir)
+    family = families.family_of(pipeline)
     models.prepare_vae(pipeline.vae, args).to(accelerator.device)
-    for encoder in (pipeline.text_encoder, pipeline.text_encoder_2):
+    for encoder in family.text_encoders(pipeline):
         encoder.requires_grad_(False).eval().to("cpu" if args.offload_text_encoders else accelerator.device)
     transformer = pipeline.transformer
     models.prepare_for_training(transformer, args).to(accelerator.device)
@@ -599,13 +603,13 @@ def setup(args, method: str) -> Run:
     lr_scheduler = make_lr_scheduler(args, optimizer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
-    vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     run = Run(
         args=args, method=method, accelerator=accelerator, transformer=transformer, vae=pipeline.vae,
-        prompt_encoder=flux.PromptEncoder(pipeline, args.max_sequence_length, accelerator.device, args.text_cache_size,
-                                          args.offload_text_encoders),
+        prompt_encoder=family.prompt_encoder(pipeline, args.max_sequence_length, accelerator.device, args.text_cache_size,
+                                             args.offload_text_encoders),
         reward=reward, optimizer=optimizer, lr_scheduler=lr_scheduler, batches=schedule, image_dataset=image_dataset, weight_dtype=weight_dtype,
-        vae_scale_factor=vae_scale_factor, scheduler_config=pipeline.scheduler.config, image_size=args.resolution,
+        vae_scale_factor=pipeline.vae_scale_factor, scheduler_config=pipeline.scheduler.config, image_size=args.resolution,
+        family=family,
     )
 
     run.heldout = heldout
@@ -653,7 +657,8 @@ def finish(run: Run):
     run.validate(run.best["step"] if run.stop_reason else args.max_train_steps)  # stopped for hacking: the best step's again
     if accelerator.is_main_process:
         # With --hub_model_id, the card's code loads from that repository, pushed now or uploaded later.
-        hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id, note=run.stop_reason)
+        hub.write_model_card(args.output_dir, args, run.method, args.hub_model_id, note=run.stop_reason,
+                             pipeline_class=run.family.PIPELINE)
         if args.push_to_hub:
             repo_id = hub.push_to_hub(args.output_dir, args.hub_model_id)
             logger.info(f"pushed to https://huggingface.co/{repo_id}")

@@ -29,17 +29,22 @@ def image_grid(images: torch.Tensor, captions: list[str] | None = None, columns:
 
 @torch.no_grad()
 def render(transformer, vae, prompt_encoder, prompts, seed, height, width, sigmas, guidance, vae_scale_factor, device, dtype,
-           tabulate_modulations_of=None):
+           tabulate_modulations_of=None, family=None):
     """Images for `prompts` from a fixed seed, through the same rollout the trainer uses.
-    `tabulate_modulations_of`: the unwrapped transformer, for --batch_rollout_modulations."""
+    `tabulate_modulations_of`: the unwrapped transformer, for --batch_rollout_modulations.
+    `family`: the model family's adapter (flux_rl/families; default FLUX.1)."""
+    from .families import flux1
+
+    family = family or flux1
     channels = flux.model_config(transformer).in_channels // 4
     shape = latents.latent_shape(vae_scale_factor, channels, height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = host_to_device(latents.pack(torch.randn((len(prompts), *shape), generator=generator)), device)
     cond = prompt_encoder(prompts).to(device, dtype)
-    ids = latents.image_ids(height, width, vae_scale_factor, device, dtype)
-    x0 = flux.sample(transformer, noise, sigmas, guidance, cond, ids, tabulate_modulations_of=tabulate_modulations_of)
-    return latents.decode(vae, x0, height, width, vae_scale_factor)
+    positions = family.positions(height, width, vae_scale_factor, device, dtype)
+    x0 = flux.sample(transformer, noise, sigmas, guidance, cond, positions, tabulate_modulations_of=tabulate_modulations_of,
+                     velocity=family.velocity)
+    return family.decode(vae, x0, height, width, vae_scale_factor)
 
 
 def log_validation(accelerator, images, prompts, scores, step, output_dir, tag="validation", columns=None):

@@ -1,0 +1,36 @@
+"""The model families the trainers train: one adapter module each, which knows how the family
+encodes prompts, where its image tokens sit, how its transformer is called at (x, sigma,
+conditioning, guidance), how its VAE decodes and encodes, and which layers LoRA adapts. The
+family of a checkpoint is its model_index.json's pipeline class.
+
+| module        | pipeline           | guidance                                      |
+|---------------|--------------------|-----------------------------------------------|
+| flux1         | FluxPipeline       | embedded (FLUX.1-dev's guidance input), 1 pass |
+| qwen_image    | QwenImagePipeline  | true CFG against " ", 2 passes when > 1       |
+
+Each module has the same names: PIPELINE, NAME, EXAMPLE_CHECKPOINT, GUIDANCE, LORA_PRESETS,
+TABULATES_MODULATIONS, prompt_encoder(), text_encoders(), positions(), velocity(), decode(),
+encode(). The latents of both are packed alike (2 x 2 patches into tokens: flux_rl/latents.py).
+"""
+
+from . import flux1, qwen_image
+
+FAMILIES = {module.PIPELINE: module for module in (flux1, qwen_image)}
+SUPPORTED_PIPELINES = tuple(FAMILIES)
+
+
+def family_of(pipeline_or_class):
+    """The adapter of a pipeline object or of its class name."""
+    name = pipeline_or_class if isinstance(pipeline_or_class, str) else type(pipeline_or_class).__name__
+    return FAMILIES[name]
+
+
+# The transformer class of each family, for code that holds the model only (models.prepare_for_training).
+TRANSFORMERS = {"FluxTransformer2DModel": flux1, "QwenImageTransformer2DModel": qwen_image}
+
+
+def family_of_model(transformer):
+    """The adapter of a (possibly wrapped: DDP, torch.compile) transformer."""
+    while type(transformer).__name__ not in TRANSFORMERS and hasattr(transformer, "module"):
+        transformer = transformer.module
+    return TRANSFORMERS[type(transformer).__name__]
