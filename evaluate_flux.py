@@ -130,7 +130,7 @@ def generate(args, pipe, variants, todo, device, show_progress=True):
             batch = todo_of_variant[start : start + args.batch_size]
             generators = [torch.Generator("cpu").manual_seed(args.seed + index) for _, index, _ in batch]
             images = pipe(
-                [prompt for _, _, prompt in batch], height=args.resolution[0], width=args.resolution[1],
+                prompt=[prompt for _, _, prompt in batch], height=args.resolution[0], width=args.resolution[1],
                 num_inference_steps=args.num_inference_steps, generator=generators, max_sequence_length=args.max_sequence_length,
                 **families.family_of(pipe).pipeline_guidance(args.guidance_scale, len(batch)),
             ).images

@@ -10,6 +10,13 @@ def latent_shape(vae_scale_factor: int, latent_channels: int, height: int, width
     return latent_channels, 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
 
 
+def packed_noise(batch: int, in_channels: int, height: int, width: int, vae_scale_factor: int, generator) -> torch.Tensor:
+    """The initial noise of `batch` images, drawn as FluxPipeline and QwenImagePipeline draw it (B x C x h x w, C the
+    transformer's in_channels / 4), packed; on the host."""
+    shape = latent_shape(vae_scale_factor, in_channels // 4, height, width)
+    return pack(torch.randn((batch, *shape), generator=generator))
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     from diffusers import FluxPipeline
 

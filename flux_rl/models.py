@@ -30,7 +30,7 @@ DEFAULT_LORA_TARGETS = LORA_LAYER_PRESETS["default"]
 
 # The diffusers pipelines these trainers train, one adapter each in flux_rl/families (written out here so that
 # checking a checkpoint's model_index.json imports nothing; tests/test_families.py holds it equal to FAMILIES).
-SUPPORTED_PIPELINES = ("FluxPipeline", "QwenImagePipeline")
+SUPPORTED_PIPELINES = ("FluxPipeline", "Flux2KleinPipeline", "QwenImagePipeline")
 
 
 def check_pipeline_class(model_index_path: str, name: str) -> str:
@@ -47,7 +47,7 @@ def check_pipeline_class(model_index_path: str, name: str) -> str:
         raise ConfigurationError(f"--pretrained_model_name_or_path {name}: its model_index.json does not read ({error})") from None
     if pipeline_class not in SUPPORTED_PIPELINES:
         raise ConfigurationError(f"--pretrained_model_name_or_path {name} is a {pipeline_class} checkpoint; these trainers train "
-                                 f"{', '.join(SUPPORTED_PIPELINES)} models (FLUX.1-dev, FLUX.1-schnell, FLUX.1-Krea-dev; "
+                                 f"{', '.join(SUPPORTED_PIPELINES)} models (FLUX.1-dev, -schnell, -Krea-dev; FLUX.2 [klein]; "
                                  "Qwen-Image) so far")
     return pipeline_class
 

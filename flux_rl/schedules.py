@@ -34,28 +34,32 @@ def fixed_shift_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     return shift_sigmas(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).float()
 
 
-def dynamic_shift_sigmas(num_steps: int, image_seq_len: int, scheduler_config) -> torch.Tensor:
-    """FLUX.1-dev's resolution-dependent schedule, exactly as FluxPipeline builds it (mu from the
-    packed image sequence length), ending with sigma = 0."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def resolution_shift_mu(image_seq_len: int, num_steps: int, scheduler_config) -> float:
+    """FluxPipeline's and QwenImagePipeline's shift: linear in the packed image sequence length
+    between the scheduler config's (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+    return calculate_shift(image_seq_len, scheduler_config.get("base_image_seq_len", 256),
+                           scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
+                           scheduler_config.get("max_shift", 1.15))
+
+
+def dynamic_shift_sigmas(num_steps: int, image_seq_len: int, scheduler_config, dynamic_mu=resolution_shift_mu) -> torch.Tensor:
+    """The resolution-dependent schedule, exactly as the pipeline builds it (mu from the packed image
+    sequence length: `dynamic_mu`, the family's rule), ending with sigma = 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    mu = calculate_shift(
-        image_seq_len,
-        scheduler.config.get("base_image_seq_len", 256),
-        scheduler.config.get("max_image_seq_len", 4096),
-        scheduler.config.get("base_shift", 0.5),
-        scheduler.config.get("max_shift", 1.15),
-    )
+    mu = dynamic_mu(image_seq_len, num_steps, scheduler.config)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
     return scheduler.sigmas.float().cpu()
 
 
-def rollout_sigmas(num_steps: int, image_seq_len: int, scheduler_config, shift: float | None) -> torch.Tensor:
+def rollout_sigmas(num_steps: int, image_seq_len: int, scheduler_config, shift: float | None,
+                   dynamic_mu=resolution_shift_mu) -> torch.Tensor:
     """`shift` given: the fixed-shift schedule; None: diffusers' resolution-dependent one."""
     if shift is None:
-        return dynamic_shift_sigmas(num_steps, image_seq_len, scheduler_config)
+        return dynamic_shift_sigmas(num_steps, image_seq_len, scheduler_config, dynamic_mu)
     return fixed_shift_sigmas(num_steps, shift)
 
 

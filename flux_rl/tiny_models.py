@@ -9,6 +9,8 @@ writes, fully offline:
                                       text encoders and tokenizers, FlowMatchEulerDiscreteScheduler)
     tiny-models/qwen-image/           a QwenImagePipeline folder (QwenImageTransformer2DModel, AutoencoderKLQwenImage with
                                       latent mean / std, a Qwen2.5-VL text encoder and BPE tokenizer, Qwen-Image's scheduler)
+    tiny-models/flux2-klein/          a Flux2KleinPipeline folder (Flux2Transformer2DModel, AutoencoderKLFlux2 with BatchNorm
+                                      latent statistics, a 27-layer Qwen3 text encoder)
     tiny-models/rewards/hpsv2/        open_clip_config.json + HPS_v2.1_compressed.pt ({"state_dict": ...})
     tiny-models/rewards/clip/         open_clip_config.json + open_clip_model.safetensors (open_clip hub layout)
     tiny-models/rewards/pickscore/    a transformers CLIPModel + CLIPProcessor folder
@@ -433,9 +435,49 @@ def write_qwen_image_pipeline(path, seed=7):
     pipe.save_pretrained(path)
 
 
+# A chat template in Qwen3's shape for the tiny tokenizer: Flux2KleinPipeline renders each prompt as a user turn
+# with thinking turned off (enable_thinking=False adds the empty think block, as Qwen3's own template does).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def write_flux2_klein_pipeline(path, seed=8):
+    """A Flux2KleinPipeline folder (a non-distilled klein "base", so guidance > 1 is classifier-free):
+    diffusers' test sizes for the transformer (1 double + 1 single block), a 27-layer Qwen3 of width
+    16 (the pipeline reads its layers 9, 18 and 27: text width 48), a 3-level AutoencoderKLFlux2 with 4
+    latent channels whose BatchNorm statistics are not 0 / 1, so that their use is tested."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_image_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+        vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                          num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256,
+                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                             up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+                             latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, vae.bn.num_features))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.num_features))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                       is_distilled=False).save_pretrained(path)
+
+
 def write_all(output_dir):
     write_flux_pipeline(os.path.join(output_dir, "flux"))
     write_qwen_image_pipeline(os.path.join(output_dir, "qwen-image"))
+    write_flux2_klein_pipeline(os.path.join(output_dir, "flux2-klein"))
     rewards_dir = os.path.join(output_dir, "rewards")
     write_hpsv2(os.path.join(rewards_dir, "hpsv2"))
     write_open_clip(os.path.join(rewards_dir, "clip"))

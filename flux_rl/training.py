@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rewards.base import host_to_device
 
-from . import checkpoints, data, families, flux, hub, latents, models, monitors, preemption, schedules, validation
+from . import checkpoints, data, families, flux, hub, models, monitors, preemption, schedules, validation
 from .args import chosen_trackers, compiles_reward, launched_with_fsdp, mixed_precision
 from .errors import ConfigurationError
 from .optim import AdamWStochasticBF16, step_unless_not_finite
@@ -80,7 +80,7 @@ class Run:
         if ("sigmas", size, steps) not in self._per_size:
             image_seq_len = (size[0] // (self.vae_scale_factor * 2)) * (size[1] // (self.vae_scale_factor * 2))
             self._per_size["sigmas", size, steps] = schedules.rollout_sigmas(steps, image_seq_len, self.scheduler_config,
-                                                                              self.args.rollout_shift or None)
+                                                                              self.args.rollout_shift or None, self.family.dynamic_mu)
         return self._per_size["sigmas", size, steps]
 
     @property
@@ -126,9 +126,8 @@ class Run:
         return prompts[:wanted]
 
     def initial_noise(self, batch, generator):
-        channels = self.unwrapped().config.in_channels // 4
-        shape = latents.latent_shape(self.vae_scale_factor, channels, *self.image_size)
-        return host_to_device(latents.pack(torch.randn((batch, *shape), generator=generator)), self.device)
+        noise = self.family.initial_noise(batch, self.unwrapped().config.in_channels, *self.image_size, self.vae_scale_factor, generator)
+        return host_to_device(noise, self.device)
 
     def rollout(self, prompts, generator, stop_index=None, micro_step=None):
         """(x, noise, cond): the ODE image of `noise` (or the state at rollout_sigmas[stop_index]),

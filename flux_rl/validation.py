@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from rewards.base import host_to_device
 
-from . import flux, latents
+from . import flux
 
 
 def image_grid(images: torch.Tensor, captions: list[str] | None = None, columns: int | None = None) -> Image.Image:
@@ -36,10 +36,9 @@ def render(transformer, vae, prompt_encoder, prompts, seed, height, width, sigma
     from .families import flux1
 
     family = family or flux1
-    channels = flux.model_config(transformer).in_channels // 4
-    shape = latents.latent_shape(vae_scale_factor, channels, height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
-    noise = host_to_device(latents.pack(torch.randn((len(prompts), *shape), generator=generator)), device)
+    noise = family.initial_noise(len(prompts), flux.model_config(transformer).in_channels, height, width, vae_scale_factor, generator)
+    noise = host_to_device(noise, device)
     cond = prompt_encoder(prompts).to(device, dtype)
     positions = family.positions(height, width, vae_scale_factor, device, dtype)
     x0 = flux.sample(transformer, noise, sigmas, guidance, cond, positions, tabulate_modulations_of=tabulate_modulations_of,

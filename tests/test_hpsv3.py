@@ -4,7 +4,6 @@ package does: transformers' own Qwen2-VL processor (chat template, image process
 
 import os
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file

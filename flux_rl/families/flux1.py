@@ -4,7 +4,7 @@ scale and shift. The calls themselves live in flux_rl/flux.py and flux_rl/latent
 
 from rewards.base import host_to_device
 
-from .. import flux, latents
+from .. import flux, latents, schedules
 
 PIPELINE = "FluxPipeline"
 NAME = "FLUX.1"
@@ -28,6 +28,8 @@ def positions(height, width, vae_scale_factor, device, dtype):
 
 
 velocity = flux.velocity
+initial_noise = latents.packed_noise
+dynamic_mu = schedules.resolution_shift_mu
 
 
 def pipeline_guidance(scale, batch):

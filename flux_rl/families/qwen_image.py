@@ -11,7 +11,7 @@ import torch
 
 from rewards.base import host_to_device
 
-from .. import flux, latents
+from .. import flux, latents, schedules
 from ..schedules import model_timestep
 
 PIPELINE = "QwenImagePipeline"
@@ -79,6 +79,10 @@ class PromptEncoder(flux.PromptEncoder):
         cond = super().__call__(prompts, upcoming)
         cond.negative = negative
         return cond
+
+
+initial_noise = latents.packed_noise  # drawn and packed as FLUX.1's
+dynamic_mu = schedules.resolution_shift_mu  # QwenImagePipeline's calculate_shift, with its scheduler's exponential time shift
 
 
 def prompt_encoder(pipeline, max_sequence_length, device, cache_size, offload):
