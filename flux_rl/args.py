@@ -58,8 +58,12 @@ def add_common_args(parser: argparse.ArgumentParser):
       help="Size of the validation images, one number or HEIGHT,WIDTH (default: --resolution, or the first bucket).")
     a("--num_inference_steps", type=int, default=25, help="Rollout steps.")
     a("--rollout_shift", type=float, default=3.0, help="Fixed timestep shift of the rollout schedule; 0 uses diffusers' resolution-dependent shift.")
-    a("--rollout_guidance", type=float, default=1.0, help="FLUX guidance embedding during the rollout (release: 1 for HPS, 2 for PickScore).")
-    a("--train_guidance", type=float, default=3.5, help="FLUX guidance embedding in the training step.")
+    a("--rollout_guidance", type=float, default=1.0,
+      help="Guidance during the rollout: FLUX.1's guidance embedding (release: 1 for HPS, 2 for PickScore); for Qwen-Image and "
+           "FLUX.2 [klein], classifier-free guidance, two transformer passes per step above 1 (e.g. 4.0).")
+    a("--train_guidance", type=float, default=3.5,
+      help="Guidance in the training step: FLUX.1's guidance embedding; for Qwen-Image and FLUX.2 [klein], classifier-free "
+           "guidance (two passes, twice the branch's cost and activations, above 1; 1.0 is one pass).")
     # Fine-tuning
     a("--full_finetune", action="store_true", help="Train all transformer weights instead of LoRA.")
     a("--rank", type=int, default=64)
@@ -165,8 +169,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--validation_steps", type=int, default=None, help="Render the validation prompts every N steps (besides before the first step and at the end).")
     a("--validation_seed", type=int, default=0, help="Image i of each validation prompt uses seed + i.")
     a("--validation_guidance", type=float, default=3.5,
-      help="FLUX guidance embedding of the validation images: 3.5, FLUX.1-dev's usual, as users will render them (the "
-           "rollout's --rollout_guidance is the training recipe's, 1 under the HPS preset).")
+      help="Guidance of the validation images: 3.5, FLUX.1-dev's usual embedding, as users will render them (the "
+           "rollout's --rollout_guidance is the training recipe's, 1 under the HPS preset); classifier-free for Qwen-Image "
+           "and FLUX.2 [klein].")
     a("--validation_inference_steps", type=int, default=None,
       help="Sampling steps of the validation images (default: --num_inference_steps), on the rollout's schedule.")
     a("--heldout_reward", type=str, default=None,
@@ -410,11 +415,14 @@ def validate_common_args(args):
         fail(f"--lr_scheduler polynomial decays to 1e-7, so --learning_rate must be above it, got {args.learning_rate}")
     if args.rank < 1:
         fail(f"--rank must be at least 1, got {args.rank}")
-    if args.lora_target_modules and not args.full_finetune and _local_pipeline_class(args) in (None, "FluxPipeline"):
-        from .models import check_lora_targets, lora_targets
+    if args.lora_target_modules and not args.full_finetune:
+        from .models import check_lora_targets, check_lora_targets_of_folder, lora_targets
 
-        # FLUX.1's layers are written out (no model needed); another family's are checked once its transformer loads.
-        check_lora_targets(lora_targets(args.lora_target_modules))
+        pipeline_class = _local_pipeline_class(args)
+        if pipeline_class in (None, "FluxPipeline"):  # FLUX.1's layers are written out: no model needed
+            check_lora_targets(lora_targets(args.lora_target_modules))
+        else:  # another family's local folder: its transformer built from its config on the meta device
+            check_lora_targets_of_folder(args.pretrained_model_name_or_path, pipeline_class, args.lora_target_modules)
     if not 0.0 <= args.gradient_checkpointing_ratio <= 1.0:
         fail(f"--gradient_checkpointing_ratio must lie in [0, 1] (the share of blocks recomputed), got {args.gradient_checkpointing_ratio}")
     if args.gradient_checkpointing_ratio != 1.0 and not args.gradient_checkpointing:

@@ -269,7 +269,7 @@ def checkpoint_bytes(args) -> int | None:
     import glob
     import struct
 
-    from .models import FLUX_LINEAR_LAYERS, lora_targets
+    from .models import lora_targets
 
     model = args.pretrained_model_name_or_path
     if not os.path.isdir(model):
@@ -292,16 +292,18 @@ def checkpoint_bytes(args) -> int | None:
     moment_bytes = 2 if args.use_8bit_adam else 8
     if args.full_finetune:
         return sum(_numel(shape) for shape in shapes.values()) * ((2 if args.bf16_weights else 4) + moment_bytes)
-    targets = lora_targets(args.lora_target_modules)
-    linear = {name.split(".0.", 1)[-1] if name.startswith(("transformer_blocks", "single_transformer_blocks")) else name
-              for name in FLUX_LINEAR_LAYERS}
+    from .families import FAMILIES
+
+    try:
+        with open(os.path.join(model, "model_index.json")) as f:
+            family = FAMILIES.get(json.load(f).get("_class_name"))
+    except (OSError, ValueError):
+        family = None
+    targets = lora_targets(args.lora_target_modules, getattr(family, "LORA_PRESETS", None))
     parameters = 0
-    for name, shape in shapes.items():
+    for name, shape in shapes.items():  # a linear layer's weight is the only 2-D one in these transformers
         module = name.removesuffix(".weight")
-        if len(shape) != 2 or not name.endswith(".weight"):
-            continue
-        layer = re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", module)
-        if layer in linear and any(module == t or module.endswith("." + t) for t in targets):
+        if len(shape) == 2 and name.endswith(".weight") and any(module == t or module.endswith("." + t) for t in targets):
             parameters += args.rank * (shape[0] + shape[1])
     return parameters * (4 + moment_bytes)
 

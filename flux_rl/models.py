@@ -30,7 +30,7 @@ DEFAULT_LORA_TARGETS = LORA_LAYER_PRESETS["default"]
 
 # The diffusers pipelines these trainers train, one adapter each in flux_rl/families (written out here so that
 # checking a checkpoint's model_index.json imports nothing; tests/test_families.py holds it equal to FAMILIES).
-SUPPORTED_PIPELINES = ("FluxPipeline", "Flux2KleinPipeline", "QwenImagePipeline")
+SUPPORTED_PIPELINES = ("FluxPipeline", "Flux2KleinPipeline", "QwenImagePipeline", "StableDiffusion3Pipeline")
 
 
 def check_pipeline_class(model_index_path: str, name: str) -> str:
@@ -48,7 +48,7 @@ def check_pipeline_class(model_index_path: str, name: str) -> str:
     if pipeline_class not in SUPPORTED_PIPELINES:
         raise ConfigurationError(f"--pretrained_model_name_or_path {name} is a {pipeline_class} checkpoint; these trainers train "
                                  f"{', '.join(SUPPORTED_PIPELINES)} models (FLUX.1-dev, -schnell, -Krea-dev; FLUX.2 [klein]; "
-                                 "Qwen-Image) so far")
+                                 "Qwen-Image; SD3 / SD3.5) so far")
     return pipeline_class
 
 
@@ -109,6 +109,23 @@ def check_lora_targets(targets: list[str]):
         if not any(name == target or name.endswith("." + target) for name in FLUX_LINEAR_LAYERS):
             raise ValueError(f"--lora_target_modules: '{target}' names no linear layer of the FLUX transformer; "
                              "use a preset (default, attention, all-linear) or names such as to_q,to_k,to_v,proj_mlp,ff.net.2")
+
+
+def check_lora_targets_of_folder(folder: str, pipeline_class: str, flag_value: str):
+    """--lora_target_modules against a local checkpoint of another family than FLUX.1, before anything
+    loads: its transformer is built from its config.json on the meta device (no weights, no memory)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from .families import FAMILIES
+
+    family = FAMILIES.get(pipeline_class)
+    if family is None or not os.path.exists(os.path.join(folder, "transformer", "config.json")):
+        return  # an unsupported class is reported by check_pipeline_class; a folder without config by the loader
+    config_class = getattr(diffusers, diffusers.DiffusionPipeline.load_config(folder)["transformer"][1])
+    with init_empty_weights():
+        transformer = config_class.from_config(config_class.load_config(os.path.join(folder, "transformer")))
+    check_lora_targets_in(transformer, lora_targets(flag_value, family.LORA_PRESETS))
 
 
 def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0):

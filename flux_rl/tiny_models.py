@@ -11,6 +11,8 @@ writes, fully offline:
                                       latent mean / std, a Qwen2.5-VL text encoder and BPE tokenizer, Qwen-Image's scheduler)
     tiny-models/flux2-klein/          a Flux2KleinPipeline folder (Flux2Transformer2DModel, AutoencoderKLFlux2 with BatchNorm
                                       latent statistics, a 27-layer Qwen3 text encoder)
+    tiny-models/sd3/                  a StableDiffusion3Pipeline folder in SD3.5's layout (SD3Transformer2DModel, AutoencoderKL,
+                                      CLIP-L, CLIP-G and T5 text encoders)
     tiny-models/rewards/hpsv2/        open_clip_config.json + HPS_v2.1_compressed.pt ({"state_dict": ...})
     tiny-models/rewards/clip/         open_clip_config.json + open_clip_model.safetensors (open_clip hub layout)
     tiny-models/rewards/pickscore/    a transformers CLIPModel + CLIPProcessor folder
@@ -474,10 +476,33 @@ def write_flux2_klein_pipeline(path, seed=8):
                        is_distilled=False).save_pretrained(path)
 
 
+def write_sd3_pipeline(path, seed=9):
+    """A StableDiffusion3Pipeline folder as SD3.5 is laid out (patch 2, 16 latent channels, VAE scale 1.5305 and
+    shift 0.0609, CLIP-L + CLIP-G + T5, a fixed shift of 3), at the tiny widths of the FLUX.1 folder."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
+    clip_l, clip_g = (CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP_TEXT, vocab_size=len(clip_tokenizer),
+                                                                 projection_dim=TINY_WIDTH)) for _ in range(2))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=2 * TINY_WIDTH, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8, decoder_start_token_id=0))
+    # joint_attention_dim = T5's width, which CLIP-L | CLIP-G (2 x 32) is padded to; pooled = 32 + 32.
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=2 * TINY_WIDTH,
+                                        caption_projection_dim=32, pooled_projection_dim=2 * TINY_WIDTH, pos_embed_max_size=16)
+    vae = AutoencoderKL(**dict(TINY_VAE, scaling_factor=1.5305, shift_factor=0.0609))
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=clip_l, tokenizer=clip_tokenizer, text_encoder_2=clip_g, tokenizer_2=clip_tokenizer,
+                             text_encoder_3=t5, tokenizer_3=t5_tokenizer).save_pretrained(path)
+
+
 def write_all(output_dir):
     write_flux_pipeline(os.path.join(output_dir, "flux"))
     write_qwen_image_pipeline(os.path.join(output_dir, "qwen-image"))
     write_flux2_klein_pipeline(os.path.join(output_dir, "flux2-klein"))
+    write_sd3_pipeline(os.path.join(output_dir, "sd3"))
     rewards_dir = os.path.join(output_dir, "rewards")
     write_hpsv2(os.path.join(rewards_dir, "hpsv2"))
     write_open_clip(os.path.join(rewards_dir, "clip"))

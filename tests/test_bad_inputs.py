@@ -98,6 +98,13 @@ FLAG_MISTAKES = [
     ("loss not offered", REFL, lambda t: ["--loss_type", "hinge"], "argument --loss_type: invalid choice: 'hinge'"),
     ("LoRA layer typo", SRPO, lambda t: ["--lora_layers", "to_q,to_vv"], "'to_vv' names no linear layer of the FLUX transformer"),
     ("LoRA on an attention block", DIRECT_ALIGN, lambda t: ["--lora_layers", "attn"], "'attn' names no linear layer"),
+    # Another family's layers, checked on its transformer built from its config.json (meta device) before anything loads.
+    ("Qwen-Image LoRA layer of FLUX.1", SRPO, lambda t: ["--pretrained_model_name_or_path", "{tiny_models}/qwen-image",
+                                                        "--lora_layers", "to_q,proj_mlp"],
+     "'proj_mlp' names no linear layer of the QwenImageTransformer2DModel"),
+    ("FLUX.2 LoRA layer of FLUX.1", DIRECT_ALIGN, lambda t: ["--pretrained_model_name_or_path", "{tiny_models}/flux2-klein",
+                                                            "--lora_layers", "ff.net.0.proj"],
+     "'ff.net.0.proj' names no linear layer of the Flux2Transformer2DModel"),
     ("scheduler typo", SRPO, lambda t: ["--lr_scheduler", "cosine_annealing"], "--lr_scheduler cosine_annealing: choose one of linear"),
     ("compile mode typo", SRPO, lambda t: ["--compile", "--compile_mode", "max_autotune"], "--compile_mode max_autotune: choose one of"),
     ("compile backend typo", SRPO, lambda t: ["--compile_vae", "--compile_backend", "inductr"], "--compile_backend inductr: choose one of"),
@@ -134,7 +141,7 @@ FLAG_MISTAKES = [
     ("FLUX folder without model_index.json", SRPO, lambda t: ["--pretrained_model_name_or_path", folder(f"{t}/flux")],
      "no model_index.json in it; name a FluxPipeline folder"),
     ("another family's folder", SRPO, lambda t: ["--pretrained_model_name_or_path", os.path.dirname(
-        write(f"{t}/qwen/model_index.json", b'{"_class_name": "StableDiffusion3Pipeline"}'))], "is a StableDiffusion3Pipeline checkpoint"),
+        write(f"{t}/zimage/model_index.json", b'{"_class_name": "ZImagePipeline"}'))], "is a ZImagePipeline checkpoint"),
     ("missing FLUX folder", SRPO, lambda t: ["--pretrained_model_name_or_path", f"{t}/no-flux"], "no such folder"),
     # A relative path whose first part is a folder here (as tiny-models/flx for tiny-models/flux): not asked of the Hub.
     ("misspelt relative FLUX folder", SRPO, lambda t: ["--pretrained_model_name_or_path", "tests/flx"],
@@ -203,7 +210,8 @@ def test_flag_mistakes_are_one_line(name, script, flags, message, tiny_flux, tmp
     monkeypatch.setattr(module, "main", lambda args: pytest.fail(f"{name}: the run started"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the rows about GPU-only flags, on any machine
     # The row's own value of a flag given twice wins (argparse keeps the last), e.g. its own FLUX folder.
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", *required_flags(script, tiny_flux, str(tmp_path)), *flags(str(tmp_path))])
+    row_flags = [flag.replace("{tiny_models}", os.path.dirname(tiny_flux)) for flag in flags(str(tmp_path))]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *required_flags(script, tiny_flux, str(tmp_path)), *row_flags])
     started = time.perf_counter()
     with pytest.raises(SystemExit) as end:
         common.run_cli(module.parse_args, module.main)
