@@ -60,7 +60,7 @@ def hub_id_of(model: str) -> str | None:
 # Each family's transformer class and Hub tag, for the card's loading code.
 TRANSFORMER_CLASSES = {"FluxPipeline": ("FluxTransformer2DModel", "flux"), "Flux2KleinPipeline": ("Flux2Transformer2DModel", "flux2"),
                        "QwenImagePipeline": ("QwenImageTransformer2DModel", "qwen-image"),
-                       "StableDiffusion3Pipeline": ("SD3Transformer2DModel", "sd3")}
+                       "StableDiffusion3Pipeline": ("SD3Transformer2DModel", "sd3"), "ZImagePipeline": ("ZImageTransformer2DModel", "z-image")}
 
 
 def write_model_card(output_dir, args, method, repo_id=None, note=None, pipeline_class="FluxPipeline"):

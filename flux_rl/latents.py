@@ -39,7 +39,11 @@ def image_ids(height: int, width: int, vae_scale_factor: int, device, dtype) -> 
 
 def decode(vae, packed_latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
     """Packed latents -> images in [0, 1], differentiable."""
-    latents = unpack(packed_latents, height, width, vae_scale_factor)
+    return decode_unpacked(vae, unpack(packed_latents, height, width, vae_scale_factor))
+
+
+def decode_unpacked(vae, latents: torch.Tensor) -> torch.Tensor:
+    """B x C x h x w latents of an AutoencoderKL with scale and shift (FLUX.1's, SD3's, Z-Image's) -> images in [0, 1]."""
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
     images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
@@ -48,6 +52,11 @@ def decode(vae, packed_latents: torch.Tensor, height: int, width: int, vae_scale
 @torch.no_grad()
 def encode(vae, images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] -> packed, normalised latents (offline SRPO: real images replace rollouts)."""
+    return pack(encode_unpacked(vae, images))
+
+
+@torch.no_grad()
+def encode_unpacked(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> B x C x h x w latents, normalised with the VAE's scale and shift."""
     latents = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mode()
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    return pack(latents.float())
+    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()

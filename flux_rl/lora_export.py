@@ -132,7 +132,11 @@ def export(lora: dict, alpha: float, fmt: str = "kohya") -> dict:
     scale = alpha / rank.pop()
     layers = {}
     for module in down:
-        layer, parts = bfl_layer(module)
+        try:
+            layer, parts = bfl_layer(module)
+        except KeyError:
+            raise ValueError(f"'{module}' is not a layer of FLUX.1's transformer: the export writes FLUX.1's layout; "
+                             "another family's LoRA loads as it is, in diffusers' layout") from None
         layers.setdefault(layer, parts or [module])
     result = {}
     for layer, parts in layers.items():
@@ -174,14 +178,18 @@ def export_file(source: str, fmt: str = "kohya", output: str | None = None) -> s
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .models import FOLDED_ALPHA_KEY, LORA_WEIGHTS_NAME, lora_file_config
+    from .models import FOLDED_ALPHA_KEY, LORA_WEIGHTS_NAME, PIPELINE_KEY, lora_file_config
 
     folder, name, rank, alpha = lora_file_config(source)
     path = os.path.join(folder, name)
     with safe_open(path, "pt") as f:
         lora = {key: f.get_tensor(key) for key in f.keys()}
-        if FOLDED_ALPHA_KEY in (f.metadata() or {}):
-            alpha = rank  # the trainers' final file: alpha / rank is in its lora_B weights already
+        metadata = f.metadata() or {}
+    if metadata.get(PIPELINE_KEY, "FluxPipeline") != "FluxPipeline":
+        raise ValueError(f"{path} was trained on a {metadata[PIPELINE_KEY]} model: the export writes FLUX.1's layout; "
+                         "load the file as it is (its pipeline's load_lora_weights, ComfyUI's LoRA loader)")
+    if FOLDED_ALPHA_KEY in metadata:
+        alpha = rank  # the trainers' final file: alpha / rank is in its lora_B weights already
     output = output or os.path.join(folder, name.replace(".safetensors", f"_{fmt}.safetensors"))
     if os.path.abspath(output) == os.path.abspath(path) or os.path.basename(output) == LORA_WEIGHTS_NAME:
         raise ValueError(f"--output {output} would replace the diffusers-layout file; name another")

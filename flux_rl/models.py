@@ -9,6 +9,7 @@ import torch
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what save_lora writes and load_lora_weights looks for
 # Metadata of a final LoRA file whose lora_B weights carry alpha / rank (save_lora's fold_alpha): the alpha it was trained with.
 FOLDED_ALPHA_KEY = "flux_rl.folded_lora_alpha"
+PIPELINE_KEY = "flux_rl.pipeline"  # the final LoRA file's base: FluxPipeline, QwenImagePipeline, ...
 # --lora_layers presets. peft adapts every module whose name is a target or ends in "." + target.
 ATTENTION_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
 LORA_LAYER_PRESETS = {
@@ -30,7 +31,7 @@ DEFAULT_LORA_TARGETS = LORA_LAYER_PRESETS["default"]
 
 # The diffusers pipelines these trainers train, one adapter each in flux_rl/families (written out here so that
 # checking a checkpoint's model_index.json imports nothing; tests/test_families.py holds it equal to FAMILIES).
-SUPPORTED_PIPELINES = ("FluxPipeline", "Flux2KleinPipeline", "QwenImagePipeline", "StableDiffusion3Pipeline")
+SUPPORTED_PIPELINES = ("FluxPipeline", "Flux2KleinPipeline", "QwenImagePipeline", "StableDiffusion3Pipeline", "ZImagePipeline")
 
 
 def check_pipeline_class(model_index_path: str, name: str) -> str:
@@ -48,7 +49,7 @@ def check_pipeline_class(model_index_path: str, name: str) -> str:
     if pipeline_class not in SUPPORTED_PIPELINES:
         raise ConfigurationError(f"--pretrained_model_name_or_path {name} is a {pipeline_class} checkpoint; these trainers train "
                                  f"{', '.join(SUPPORTED_PIPELINES)} models (FLUX.1-dev, -schnell, -Krea-dev; FLUX.2 [klein]; "
-                                 "Qwen-Image; SD3 / SD3.5) so far")
+                                 "Qwen-Image; SD3 / SD3.5; Z-Image) so far")
     return pipeline_class
 
 
@@ -77,11 +78,18 @@ def check_lora_targets_in(transformer, targets: list[str]):
     table, FLUX_LINEAR_LAYERS, is checked once loaded, before adapters are added)."""
     from .errors import ConfigurationError
 
-    linear = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    modules = dict(transformer.named_modules())
+    linear = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear)]
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in linear):
             raise ConfigurationError(f"--lora_target_modules: '{target}' names no linear layer of the {type(transformer).__name__}; "
                                      f"its blocks' layers are e.g. {', '.join(sorted({n.split('.', 2)[-1] for n in linear})[:8])}")
+        # peft adapts every module the name matches, and refuses the whole list at one it cannot adapt.
+        other = [name for name, module in modules.items() if (name == target or name.endswith("." + target))
+                 and not isinstance(module, torch.nn.Linear) and not name.endswith(".base_layer")]
+        if other:
+            raise ConfigurationError(f"--lora_target_modules: '{target}' also names {other[0]} ({type(modules[other[0]]).__name__}), "
+                                     "which LoRA cannot adapt; name the linear layers by a longer part of their path")
 
 
 # Every linear layer of FLUX.1's transformer, named as in one double and one single block (the other blocks
@@ -208,12 +216,20 @@ def _trainable_to_fp32(model):
             parameter.data = parameter.data.float()
 
 
+def block_lists(transformer) -> list:
+    """The transformer's stacks of blocks: FLUX's double and single blocks (FLUX.2's too), the
+    transformer_blocks of Qwen-Image and SD3, Z-Image's noise and context refiners and main layers."""
+    names = ("transformer_blocks", "single_transformer_blocks", "noise_refiner", "context_refiner", "layers")
+    return [getattr(transformer, name) for name in names if isinstance(getattr(transformer, name, None), torch.nn.ModuleList)]
+
+
 def compile_blocks(transformer, backend: str = "inductor", mode: str | None = None):
     """torch.compile each FLUX block on its own. The 19 double and 38 single blocks share two
     graphs, so compilation is short, and the Python loop between blocks (where gradient
     checkpointing and FSDP act) stays eager."""
-    for block in list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", [])):
-        block.compile(backend=backend, mode=mode, dynamic=False)
+    for blocks in block_lists(transformer):
+        for block in blocks:
+            block.compile(backend=backend, mode=mode, dynamic=False)
     return transformer
 
 
@@ -296,7 +312,7 @@ def enable_block_checkpointing(transformer, ratio: float = 1.0):
     FLUX forward, 37 TFLOP at 720 px, at ratio 0), more memory. Which blocks does not change the
     peak, only how many: every block's saved tensors live until the backward reaches it.
     The choice is an attribute of the block, so it survives wrappers that forward attributes (FSDP)."""
-    for blocks in (transformer.transformer_blocks, getattr(transformer, "single_transformer_blocks", [])):
+    for blocks in block_lists(transformer):
         count = int(ratio * len(blocks) + 0.5)  # half rounds up (round() would take 0.5 to 0)
         chosen = {int(i * len(blocks) / count) for i in range(count)} if count else set()
         for index, block in enumerate(blocks):
@@ -360,7 +376,7 @@ def in_dtype(state_dict: dict, dtype) -> dict:
     return state_dict
 
 
-def save_lora(output_dir: str, transformer, state_dict=None, dtype=None, fold_alpha=False):
+def save_lora(output_dir: str, transformer, state_dict=None, dtype=None, fold_alpha=False, pipeline_class=None):
     """Writes pytorch_lora_weights.safetensors, which FluxPipeline.load_lora_weights(output_dir) reads.
     `state_dict`: the full model state when it had to be gathered first (FSDP). `dtype`: see in_dtype.
     `fold_alpha` (the final weights): the strength alpha / rank multiplied into the lora_B weights and
@@ -380,14 +396,19 @@ def save_lora(output_dir: str, transformer, state_dict=None, dtype=None, fold_al
         config = {**config, "lora_alpha": config["r"]}
     FluxPipeline.save_lora_weights(output_dir, transformer_lora_adapter_metadata=config, weight_name=LORA_WEIGHTS_NAME,
                                    transformer_lora_layers=in_dtype(layers, dtype))
-    if fold:  # noted beside diffusers' metadata (which must stay a LoraConfig), so that --init_lora_weights can undo it
+    # Noted beside diffusers' metadata (which must stay a LoraConfig): the trained alpha, so that --init_lora_weights can
+    # undo the fold, and the base's pipeline class (the final file), so that the FLUX.1 export can refuse another family's.
+    extra = {FOLDED_ALPHA_KEY: repr(float(trained_alpha))} if fold else {}
+    if pipeline_class:
+        extra[PIPELINE_KEY] = pipeline_class
+    if extra:
         from safetensors import safe_open
         from safetensors.torch import save_file
 
         path = os.path.join(output_dir, LORA_WEIGHTS_NAME)
         with safe_open(path, "pt") as f:
             tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
-        save_file(tensors, path, metadata={**metadata, FOLDED_ALPHA_KEY: repr(float(trained_alpha))})
+        save_file(tensors, path, metadata={**metadata, **extra})
 
 
 def lora_state_dict(transformer, state_dict=None, adapter_name: str = "default") -> dict:

@@ -13,6 +13,7 @@ writes, fully offline:
                                       latent statistics, a 27-layer Qwen3 text encoder)
     tiny-models/sd3/                  a StableDiffusion3Pipeline folder in SD3.5's layout (SD3Transformer2DModel, AutoencoderKL,
                                       CLIP-L, CLIP-G and T5 text encoders)
+    tiny-models/zimage/               a ZImagePipeline folder (ZImageTransformer2DModel, FLUX.1's tiny VAE, a Qwen3 text encoder)
     tiny-models/rewards/hpsv2/        open_clip_config.json + HPS_v2.1_compressed.pt ({"state_dict": ...})
     tiny-models/rewards/clip/         open_clip_config.json + open_clip_model.safetensors (open_clip hub layout)
     tiny-models/rewards/pickscore/    a transformers CLIPModel + CLIPProcessor folder
@@ -498,11 +499,34 @@ def write_sd3_pipeline(path, seed=9):
                              text_encoder_3=t5, tokenizer_3=t5_tokenizer).save_pretrained(path)
 
 
+def write_zimage_pipeline(path, seed=10):
+    """A ZImagePipeline folder: diffusers' test sizes for the transformer (2 layers, 1 refiner layer each, width 32),
+    a 2-layer Qwen3 of width 16, FLUX.1's tiny VAE (Z-Image uses FLUX.1's), a fixed shift of 3."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_image_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                          num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512,
+                                          pad_token_id=tokenizer.pad_token_id)).eval()
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
+                                           n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4],
+                                           axes_lens=[256, 32, 32])
+    with torch.no_grad():  # made with torch.empty: fixed, as diffusers' own tests do
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=AutoencoderKL(**TINY_VAE), text_encoder=text_encoder,
+                   tokenizer=tokenizer, transformer=transformer).save_pretrained(path)
+
+
 def write_all(output_dir):
     write_flux_pipeline(os.path.join(output_dir, "flux"))
     write_qwen_image_pipeline(os.path.join(output_dir, "qwen-image"))
     write_flux2_klein_pipeline(os.path.join(output_dir, "flux2-klein"))
     write_sd3_pipeline(os.path.join(output_dir, "sd3"))
+    write_zimage_pipeline(os.path.join(output_dir, "zimage"))
     rewards_dir = os.path.join(output_dir, "rewards")
     write_hpsv2(os.path.join(rewards_dir, "hpsv2"))
     write_open_clip(os.path.join(rewards_dir, "clip"))

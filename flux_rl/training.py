@@ -652,7 +652,7 @@ def finish(run: Run):
                 os.path.join(folder, "transformer"), transformer, state_dict=state, dtype=dtype))
         else:
             checkpoints.publish(args.output_dir, models.LORA_WEIGHTS_NAME, lambda folder: models.save_lora(
-                folder, transformer, state_dict=state, dtype=dtype, fold_alpha=True))
+                folder, transformer, state_dict=state, dtype=dtype, fold_alpha=True, pipeline_class=run.family.PIPELINE))
     run.validate(run.best["step"] if run.stop_reason else args.max_train_steps)  # stopped for hacking: the best step's again
     if accelerator.is_main_process:
         # With --hub_model_id, the card's code loads from that repository, pushed now or uploaded later.

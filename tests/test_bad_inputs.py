@@ -141,7 +141,7 @@ FLAG_MISTAKES = [
     ("FLUX folder without model_index.json", SRPO, lambda t: ["--pretrained_model_name_or_path", folder(f"{t}/flux")],
      "no model_index.json in it; name a FluxPipeline folder"),
     ("another family's folder", SRPO, lambda t: ["--pretrained_model_name_or_path", os.path.dirname(
-        write(f"{t}/zimage/model_index.json", b'{"_class_name": "ZImagePipeline"}'))], "is a ZImagePipeline checkpoint"),
+        write(f"{t}/sdxl/model_index.json", b'{"_class_name": "StableDiffusionXLPipeline"}'))], "is a StableDiffusionXLPipeline checkpoint"),
     ("missing FLUX folder", SRPO, lambda t: ["--pretrained_model_name_or_path", f"{t}/no-flux"], "no such folder"),
     # A relative path whose first part is a folder here (as tiny-models/flx for tiny-models/flux): not asked of the Hub.
     ("misspelt relative FLUX folder", SRPO, lambda t: ["--pretrained_model_name_or_path", "tests/flx"],

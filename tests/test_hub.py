@@ -176,8 +176,8 @@ def test_a_flux_id_is_checked_before_anything_loads(tmp_path, monkeypatch):
     (tmp_path / "models--tiny-org--tiny-flux" / "refs").mkdir()
     (tmp_path / "models--tiny-org--tiny-flux" / "refs" / "main").write_text("1" * 40)
     hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path))
-    # A family these trainers do not train yet (here Z-Image) is named for what it is, before anything loads.
-    (snapshot / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}')
-    with pytest.raises(hub.ConfigurationError, match="tiny-org/tiny-flux is a ZImagePipeline checkpoint; these trainers train "
+    # A family these trainers do not train yet (here FLUX.2 [dev]) is named for what it is, before anything loads.
+    (snapshot / "model_index.json").write_text('{"_class_name": "Flux2Pipeline"}')
+    with pytest.raises(hub.ConfigurationError, match="tiny-org/tiny-flux is a Flux2Pipeline checkpoint; these trainers train "
                                                      "FluxPipeline, Flux2KleinPipeline, QwenImagePipeline, StableDiffusion3Pipeline"):
         hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path))

@@ -11,7 +11,7 @@ import torch
 
 from rewards.base import host_to_device
 
-from .. import flux, schedules
+from .. import flux, latents, schedules
 from ..schedules import model_timestep
 
 PIPELINE = "StableDiffusion3Pipeline"
@@ -118,13 +118,7 @@ dynamic_mu = schedules.resolution_shift_mu  # used only by a scheduler with use_
 
 def decode(vae, x, height, width, vae_scale_factor):
     """Latents (unpacked) -> images in [0, 1], differentiable."""
-    latents = x / vae.config.scaling_factor + vae.config.shift_factor
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    return latents.decode_unpacked(vae, x)
 
 
-@torch.no_grad()
-def encode(vae, images):
-    """Images in [0, 1] -> normalised latents (offline SRPO)."""
-    latents = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mode()
-    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+encode = latents.encode_unpacked  # images in [0, 1] -> normalised latents (offline SRPO)
