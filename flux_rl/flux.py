@@ -47,6 +47,9 @@ class PromptEncoder:
 
     LOOKAHEAD = 64  # prompts encoded per visit with offload: 256 MB of cache at 512 T5 tokens
     ENCODE_BATCH = 16  # prompts per text-encoder call, which bounds T5's activations on the GPU
+    # A family with classifier-free guidance sets its negative prompt: its conditioning is then attached to every
+    # batch's as `.negative` (cached like any prompt). FLUX.1's guidance is an input of the model: none.
+    negative_prompt: str | None = None
 
     def __init__(self, pipeline, max_sequence_length=512, device="cpu", cache_size=2048, offload=False):
         self.pipeline = pipeline
@@ -57,9 +60,6 @@ class PromptEncoder:
         self.offload = offload
         self.lookahead = self.LOOKAHEAD if offload else 0
         self.text_ids = None
-
-    def text_encoders(self):
-        return [self.pipeline.text_encoder, self.pipeline.text_encoder_2]
 
     def encode_chunk(self, chunk) -> list:
         """One text-encoder call: what the cache keeps per prompt (FLUX: T5 and pooled CLIP embeddings)."""
@@ -88,8 +88,18 @@ class PromptEncoder:
                 for encoder in encoders:
                     encoder.to("cpu")
 
+    def text_encoders(self):
+        return [self.pipeline.text_encoder, self.pipeline.text_encoder_2]
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], upcoming: list[str] = ()):
+        """Conditioning of `prompts` (with the negative prompt's as `.negative`, for a family that has one)."""
+        cond = self.encode(prompts, upcoming)
+        if self.negative_prompt is not None:
+            cond.negative = self.encode([self.negative_prompt] * len(prompts))
+        return cond
+
+    def encode(self, prompts: list[str], upcoming: list[str] = ()):
         """Conditioning of `prompts`. `upcoming`: prompts wanted soon, encoded now too when the
         encoders must visit the GPU anyway (with offload; as many as the cache keeps beside `prompts`)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
@@ -112,15 +122,21 @@ def model_config(transformer):
     return transformer.config
 
 
+def timesteps(sigma, batch: int, device) -> torch.Tensor:
+    """The B-vector of noise level `sigma` (a float or a B-tensor) that a model is given, float32 on
+    `device`: exact, or truncated to 1/1000 under --match_release (schedules.model_timestep)."""
+    sigma = model_timestep(sigma)
+    if isinstance(sigma, torch.Tensor):
+        return sigma.to(device, torch.float32).expand(batch)
+    # filled on the device: torch.as_tensor(float, device="cuda") would wait for the GPU, each step
+    return torch.full((batch,), float(sigma), device=device, dtype=torch.float32)
+
+
 def velocity(transformer, latents, sigma, guidance, cond: Conditioning, img_ids):
     """The transformer's velocity prediction at noise level `sigma` (a float or a B-tensor)."""
     batch = latents.shape[0]
     dtype = cond.prompt_embeds.dtype
-    sigma = model_timestep(sigma)  # exact, or truncated to 1/1000 under --match_release
-    if isinstance(sigma, torch.Tensor):
-        timestep = sigma.to(latents.device, torch.float32).expand(batch)
-    else:  # filled on the device: torch.as_tensor(float, device="cuda") would wait for the GPU, each step
-        timestep = torch.full((batch,), float(sigma), device=latents.device, dtype=torch.float32)
+    timestep = timesteps(sigma, batch, latents.device)
     guidance_vector = None
     if model_config(transformer).guidance_embeds:
         guidance_vector = torch.full((batch,), float(guidance), device=latents.device, dtype=torch.float32)

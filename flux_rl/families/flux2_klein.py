@@ -13,7 +13,6 @@ import torch
 from rewards.base import host_to_device
 
 from .. import flux
-from ..schedules import model_timestep
 
 PIPELINE = "Flux2KleinPipeline"
 NAME = "FLUX.2 [klein]"
@@ -53,6 +52,8 @@ class Conditioning:
 class PromptEncoder(flux.PromptEncoder):
     """FLUX.1's cache and offloading (flux.PromptEncoder) around Flux2KleinPipeline.encode_prompt."""
 
+    negative_prompt = NEGATIVE_PROMPT
+
     def text_encoders(self):
         return text_encoders(self.pipeline)
 
@@ -63,13 +64,6 @@ class PromptEncoder(flux.PromptEncoder):
 
     def collate(self, entries):
         return Conditioning(torch.stack(entries), self.text_ids)
-
-    @torch.no_grad()
-    def __call__(self, prompts, upcoming=()):
-        negative = super().__call__([NEGATIVE_PROMPT] * len(prompts))
-        cond = super().__call__(prompts, upcoming)
-        cond.negative = negative
-        return cond
 
 
 def prompt_encoder(pipeline, max_sequence_length, device, cache_size, offload):
@@ -107,12 +101,7 @@ def _call(transformer, latents, timestep, cond, image_ids):
 
 def velocity(transformer, latents, sigma, guidance, cond, image_ids):
     """The velocity at noise level `sigma`; `guidance` > 1: v_neg + g (v - v_neg), as the pipeline."""
-    batch = latents.shape[0]
-    sigma = model_timestep(sigma)
-    if isinstance(sigma, torch.Tensor):
-        timestep = sigma.to(latents.device, torch.float32).expand(batch)
-    else:  # filled on the device (no blocking upload)
-        timestep = torch.full((batch,), float(sigma), device=latents.device, dtype=torch.float32)
+    timestep = flux.timesteps(sigma, latents.shape[0], latents.device)
     latents = latents.to(cond.prompt_embeds.dtype)
     prediction = _call(transformer, latents, timestep, cond, image_ids)
     if guidance is None or float(guidance) <= 1.0:

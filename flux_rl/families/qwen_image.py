@@ -12,7 +12,6 @@ import torch
 from rewards.base import host_to_device
 
 from .. import flux, latents, schedules
-from ..schedules import model_timestep
 
 PIPELINE = "QwenImagePipeline"
 NAME = "Qwen-Image"
@@ -62,6 +61,8 @@ class PromptEncoder(flux.PromptEncoder):
     """FLUX's cache and offloading (flux.PromptEncoder), Qwen-Image's encoder: each prompt's embeddings
     kept at its own length; the negative prompt's beside every batch."""
 
+    negative_prompt = NEGATIVE_PROMPT
+
     def text_encoders(self):
         return text_encoders(self.pipeline)
 
@@ -73,12 +74,6 @@ class PromptEncoder(flux.PromptEncoder):
     def collate(self, entries):
         return collate(entries)
 
-    @torch.no_grad()
-    def __call__(self, prompts, upcoming=()):
-        negative = super().__call__([NEGATIVE_PROMPT] * len(prompts))
-        cond = super().__call__(prompts, upcoming)
-        cond.negative = negative
-        return cond
 
 
 initial_noise = latents.packed_noise  # drawn and packed as FLUX.1's
@@ -107,12 +102,7 @@ def _call(transformer, latents, timestep, cond, image_shape):
 def velocity(transformer, latents, sigma, guidance, cond: Conditioning, image_shape):
     """The velocity at noise level `sigma` (a float or a B-tensor); `guidance` > 1: true CFG as
     QwenImagePipeline combines it: v_neg + g (v - v_neg), rescaled to |v| per token."""
-    batch = latents.shape[0]
-    sigma = model_timestep(sigma)
-    if isinstance(sigma, torch.Tensor):
-        timestep = sigma.to(latents.device, torch.float32).expand(batch)
-    else:  # filled on the device (no blocking upload)
-        timestep = torch.full((batch,), float(sigma), device=latents.device, dtype=torch.float32)
+    timestep = flux.timesteps(sigma, latents.shape[0], latents.device)
     latents = latents.to(cond.prompt_embeds.dtype)
     prediction = _call(transformer, latents, timestep, cond, image_shape)
     if guidance is None or float(guidance) <= 1.0:

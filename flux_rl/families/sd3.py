@@ -12,7 +12,6 @@ import torch
 from rewards.base import host_to_device
 
 from .. import flux, latents, schedules
-from ..schedules import model_timestep
 
 PIPELINE = "StableDiffusion3Pipeline"
 NAME = "SD3.5"
@@ -49,6 +48,8 @@ class Conditioning:
 class PromptEncoder(flux.PromptEncoder):
     """FLUX.1's cache and offloading (flux.PromptEncoder) around StableDiffusion3Pipeline.encode_prompt."""
 
+    negative_prompt = NEGATIVE_PROMPT
+
     def text_encoders(self):
         return text_encoders(self.pipeline)
 
@@ -60,13 +61,6 @@ class PromptEncoder(flux.PromptEncoder):
 
     def collate(self, entries):
         return Conditioning(torch.stack([e for e, _ in entries]), torch.stack([p for _, p in entries]))
-
-    @torch.no_grad()
-    def __call__(self, prompts, upcoming=()):
-        negative = super().__call__([NEGATIVE_PROMPT] * len(prompts))
-        cond = super().__call__(prompts, upcoming)
-        cond.negative = negative
-        return cond
 
 
 def prompt_encoder(pipeline, max_sequence_length, device, cache_size, offload):
@@ -95,12 +89,7 @@ def _call(transformer, latents, timestep, cond):
 def velocity(transformer, latents, sigma, guidance, cond, positions=None):
     """The velocity at noise level `sigma` (the model's timestep is 1000 sigma); `guidance` > 1:
     v_neg + g (v - v_neg), as the pipeline."""
-    batch = latents.shape[0]
-    sigma = model_timestep(sigma)
-    if isinstance(sigma, torch.Tensor):
-        timestep = (sigma.to(latents.device, torch.float32) * 1000).expand(batch)
-    else:  # filled on the device (no blocking upload)
-        timestep = torch.full((batch,), float(sigma) * 1000, device=latents.device, dtype=torch.float32)
+    timestep = flux.timesteps(sigma, latents.shape[0], latents.device) * 1000  # the model's scale: [0, 1000]
     latents = latents.to(cond.prompt_embeds.dtype)
     prediction = _call(transformer, latents, timestep, cond)
     if guidance is None or float(guidance) <= 1.0:

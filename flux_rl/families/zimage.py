@@ -12,7 +12,6 @@ import torch
 from rewards.base import host_to_device
 
 from .. import flux, latents, schedules
-from ..schedules import model_timestep
 
 PIPELINE = "ZImagePipeline"
 NAME = "Z-Image"
@@ -48,6 +47,8 @@ class Conditioning:
 class PromptEncoder(flux.PromptEncoder):
     """FLUX.1's cache and offloading (flux.PromptEncoder) around ZImagePipeline.encode_prompt."""
 
+    negative_prompt = NEGATIVE_PROMPT
+
     def text_encoders(self):
         return text_encoders(self.pipeline)
 
@@ -59,13 +60,6 @@ class PromptEncoder(flux.PromptEncoder):
 
     def collate(self, entries):
         return Conditioning(list(entries))
-
-    @torch.no_grad()
-    def __call__(self, prompts, upcoming=()):
-        negative = super().__call__([NEGATIVE_PROMPT] * len(prompts))
-        cond = super().__call__(prompts, upcoming)
-        cond.negative = negative
-        return cond
 
 
 def prompt_encoder(pipeline, max_sequence_length, device, cache_size, offload):
@@ -94,12 +88,7 @@ def _call(transformer, latents, timestep, cond):
 def velocity(transformer, latents, sigma, guidance, cond, positions=None):
     """The velocity at noise level `sigma`: the model is given 1 - sigma and predicts -velocity;
     `guidance` > 0: pos + g (pos - neg), as the pipeline combines the two outputs."""
-    batch = latents.shape[0]
-    sigma = model_timestep(sigma)
-    if isinstance(sigma, torch.Tensor):
-        timestep = (1 - sigma.to(latents.device, torch.float32)).expand(batch)
-    else:  # filled on the device (no blocking upload)
-        timestep = torch.full((batch,), 1 - float(sigma), device=latents.device, dtype=torch.float32)
+    timestep = 1 - flux.timesteps(sigma, latents.shape[0], latents.device)  # the model counts from noise (0) to image (1)
     latents = latents.to(cond.prompt_embeds[0].dtype)
     prediction = _call(transformer, latents, timestep, cond)
     if guidance is not None and float(guidance) > 0:
