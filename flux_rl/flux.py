@@ -32,6 +32,12 @@ class Conditioning:
         return Conditioning(self.prompt_embeds.repeat(times, 1, 1), self.pooled_embeds.repeat(times, 1), self.text_ids)
 
 
+def text_encoders(pipeline) -> list:
+    """The pipeline's text encoders, however many it has (FLUX.1 two, SD3 three, the Qwen-based one)."""
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [getattr(pipeline, name) for name in names if getattr(pipeline, name, None) is not None]
+
+
 class PromptEncoder:
     """Encodes prompts with FLUX's CLIP + T5, keeping the embeddings in CPU memory.
 
@@ -89,7 +95,7 @@ class PromptEncoder:
                     encoder.to("cpu")
 
     def text_encoders(self):
-        return [self.pipeline.text_encoder, self.pipeline.text_encoder_2]
+        return text_encoders(self.pipeline)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], upcoming: list[str] = ()):

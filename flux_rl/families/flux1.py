@@ -18,8 +18,7 @@ def prompt_encoder(pipeline, max_sequence_length, device, cache_size, offload):
     return flux.PromptEncoder(pipeline, max_sequence_length, device, cache_size, offload)
 
 
-def text_encoders(pipeline):
-    return [pipeline.text_encoder, pipeline.text_encoder_2]
+text_encoders = flux.text_encoders
 
 
 def positions(height, width, vae_scale_factor, device, dtype):

@@ -54,9 +54,6 @@ class PromptEncoder(flux.PromptEncoder):
 
     negative_prompt = NEGATIVE_PROMPT
 
-    def text_encoders(self):
-        return text_encoders(self.pipeline)
-
     def encode_chunk(self, chunk):
         embeds, text_ids = self.pipeline.encode_prompt(prompt=chunk, device=self.device, max_sequence_length=self.max_sequence_length)
         self.text_ids = text_ids[0].cpu()
@@ -70,8 +67,7 @@ def prompt_encoder(pipeline, max_sequence_length, device, cache_size, offload):
     return PromptEncoder(pipeline, max_sequence_length, device, cache_size, offload)
 
 
-def text_encoders(pipeline):
-    return [pipeline.text_encoder]
+text_encoders = flux.text_encoders
 
 
 def latent_grid(height, width, vae_scale_factor):

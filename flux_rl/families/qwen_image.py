@@ -63,9 +63,6 @@ class PromptEncoder(flux.PromptEncoder):
 
     negative_prompt = NEGATIVE_PROMPT
 
-    def text_encoders(self):
-        return text_encoders(self.pipeline)
-
     def encode_chunk(self, chunk):
         embeds, mask = self.pipeline.encode_prompt(prompt=chunk, device=self.device, max_sequence_length=self.max_sequence_length)
         lengths = [embeds.shape[1]] * len(chunk) if mask is None else mask.sum(1).tolist()
@@ -84,8 +81,7 @@ def prompt_encoder(pipeline, max_sequence_length, device, cache_size, offload):
     return PromptEncoder(pipeline, max_sequence_length, device, cache_size, offload)
 
 
-def text_encoders(pipeline):
-    return [pipeline.text_encoder]
+text_encoders = flux.text_encoders
 
 
 def positions(height, width, vae_scale_factor, device=None, dtype=None):

@@ -50,9 +50,6 @@ class PromptEncoder(flux.PromptEncoder):
 
     negative_prompt = NEGATIVE_PROMPT
 
-    def text_encoders(self):
-        return text_encoders(self.pipeline)
-
     def encode_chunk(self, chunk):
         embeds, _, pooled, _ = self.pipeline.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=self.device,
                                                             do_classifier_free_guidance=False,
@@ -67,8 +64,7 @@ def prompt_encoder(pipeline, max_sequence_length, device, cache_size, offload):
     return PromptEncoder(pipeline, max_sequence_length, device, cache_size, offload)
 
 
-def text_encoders(pipeline):
-    return [pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
+text_encoders = flux.text_encoders
 
 
 def initial_noise(batch, in_channels, height, width, vae_scale_factor, generator):

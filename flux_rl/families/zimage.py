@@ -49,9 +49,6 @@ class PromptEncoder(flux.PromptEncoder):
 
     negative_prompt = NEGATIVE_PROMPT
 
-    def text_encoders(self):
-        return text_encoders(self.pipeline)
-
     def encode_chunk(self, chunk):
         # A copy: diffusers 0.42.1's ZImagePipeline writes the chat-templated text into the list it is given.
         embeds, _ = self.pipeline.encode_prompt(prompt=list(chunk), device=self.device, do_classifier_free_guidance=False,
@@ -66,8 +63,7 @@ def prompt_encoder(pipeline, max_sequence_length, device, cache_size, offload):
     return PromptEncoder(pipeline, max_sequence_length, device, cache_size, offload)
 
 
-def text_encoders(pipeline):
-    return [pipeline.text_encoder]
+text_encoders = flux.text_encoders
 
 
 def initial_noise(batch, in_channels, height, width, vae_scale_factor, generator):
