@@ -501,9 +501,9 @@ def validate_common_args(args):
         fail(f"--pretrained_model_name_or_path {model}: no model_index.json in it; name a FluxPipeline folder (as save_pretrained "
              "writes it, or a Hub snapshot) or a Hub id")
     if os.path.isdir(model):
-        from .models import check_pipeline_class
+        from .models import check_family_flags, check_pipeline_class
 
-        check_pipeline_class(os.path.join(model, "model_index.json"), model)
+        check_family_flags(check_pipeline_class(os.path.join(model, "model_index.json"), model), args)
     _check_output_dir_writable(args.output_dir)
     from .checkpoints import check_free_space
 

@@ -169,10 +169,11 @@ def fetching(what: str, advice: str):
         raise ConfigurationError(f"{what}: {problem}; {advice}") from None
 
 
-def check_base_model_reachable(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):
+def check_base_model_reachable(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> str | None:
     """A FLUX named by Hub id: its model_index.json (a few hundred bytes, or the cached copy) is
     fetched first, so that a gated model without access, a typo or an offline node without a copy
-    fails in one line at start, not with a traceback after the reward models have loaded."""
+    fails in one line at start, not with a traceback after the reward models have loaded. Returns
+    its pipeline class (None for a local folder, checked while parsing)."""
     from huggingface_hub import errors, hf_hub_download
 
     if os.path.isdir(name_or_path):
@@ -190,7 +191,7 @@ def check_base_model_reachable(name_or_path: str, revision: str | None = None, c
                                      "FLUX pipeline, e.g. black-forest-labs/FLUX.1-dev") from None
     from .models import check_pipeline_class
 
-    check_pipeline_class(model_index, name_or_path)
+    return check_pipeline_class(model_index, name_or_path)
 
 
 def _validation_images(output_dir, args) -> tuple[str, str]:

@@ -53,6 +53,16 @@ def check_pipeline_class(model_index_path: str, name: str) -> str:
     return pipeline_class
 
 
+def check_family_flags(pipeline_class: str, args):
+    """Flags the checkpoint's family cannot honour, refused before anything loads (at parse time for a
+    local folder, after the Hub's model_index.json for an id)."""
+    from .errors import ConfigurationError
+
+    if pipeline_class == "QwenImagePipeline" and getattr(args, "vae_gradient_checkpointing", False):
+        raise ConfigurationError("--vae_gradient_checkpointing: Qwen-Image's video VAE (diffusers' AutoencoderKLQwenImage) does "
+                                 "not support gradient checkpointing; drop the flag")
+
+
 def load_pipeline(pretrained_model_name_or_path, revision=None, variant=None, dtype=torch.float32, cache_dir=None):
     """The checkpoint's own pipeline (the class its model_index.json names: FluxPipeline, QwenImagePipeline)."""
     from diffusers import DiffusionPipeline
@@ -281,11 +291,7 @@ def prepare_vae(vae, args):
     vae.requires_grad_(False).eval()
     if args.vae_attention == "math" and hasattr(vae, "set_attn_processor"):  # AutoencoderKL's; Qwen-Image's video VAE has its own
         vae.set_attn_processor(MathAttentionUnderAutograd())
-    if args.vae_gradient_checkpointing:
-        if not getattr(vae, "_supports_gradient_checkpointing", True):
-            from .errors import ConfigurationError
-
-            raise ConfigurationError(f"--vae_gradient_checkpointing: diffusers' {type(vae).__name__} does not support it; drop the flag")
+    if args.vae_gradient_checkpointing:  # a VAE without it (Qwen-Image's) is refused before loading: check_family_flags
         vae.enable_gradient_checkpointing()
     if args.compile_vae:
         compile_vae_decoder(vae, args.compile_backend, args.compile_mode)

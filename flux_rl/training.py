@@ -552,7 +552,9 @@ def setup(args, method: str) -> Run:
     # and before anything is written to --output_dir (its folder, logs, an earlier run removed).
     image_dataset = None
     with accelerator.main_process_first():  # one process downloads and converts into datasets' cache; the others read it
-        hub.check_base_model_reachable(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+        pipeline_class = hub.check_base_model_reachable(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+        if pipeline_class:
+            models.check_family_flags(pipeline_class, args)
         if getattr(args, "train_data_dir", None):
             image_dataset = data.load_image_dataset(args.train_data_dir, args.prompt_column, args.cache_dir)
             items = list(range(len(image_dataset)))

@@ -5,7 +5,7 @@ import argparse
 import huggingface_hub
 import pytest
 
-from flux_rl import hub
+from flux_rl import hub, models
 
 
 def test_model_card_and_push(tmp_path, monkeypatch):
@@ -175,7 +175,12 @@ def test_a_flux_id_is_checked_before_anything_loads(tmp_path, monkeypatch):
     (snapshot / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     (tmp_path / "models--tiny-org--tiny-flux" / "refs").mkdir()
     (tmp_path / "models--tiny-org--tiny-flux" / "refs" / "main").write_text("1" * 40)
-    hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path))
+    assert hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path)) == "FluxPipeline"
+    # A Qwen-Image id: its family's flags are checked from the class, before anything loads (training.setup does this).
+    (snapshot / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    family = hub.check_base_model_reachable("tiny-org/tiny-flux", cache_dir=str(tmp_path))
+    with pytest.raises(hub.ConfigurationError, match="--vae_gradient_checkpointing: Qwen-Image's video VAE"):
+        models.check_family_flags(family, argparse.Namespace(vae_gradient_checkpointing=True))
     # A family these trainers do not train yet (here FLUX.2 [dev]) is named for what it is, before anything loads.
     (snapshot / "model_index.json").write_text('{"_class_name": "Flux2Pipeline"}')
     with pytest.raises(hub.ConfigurationError, match="tiny-org/tiny-flux is a Flux2Pipeline checkpoint; these trainers train "
