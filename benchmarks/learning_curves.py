@@ -74,6 +74,8 @@ LEARNING_RUNS = {
     "srpo-offline": _srpo(*COLOUR, *FULL, "--train_data_dir", "{offline_images}", "--train_batch_size", "2", "--num_injections", "4"),
     "direct-align": LearningRun("train_direct_align", (*BRIGHTNESS, *FULL), "brightness", 1),
     "direct-align-lora": LearningRun("train_direct_align", (*BRIGHTNESS, *LORA), "brightness", 1),
+    # The rollout's linear layers as FP8 matmuls (--rollout_dtype fp8), the branches in full precision.
+    "direct-align-lora-fp8-rollout": LearningRun("train_direct_align", (*BRIGHTNESS, *LORA, "--rollout_dtype", "fp8"), "brightness", 1),
     "refl": LearningRun("train_refl_baseline", (*BRIGHTNESS, *FULL), "brightness", 1),
     "draft-k": LearningRun("train_draft_baseline", (*BRIGHTNESS, *FULL, "--draft_k", "2"), "brightness", 1),
     "draft-lv": LearningRun("train_draft_baseline", (*BRIGHTNESS, *FULL, "--draft_lv"), "brightness", 1),

@@ -97,6 +97,10 @@ def add_common_args(parser: argparse.ArgumentParser):
            "peft's extra kernels; the weights are restored bit for bit after it; +2 bytes per adapted weight while it runs, "
            "4.7 GiB for FLUX). Training branches keep the adapters. Default: on for LoRA, except under FSDP.")
     a("--no_merge_lora_in_rollout", dest="merge_lora_in_rollout", action="store_false", help="Run the rollout through peft's adapters.")
+    a("--rollout_dtype", choices=["bf16", "fp8"], default="bf16",
+      help="fp8: the no-grad rollout's linear layers as FP8 matmuls (e4m3, per-row weight and per-token input scales) on a "
+           "copy of the current weights made each rollout, the LoRA merged in first; the training branches stay bf16 "
+           "(flux_rl/fp8.py). Experimental: not timed on a GPU yet.")
     a("--batch_rollout_modulations", action="store_true", default=None,
       help="Run the blocks' modulation layers (linear(silu(temb)), 76 per forward) once for all rollout steps instead of "
            "once per step: one read of their 6.5 GB of bf16 weights instead of 25 (62 ms of a 2.9 s LoRA step at 720 px on "
@@ -435,6 +439,8 @@ def validate_common_args(args):
         fail("--bf16_weights is for --full_finetune (LoRA weights are small and stay fp32)")
     if args.merge_lora_in_rollout and args.full_finetune:
         fail("--merge_lora_in_rollout is for LoRA training; drop it with --full_finetune")
+    if args.rollout_dtype == "fp8" and launched_with_fsdp():
+        fail("--rollout_dtype fp8 quantises whole weights, which FSDP shards; drop it (or train with DDP)")
     if args.bf16_weights and args.use_8bit_adam:
         fail("--bf16_weights brings its own optimizer (AdamW with stochastic rounding); drop --use_8bit_adam")
     if launched_with_fsdp():

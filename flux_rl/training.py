@@ -20,6 +20,7 @@ from rewards.base import host_to_device
 from . import checkpoints, data, families, flux, hub, models, monitors, preemption, schedules, validation
 from .args import chosen_trackers, compiles_reward, launched_with_fsdp, mixed_precision
 from .errors import ConfigurationError
+from .fp8 import fp8_linears
 from .optim import AdamWStochasticBF16, step_unless_not_finite
 
 logger = logging.getLogger(__name__)
@@ -137,9 +138,12 @@ class Run:
         cond = self.condition(prompts, micro_step)
         noise = self.initial_noise(len(prompts), generator)
         sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
-        merged = models.lora_merged(self.unwrapped()) if self.args.merge_lora_in_rollout else contextlib.nullcontext()
+        fp8 = getattr(self.args, "rollout_dtype", "bf16") == "fp8"
+        # --rollout_dtype fp8: the FP8 copies take the LoRA merged in, so the adapters cost no matmuls of their own.
+        merged = models.lora_merged(self.unwrapped()) if self.args.merge_lora_in_rollout or fp8 else contextlib.nullcontext()
+        quantized = fp8_linears(self.unwrapped()) if fp8 else contextlib.nullcontext()
         backend = models.attention_backend_within(self.unwrapped(), self.args.rollout_attention_backend)
-        with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, backend, \
+        with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, quantized, backend, \
                 models.without_dropout(self.unwrapped()):  # record_function: a named range in profiles
             x = flux.sample(self.transformer, noise, sigmas, self.args.rollout_guidance, cond, self.image_ids(self.image_size),
                             tabulate_modulations_of=self._modulations_model(), full_schedule=self.rollout_sigmas,

@@ -1,0 +1,52 @@
+"""--rollout_dtype fp8 (flux_rl/fp8.py): e4m3 quantisation within its rounding, the rollout's linear
+layers patched only inside the context and restored after it, and what it changes on the tiny FLUX:
+the rollout image (PSNR, largest pixel difference) and the LoRA gradient (cosine) against a bf16
+rollout from the same noise (benchmarks/fp8_rollout_fidelity.py, which runs at full size on a GPU)."""
+
+import torch
+from torch import nn
+
+from flux_rl import flux, fp8, latents, models
+from flux_rl.fp8 import E4M3_MAX, fp8_linears, quantize_rows
+
+
+def test_quantize_rows_is_within_e4m3_rounding():
+    tensor = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 64).view(-1, 1)
+    values, scale = quantize_rows(tensor)
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    assert torch.allclose(values.float().abs().amax(dim=1), torch.full((64,), E4M3_MAX))  # each row's largest maps to 448
+    error = (values.float() * scale - tensor).abs()
+    # 3 mantissa bits: half a step is 2^-4 of the value for normal numbers; below 2^-6 (subnormal) the step is fixed.
+    assert (error <= torch.maximum(tensor.abs() / 16, scale * 2.0 ** -9) * 1.0001).all()
+
+
+def test_the_linear_layers_run_fp8_inside_and_as_before_after(tiny_flux):
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(f"{tiny_flux}/transformer")
+    models.add_lora(transformer, rank=4, alpha=4, target_modules=models.DEFAULT_LORA_TARGETS)
+    pipe_cond = flux.Conditioning(torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(1)),
+                                  torch.randn(1, 32, generator=torch.Generator().manual_seed(2)), torch.zeros(32, 3))
+    x = latents.pack(torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3)))
+    ids = latents.image_ids(64, 64, 8, "cpu", torch.float32)
+    with torch.no_grad():
+        reference = flux.velocity(transformer, x, 0.5, 3.5, pipe_cond, ids)
+        with fp8_linears(transformer) as count:
+            quantized = flux.velocity(transformer, x, 0.5, 3.5, pipe_cond, ids)
+        after = flux.velocity(transformer, x, 0.5, 3.5, pipe_cond, ids)
+    linear = [m for name, m in transformer.named_modules() if type(m) is nn.Linear and ".lora_" not in name]
+    assert count == sum(fp8.fp8_ready(m) for m in linear) == len(linear)  # every base layer (the tiny widths are 16's multiples)
+
+    assert torch.equal(after, reference)  # restored
+    assert not any(hasattr(m, "_fp8_weight") or "forward" in vars(m) for m in linear)
+    relative = (quantized - reference).norm() / reference.norm()
+    assert 0 < relative < 0.1, relative
+
+
+def test_fp8_rollout_changes_the_image_and_gradient_little():
+    from benchmarks.fp8_rollout_fidelity import measure
+
+    result = measure("tiny", 64, 3, "cpu")
+    # measured: 42.9 dB, 0.08 largest pixel difference, gradient cosine 0.992
+    assert result["psnr_db"] > 35 and result["max_pixel_difference"] > 0
+    assert result["gradient_cosine"] > 0.97
