@@ -369,6 +369,9 @@ def main(input_args=None):
                         help="Append each configuration's torch.profiler op table (one more step) to this file.")
     parser.add_argument("--compile_backend", default="inductor")
     parser.add_argument("--output", default=None, help="Also write the table to this markdown file.")
+    parser.add_argument("--max_memory_gib", type=float, default=None,
+                        help="Cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 22 to show a run "
+                             "fits a 24 GB card: a configuration that needs more fails with out-of-memory in its row.")
     parser.add_argument("--device", choices=["auto", "meta"], default="auto",
                         help="auto: the GPU if there is one, else the CPU. meta: count FLOPs only (no GPU needed).")
     parser.add_argument("--peak_tflops", type=float, default=None,
@@ -376,6 +379,11 @@ def main(input_args=None):
     args = parser.parse_args(input_args)
     if args.device == "meta" and args.no_flops:
         parser.error("--device meta only counts FLOPs: drop --no_flops")
+    if args.max_memory_gib is not None:
+        if not torch.cuda.is_available():
+            parser.error("--max_memory_gib caps a GPU's memory: there is no GPU here")
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * 2**30 / total))
     if args.device == "meta" and "compiled" in args.compile_modes.split(","):
         parser.error("--device meta counts FLOPs, which compilation does not change: use --compile_modes eager")
     checkpointing_modes = args.checkpointing.split(",")

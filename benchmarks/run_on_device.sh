@@ -45,6 +45,12 @@ if [ $# -gt 0 ]; then
   bench "${NAME:-custom}" "${LIMIT:-540}" "$@"
   exit
 fi
+# --rollout_dtype fp8 (issue #24), never run on a GPU: first what it changes (rollout image PSNR, gradient cosine against
+# a bf16 rollout, both rollouts timed), then the SRPO LoRA step with it, eager (its interplay with --compile is unknown),
+# beside the same step without it.
+group fp8_fidelity 120 python3 benchmarks/fp8_rollout_fidelity.py --size full --resolution 720 --rollout_steps 25
+bench srpo_fp8 200 --trainers srpo --modes lora --resolutions 720 --compile_modes eager --reuse_flops \
+  --variant= --variant="--rollout_dtype fp8"
 # SRPO LoRA compiled with the defaults timed on 2026-11-27 (--compile now also compiles the VAE decoder and the
 # reward's image tower; --batch_branches and --batch_rollout_modulations are on): 2.591 s then, in a process of its
 # own, against 2.530 s with cuDNN's attention in the rollout in another; here both in one process, with the FLOPs of the
