@@ -138,8 +138,8 @@ def trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device
     if mode == "full":
         # bitsandbytes has no meta kernels; the optimiser does no matmuls, so the count is the same.
         flags += ["--full_finetune"] + (["--use_8bit_adam"] if device.type != "meta" else [])
-    elif mode == "full_bf16":
-        flags += ["--full_finetune", "--bf16_weights"]
+    elif mode == "full_bf16":  # bf16 weights run under bf16 autocast (on the CPU too: the trainers require it)
+        flags += ["--full_finetune", "--bf16_weights"] + ([] if "--mixed_precision" in flags else ["--mixed_precision", "bf16"])
     return flags
 
 

@@ -76,6 +76,9 @@ LEARNING_RUNS = {
     "direct-align-lora": LearningRun("train_direct_align", (*BRIGHTNESS, *LORA), "brightness", 1),
     # The rollout's linear layers as FP8 matmuls (--rollout_dtype fp8), the branches in full precision.
     "direct-align-lora-fp8-rollout": LearningRun("train_direct_align", (*BRIGHTNESS, *LORA, "--rollout_dtype", "fp8"), "brightness", 1),
+    # A full fine-tune with bf16 weights and 8-bit moments (--bf16_weights --use_8bit_adam): 4 bytes of state per parameter.
+    "direct-align-bf16-8bit": LearningRun("train_direct_align", (*BRIGHTNESS, *FULL, "--bf16_weights", "--use_8bit_adam",
+                                                                "--mixed_precision", "bf16"), "brightness", 1),
     "refl": LearningRun("train_refl_baseline", (*BRIGHTNESS, *FULL), "brightness", 1),
     "draft-k": LearningRun("train_draft_baseline", (*BRIGHTNESS, *FULL, "--draft_k", "2"), "brightness", 1),
     "draft-lv": LearningRun("train_draft_baseline", (*BRIGHTNESS, *FULL, "--draft_lv"), "brightness", 1),

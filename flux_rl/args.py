@@ -147,7 +147,9 @@ def add_common_args(parser: argparse.ArgumentParser):
     a("--adam_weight_decay", type=float, default=1e-4)
     a("--adam_epsilon", type=float, default=1e-8)
     a("--max_grad_norm", type=float, default=0.1)
-    a("--use_8bit_adam", action="store_true")
+    a("--use_8bit_adam", action="store_true",
+      help="8-bit optimizer moments: bitsandbytes' AdamW8bit, or with --bf16_weights the stochastic-rounding AdamW with "
+           "blockwise 8-bit moments (flux_rl/optim.py; 2 bytes per parameter for both moments instead of 4).")
     a("--bf16_weights", action="store_true", help="Full fine-tune with bf16 trainable weights and AdamW with stochastic rounding (fits FLUX on one GPU).")
     a("--allow_tf32", action="store_true")
     a("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
@@ -437,12 +439,13 @@ def validate_common_args(args):
         fail("--lora_dropout is for LoRA training; drop it with --full_finetune")
     if args.bf16_weights and not args.full_finetune:
         fail("--bf16_weights is for --full_finetune (LoRA weights are small and stay fp32)")
+    if args.bf16_weights and mixed_precision(args) != "bf16":
+        # bf16 weights under fp32 inputs: the first matmul fails ("mat1 and mat2 must have the same dtype")
+        fail("--bf16_weights runs the model in bf16: add --mixed_precision bf16")
     if args.merge_lora_in_rollout and args.full_finetune:
         fail("--merge_lora_in_rollout is for LoRA training; drop it with --full_finetune")
     if args.rollout_dtype == "fp8" and launched_with_fsdp():
         fail("--rollout_dtype fp8 quantises whole weights, which FSDP shards; drop it (or train with DDP)")
-    if args.bf16_weights and args.use_8bit_adam:
-        fail("--bf16_weights brings its own optimizer (AdamW with stochastic rounding); drop --use_8bit_adam")
     if launched_with_fsdp():
         if args.bf16_weights:
             # accelerate upcasts trainable weights to fp32 under FSDP with mixed precision: the flag would do nothing.

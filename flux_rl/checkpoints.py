@@ -289,7 +289,7 @@ def checkpoint_bytes(args) -> int | None:
         shapes.update({name: entry["shape"] for name, entry in header.items() if name != "__metadata__"})
     if not shapes:
         return None
-    moment_bytes = 2 if args.use_8bit_adam else 8
+    moment_bytes = 2 if args.use_8bit_adam else 4 if args.bf16_weights else 8  # two moments: 8-bit, bf16 or fp32
     if args.full_finetune:
         return sum(_numel(shape) for shape in shapes.values()) * ((2 if args.bf16_weights else 4) + moment_bytes)
     from .families import FAMILIES

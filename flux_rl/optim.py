@@ -48,7 +48,48 @@ def stochastic_round_to_bf16(x: torch.Tensor, seed=0) -> torch.Tensor:
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, step_seed, skip=None):
+# 8-bit moments (--bf16_weights --use_8bit_adam): blockwise, one fp32 scale per BLOCK elements. A linear int8 code
+# would round the small second moments of a block to zero (the update's denominator, sqrt(v) + eps, then collapses and
+# the step explodes); a power code keeps their relative precision: the first moment is stored as sign * sqrt(|m| / max)
+# on 127 levels (smallest step 6e-5 of the block's largest), the second as (v / max)^(1/4) on 255 levels (smallest
+# 2.4e-10 of it). Quantisation rounds stochastically (random bits as for the weights), so the stored moments are
+# unbiased in the code's space.
+BLOCK = 256
+
+
+def _in_blocks(x: torch.Tensor) -> torch.Tensor:
+    """A flat tensor as rows of BLOCK, zero-padded at the end."""
+    return torch.nn.functional.pad(x, (0, (-x.numel()) % BLOCK)).view(-1, BLOCK)
+
+
+def _stochastic_round(u: torch.Tensor, seed) -> torch.Tensor:
+    """floor(u + r), r uniform in [0, 1) from the index-and-seed hash: u rounded up with probability frac(u)."""
+    noise = random_bits16(u.numel(), seed, u.device).view(u.shape).float() / 65536.0
+    return torch.floor(u + noise)
+
+
+def quantize_moment(x: torch.Tensor, second: bool, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat fp32 moment -> (codes: int8 for the first moment, uint8 for the second, same length; fp32 scale per block)."""
+    blocks = _in_blocks(x)
+    scale = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    if second:
+        codes = _stochastic_round((blocks / scale).clamp(min=0).pow(0.25) * 255, seed).clamp(0, 255).to(torch.uint8)
+    else:
+        level = _stochastic_round((blocks / scale).abs().sqrt() * 127, seed).clamp(0, 127)
+        codes = (level * blocks.sign()).to(torch.int8)
+    return codes.view(-1)[: x.numel()], scale.view(-1)
+
+
+def dequantize_moment(codes: torch.Tensor, scale: torch.Tensor, second: bool) -> torch.Tensor:
+    blocks = _in_blocks(codes.float())
+    if second:
+        values = (blocks / 255).pow(4) * scale.view(-1, 1)
+    else:
+        values = (blocks / 127).abs().square() * blocks.sign() * scale.view(-1, 1)
+    return values.view(-1)[: codes.numel()]
+
+
+def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, step_seed, skip=None, scales=None):
     """torch.optim.AdamW's update of one flat parameter, in place, computed in fp32. `hyper` holds
     [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, bias correction 2, eps, lr / bias correction 1]
     (fp32, on the parameter's device: a tensor, so new values do not recompile the compiled
@@ -58,15 +99,28 @@ def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, step_seed, skip=None)
     seed = step_seed + weight.numel()  # inside the fused kernel: no extra launch per parameter
     one_minus_beta1, beta2, one_minus_beta2, decay, bias_correction2, eps, step_size = hyper.unbind()
     grad = grad.float()
-    new_exp_avg = exp_avg.float().lerp(grad, one_minus_beta1)
-    new_exp_avg_sq = exp_avg_sq.float() * beta2 + one_minus_beta2 * grad * grad
+    eight_bit = scales is not None  # (first moment's block scales, second's): the moments are 8-bit codes
+    old_exp_avg = dequantize_moment(exp_avg, scales[0], False) if eight_bit else exp_avg.float()
+    old_exp_avg_sq = dequantize_moment(exp_avg_sq, scales[1], True) if eight_bit else exp_avg_sq.float()
+    new_exp_avg = old_exp_avg.lerp(grad, one_minus_beta1)
+    new_exp_avg_sq = old_exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     denominator = (new_exp_avg_sq / bias_correction2).sqrt() + eps
     new_weight = weight.float() * decay - step_size * new_exp_avg / denominator
     if skip is not None:
         keep = skip != 0
-        new_exp_avg = torch.where(keep, exp_avg.float(), new_exp_avg)
-        new_exp_avg_sq = torch.where(keep, exp_avg_sq.float(), new_exp_avg_sq)
+        new_exp_avg = torch.where(keep, old_exp_avg, new_exp_avg)
+        new_exp_avg_sq = torch.where(keep, old_exp_avg_sq, new_exp_avg_sq)
         new_weight = torch.where(keep, weight.float(), new_weight)
+    if eight_bit:
+        for stream, (target, scale, value, second) in enumerate(((exp_avg, scales[0], new_exp_avg, False),
+                                                                (exp_avg_sq, scales[1], new_exp_avg_sq, True))):
+            codes, new_scale = quantize_moment(value, second, seed * 3 + stream)
+            if skip is not None:  # the codes as they were, not re-rounded
+                codes, new_scale = torch.where(keep, target, codes), torch.where(keep, scale, new_scale)
+            target.copy_(codes)
+            scale.copy_(new_scale)
+        weight.copy_(stochastic_round_to_bf16(new_weight, seed * 3 + 2) if weight.dtype == torch.bfloat16 else new_weight)
+        return
     for stream, (target, value) in enumerate(((exp_avg, new_exp_avg), (exp_avg_sq, new_exp_avg_sq), (weight, new_weight))):
         # Three independent random streams: seed * 3 + stream.
         target.copy_(stochastic_round_to_bf16(value, seed * 3 + stream) if target.dtype == torch.bfloat16 else value)
@@ -82,10 +136,22 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
     where it is non-zero; the step count still advances (it lives on the host)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, seed=0, compile=None,
-                 compile_backend="inductor"):
+                 compile_backend="inductor", eight_bit_moments=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed, self.compile, self.compile_backend = seed, compile, compile_backend
+        self.eight_bit_moments = eight_bit_moments  # int8 / uint8 codes + a scale per 256: 2.03 bytes per parameter, not 4
         self._compiled = None
+
+    def load_state_dict(self, state_dict):
+        """As torch's, but every state tensor keeps the dtype it was saved in: torch casts floating ones to
+        the parameter's, which would round the 8-bit codes' fp32 block scales to bf16 (and the codes with them)."""
+        super().load_state_dict(state_dict)
+        ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        parameters = [parameter for group in self.param_groups for parameter in group["params"]]
+        for index, parameter in zip(ids, parameters):
+            for key, value in state_dict["state"].get(index, {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[parameter][key] = value.detach().clone().to(parameter.device)
 
     def _update_fn(self, device):
         if not (self.compile if self.compile is not None else device.type == "cuda"):
@@ -107,8 +173,15 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
                 state = self.state[parameter]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
+                    if self.eight_bit_moments:
+                        blocks = -(-parameter.numel() // BLOCK)
+                        state["exp_avg"] = torch.zeros(parameter.numel(), dtype=torch.int8, device=parameter.device)
+                        state["exp_avg_sq"] = torch.zeros(parameter.numel(), dtype=torch.uint8, device=parameter.device)
+                        state["exp_avg_scale"] = torch.ones(blocks, dtype=torch.float32, device=parameter.device)
+                        state["exp_avg_sq_scale"] = torch.ones(blocks, dtype=torch.float32, device=parameter.device)
+                    else:
+                        state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
+                        state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
                 state["step"] += 1
                 step, device = state["step"], parameter.device
                 key = (device, step)  # parameters of one group normally share the step count
@@ -119,9 +192,10 @@ class AdamWStochasticBF16(torch.optim.Optimizer):
                                                     dtype=torch.float32), device),
                         host_to_device(torch.tensor(self.seed + 1_000_003 * step, dtype=torch.int64), device),
                     )
+                scales = (state["exp_avg_scale"], state["exp_avg_sq_scale"]) if "exp_avg_scale" in state else None
                 self._update(
                     device, parameter.view(-1), parameter.grad.reshape(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
-                    *step_inputs[key], getattr(self, "found_inf", None),
+                    *step_inputs[key], getattr(self, "found_inf", None), scales,
                 )
         return loss
 

@@ -428,8 +428,8 @@ def initial_learning_rate(args, num_processes: int) -> float:
 def make_optimizer(args, params, lr: float):
     """AdamW (fp32 states), bitsandbytes' AdamW8bit, or AdamW with stochastic rounding for bf16 weights."""
     kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.bf16_weights:
-        return AdamWStochasticBF16(params, seed=args.seed, **kwargs)
+    if args.bf16_weights:  # with --use_8bit_adam its moments are 8-bit codes (2 bytes per parameter for both, not 4)
+        return AdamWStochasticBF16(params, seed=args.seed, eight_bit_moments=args.use_8bit_adam, **kwargs)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 

@@ -129,7 +129,7 @@ FLAG_MISTAKES = [
     ("merge with a full fine-tune", SRPO, lambda t: ["--full_finetune", "--merge_lora_in_rollout"], "--merge_lora_in_rollout is for LoRA"),
     ("dropout with a full fine-tune", SRPO, lambda t: ["--full_finetune", "--lora_dropout", "0.1"], "--lora_dropout is for LoRA training"),
     ("bf16 weights for LoRA", SRPO, lambda t: ["--bf16_weights"], "--bf16_weights is for --full_finetune"),
-    ("bf16 weights with 8-bit Adam", SRPO, lambda t: ["--full_finetune", "--bf16_weights", "--use_8bit_adam"], "drop --use_8bit_adam"),
+    ("bf16 weights in fp32", DIRECT_ALIGN, lambda t: ["--full_finetune", "--bf16_weights"], "add --mixed_precision bf16"),
     ("held-out reward without validation prompts", SRPO, lambda t: ["--heldout_reward", "pickscore:1.0"],
      "--heldout_reward scores the validation images: add --validation_prompt"),
     ("guard without a held-out reward", DIRECT_ALIGN, lambda t: ["--stop_on_hacking", "--validation_prompt", "a cat", "--validation_steps", "5"],

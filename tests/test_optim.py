@@ -158,6 +158,8 @@ def _optimizers_under_test():
     return {
         "fused_adamw": (torch.float32, lambda params: torch.optim.AdamW(params, fused=True, **kwargs)),
         "stochastic_bf16": (torch.bfloat16, lambda params: AdamWStochasticBF16(params, compile=False, **kwargs)),
+        "stochastic_bf16_8bit": (torch.bfloat16, lambda params: AdamWStochasticBF16(params, compile=False, eight_bit_moments=True,
+                                                                                    **kwargs)),
         "no_skip_flag": (torch.float32, lambda params: torch.optim.SGD(params, momentum=0.9, **kwargs)),
     }
 
@@ -250,3 +252,71 @@ def test_a_run_that_cannot_take_a_step_stops_with_a_checkpoint(tiny_models, tmp_
     for key, value in after_good_steps.items():
         assert torch.equal(value, at_stop[key]) and torch.isfinite(value).all(), key
     assert any(value.abs().sum() > 0 for key, value in after_good_steps.items() if "lora_B" in key)  # it had trained
+
+
+def test_8bit_moments_keep_their_relative_precision():
+    """The power codes: the first moment within a few percent of the block's largest where it matters, the second
+    moment's small values (what sqrt(v) + eps divides by) within their own relative error, not rounded to zero."""
+    from flux_rl.optim import BLOCK, dequantize_moment, quantize_moment
+
+    values = torch.randn(3 * BLOCK + 17, generator=torch.Generator().manual_seed(0)) * torch.logspace(-6, 0, 3 * BLOCK + 17)
+    codes, scale = quantize_moment(values, False, 1)
+    assert codes.dtype == torch.int8 and codes.numel() == values.numel() and scale.numel() == 4
+    back = dequantize_moment(codes, scale, False)
+    block_max = scale.repeat_interleave(BLOCK)[: values.numel()]
+    # sqrt code on 127 levels: |error| <= (2 sqrt(|x| / max) + 1 / 127) / 127 of the block's largest
+    bound = (2 * (values.abs() / block_max).sqrt() + 1 / 127) / 127 * block_max
+    assert ((back - values).abs() <= bound * 1.001).all() and (back.sign() * values.sign() >= 0).all()
+    squares = values.square()
+    codes, scale = quantize_moment(squares, True, 2)
+    assert codes.dtype == torch.uint8
+    back = dequantize_moment(codes, scale, True)
+    kept = squares > scale.repeat_interleave(BLOCK)[: values.numel()] * 1e-4  # within 10^4 of the block's largest
+    # a fourth-root code on 255 levels: at 10^-4 of the largest the code is about 25, one step is 16% of the value
+    assert ((back[kept] - squares[kept]).abs() / squares[kept]).max() < 0.2
+    assert (back[squares > 0] > 0).float().mean() > 0.95  # the small ones are not zeroed
+
+
+def test_8bit_moments_train_like_16bit_ones_in_half_the_state():
+    torch.manual_seed(0)
+    target = torch.randn(64, 64)
+    runs = {}
+    for bits in (16, 8):
+        weight = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.bfloat16))
+        optimizer = AdamWStochasticBF16([weight], lr=5e-2, weight_decay=0.0, compile=False, eight_bit_moments=bits == 8)
+        losses = []
+        for step in range(60):
+            x = torch.randn(32, 64, generator=torch.Generator().manual_seed(step))
+            loss = (x @ weight.float() - x @ target).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        state_bytes = sum(v.numel() * v.element_size() for v in optimizer.state[weight].values() if torch.is_tensor(v))
+        runs[bits] = (losses, weight.detach().float(), state_bytes)
+    (losses16, weight16, bytes16), (losses8, weight8, bytes8) = runs[16], runs[8]
+    assert losses8[-1] < 0.2 * losses8[0] and losses8[-1] < 1.2 * losses16[-1]
+    assert torch.corrcoef(torch.stack([weight16.flatten(), weight8.flatten()]))[0, 1] > 0.98
+    assert bytes8 / weight.numel() < 2.05 and bytes16 / weight.numel() == 4  # two moments: 2.03 bytes against 4
+
+
+def test_8bit_moments_resume_exactly():
+    import copy
+
+    def new_run(weight):
+        parameter = torch.nn.Parameter(weight.clone())
+        return parameter, AdamWStochasticBF16([parameter], lr=1e-3, compile=False, eight_bit_moments=True)
+
+    start = torch.randn(300, 70, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    parameter, optimizer = new_run(start)
+    for step in range(4):
+        if step == 2:
+            saved_weight, saved_state = parameter.detach().clone(), copy.deepcopy(optimizer.state_dict())
+        parameter.grad = torch.randn(300, 70, generator=torch.Generator().manual_seed(100 + step)).to(torch.bfloat16)
+        optimizer.step()
+    resumed, resumed_optimizer = new_run(saved_weight)
+    resumed_optimizer.load_state_dict(saved_state)
+    for step in range(2, 4):
+        resumed.grad = torch.randn(300, 70, generator=torch.Generator().manual_seed(100 + step)).to(torch.bfloat16)
+        resumed_optimizer.step()
+    assert torch.equal(resumed, parameter)
