@@ -51,6 +51,10 @@ fi
 group fp8_fidelity 120 python3 benchmarks/fp8_rollout_fidelity.py --size full --resolution 720 --rollout_steps 25
 bench srpo_fp8 200 --trainers srpo --modes lora --resolutions 720 --compile_modes eager --reuse_flops \
   --variant= --variant="--rollout_dtype fp8"
+# The full fine-tune with 8-bit moments (--bf16_weights --use_8bit_adam, issue #24's "one 80 GB card"), under a 78 GiB
+# cap: the row's peak, or out-of-memory if it does not fit.
+bench full_80gb 200 --trainers srpo --modes full_bf16 --resolutions 720 --compile_modes compiled --max_memory_gib 78 \
+  --variant="--use_8bit_adam"
 # SRPO LoRA compiled with the defaults timed on 2026-11-27 (--compile now also compiles the VAE decoder and the
 # reward's image tower; --batch_branches and --batch_rollout_modulations are on): 2.591 s then, in a process of its
 # own, against 2.530 s with cuDNN's attention in the rollout in another; here both in one process, with the FLOPs of the
