@@ -300,7 +300,9 @@ def test_wandb_missing_fails_early(monkeypatch):
         train_direct_align.parse_args(BASE + ["--report_to", "wandb"])
 
 
-@pytest.mark.parametrize("flags, message", [(["--full_finetune", "--bf16_weights"], "under FSDP the sharded weights are fp32"),
+@pytest.mark.parametrize("flags, message", [(["--full_finetune", "--bf16_weights", "--mixed_precision", "bf16"],
+                                             "under FSDP the sharded weights are fp32"),
+                                            (["--rollout_dtype", "fp8"], "--rollout_dtype fp8 quantises whole weights"),
                                             (["--full_finetune", "--use_8bit_adam"], "does not run on FSDP's sharded parameters"),
                                             (["--merge_lora_in_rollout"], "does not run on FSDP's sharded weights"),
                                             (["--batch_rollout_modulations"], "which FSDP shards")])
