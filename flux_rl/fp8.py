@@ -7,9 +7,11 @@ every rollout, so it follows the training, and freed after it (12B parameters: 1
 rollout runs, below the training branches' peak). The training branches run on the bf16 weights as
 before. Hopper runs FP8 matmuls at about twice bf16's rate; the rollout is about 75% of an SRPO step.
 
-Not measured on a GPU yet: its speed, its interplay with --compile (patching a block's linear layers
-may cost recompiles), and its effect at full size (`benchmarks/fp8_rollout_fidelity.py` measures the
-rollout image's PSNR and the gradient's cosine against a bf16 rollout on the same noise). Layers whose
+Not measured on a GPU yet: its speed and its effect at full size. With per-block compilation dynamo keeps
+one graph per block kind for each of the two paths and compiles nothing more as they alternate
+(tests/test_fp8_rollout.py, on the CPU with the eager backend); inductor's lowering of _scaled_mm on
+the GPU is untested. `benchmarks/fp8_rollout_fidelity.py` measures the effect (the rollout image's
+PSNR and the gradient's cosine against a bf16 rollout on the same noise) at either size. Layers whose
 sizes are not multiples of 16 (what the FP8 kernels take) stay as they are.
 """
 

@@ -50,3 +50,27 @@ def test_fp8_rollout_changes_the_image_and_gradient_little():
     # measured: 42.9 dB, 0.08 largest pixel difference, gradient cosine 0.992
     assert result["psnr_db"] > 35 and result["max_pixel_difference"] > 0
     assert result["gradient_cosine"] > 0.97
+
+
+def test_compiled_blocks_do_not_recompile_each_rollout(tiny_flux):
+    """Blocks compiled per block (--compile): the FP8 rollout and the bf16 branches alternate every step; dynamo keeps
+    one graph of each per block kind (double, single) and compiles nothing more after the first alternation."""
+    from diffusers import FluxTransformer2DModel
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    transformer = FluxTransformer2DModel.from_pretrained(f"{tiny_flux}/transformer")
+    models.add_lora(transformer, rank=4, alpha=4, target_modules=models.DEFAULT_LORA_TARGETS)
+    counter = CompileCounterWithBackend("eager")
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        block.compile(backend=counter, dynamic=False)
+    cond = flux.Conditioning(torch.randn(1, 32, 32), torch.randn(1, 32), torch.zeros(32, 3))
+    x, ids = latents.pack(torch.randn(1, 16, 8, 8)), latents.image_ids(64, 64, 8, "cpu", torch.float32)
+    frames = []
+    with torch.no_grad():
+        for _ in range(3):
+            plain = flux.velocity(transformer, x, 0.5, 3.5, cond, ids)
+            with fp8_linears(transformer):
+                quantized = flux.velocity(transformer, x, 0.5, 3.5, cond, ids)
+            frames.append(counter.frame_count)
+    assert frames == [4, 4, 4]
+    assert 0 < (quantized - plain).norm() / plain.norm() < 0.1  # the compiled graphs do run the FP8 path
