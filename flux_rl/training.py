@@ -49,7 +49,7 @@ class Run:
     weight_dtype: torch.dtype
     vae_scale_factor: int
     scheduler_config: dict  # the pipeline's scheduler config: the resolution-dependent shift when --rollout_shift is 0
-    family: object = None  # the model family's adapter (flux_rl/families: flux1, qwen_image); set by setup
+    family: object = None  # the model family's adapter (a module of flux_rl/families); set by setup
     # (height, width) of the current micro-step's images: --resolution, or the bucket of its batch (data.image_size).
     # Set by rollout() and next_batch(); decode(), velocity_fn() and rollout_sigmas read it.
     image_size: tuple = None
@@ -138,7 +138,7 @@ class Run:
         cond = self.condition(prompts, micro_step)
         noise = self.initial_noise(len(prompts), generator)
         sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
-        fp8 = getattr(self.args, "rollout_dtype", "bf16") == "fp8"
+        fp8 = self.args.rollout_dtype == "fp8"
         # --rollout_dtype fp8: the FP8 copies take the LoRA merged in, so the adapters cost no matmuls of their own.
         merged = models.lora_merged(self.unwrapped()) if self.args.merge_lora_in_rollout or fp8 else contextlib.nullcontext()
         quantized = fp8_linears(self.unwrapped()) if fp8 else contextlib.nullcontext()
