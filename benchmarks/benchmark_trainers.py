@@ -151,16 +151,22 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     dtype = run_dtype(device)
     transformer_config = tiny_models.FLUX_DEV_TRANSFORMER if size == "full" else tiny_models.TINY_TRANSFORMER
     vae_config = tiny_models.FLUX_DEV_VAE if size == "full" else tiny_models.TINY_VAE
+    # A 4-bit base (--quantize_base) is built on the host and quantized layer by layer as it moves to the GPU, as the
+    # trainers load it: built on the GPU, the bf16 model alone would pass a 24 GB card's cap.
+    quantized = getattr(args, "quantize_base", "none") != "none"
+    if quantized and device.type == "meta":
+        raise ValueError("--quantize_base: bitsandbytes has no meta kernels; count FLOPs without it (the matmuls are the same)")
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in place on the device, in bf16: no 48 GB fp32 detour
     try:
-        with torch.device(device):
+        with torch.device("cpu" if quantized else device):
             transformer = FluxTransformer2DModel(**transformer_config)
+        with torch.device(device):
             vae = AutoencoderKL(**vae_config)
     finally:
         torch.set_default_dtype(previous_dtype)
     models.prepare_vae(vae, args)  # exactly what the trainers do with these flags
-    models.prepare_for_training(transformer, args)
+    models.prepare_for_training(transformer, args, device).to(device)
     optimizer = training.make_optimizer(args, models.trainable_parameters(transformer), args.learning_rate)
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)

@@ -70,6 +70,8 @@ LEARNING_RUNS = {
     "srpo-mixed": _srpo("--reward", "toy_brightness:1.0,toy_colour:1.0", "--wanted_controls", "red", "--unwanted_controls",
                         "blue", *FULL, measure="brightness"),
     "srpo-lora": _srpo(*COLOUR, *LORA),
+    # QLoRA: the adapters trained over a 4-bit (NF4) copy of the base, then judged on the full-precision base they ship for.
+    "srpo-lora-nf4": _srpo(*COLOUR, *LORA, "--quantize_base", "nf4"),
     # Offline SRPO: real images (a folder written by write_offline_images) replace the rollout.
     "srpo-offline": _srpo(*COLOUR, *FULL, "--train_data_dir", "{offline_images}", "--train_batch_size", "2", "--num_injections", "4"),
     "direct-align": LearningRun("train_direct_align", (*BRIGHTNESS, *FULL), "brightness", 1),

@@ -45,6 +45,13 @@ if [ $# -gt 0 ]; then
   bench "${NAME:-custom}" "${LIMIT:-540}" "$@"
   exit
 fi
+# LoRA on a 24 GB card (issue #24), never run on a GPU: the frozen base in 4 bits (--quantize_base nf4, built on the host
+# and quantized layer by layer on the GPU) with 8-bit Adam for the adapters, under a 22 GiB cap (a 24 GB card less what
+# CUDA itself holds): the row's peak, or out-of-memory if it does not fit; with SRPO's branches in one batch (the
+# default) and one at a time. The text encoders are not in it (random embeddings; --offload_text_encoders keeps them on
+# the host between visits: T5-XXL + CLIP, 9.1 GiB, come to the GPU while a step's prompts are encoded, not during it).
+bench lora_24gb 220 --trainers srpo --modes lora --resolutions 720 --compile_modes eager --no_flops --max_memory_gib 22 \
+  --variant="--quantize_base nf4 --use_8bit_adam" --variant="--quantize_base nf4 --use_8bit_adam --no_batch_branches"
 # --rollout_dtype fp8 (issue #24), never run on a GPU: first what it changes (rollout image PSNR, gradient cosine against
 # a bf16 rollout, both rollouts timed), then the SRPO LoRA step with it, eager (its interplay with --compile is unknown),
 # beside the same step without it.

@@ -66,6 +66,11 @@ def add_common_args(parser: argparse.ArgumentParser):
            "guidance (two passes, twice the branch's cost and activations, above 1; 1.0 is one pass).")
     # Fine-tuning
     a("--full_finetune", action="store_true", help="Train all transformer weights instead of LoRA.")
+    a("--quantize_base", choices=["none", "nf4"], default="none",
+      help="nf4: the frozen transformer's block weights in 4 bits (bitsandbytes NF4, QLoRA) under the fp32 LoRA adapters: "
+           "FLUX.1's 22.2 GiB of weights become 5.8 GiB, for LoRA on a 24 GB card (with --offload_text_encoders, "
+           "--gradient_checkpointing, --vae_gradient_checkpointing, --use_8bit_adam; README). Each layer is quantized "
+           "on the GPU as it moves there. The LoRA it trains loads on the bf16 model as any other.")
     a("--rank", type=int, default=64)
     a("--lora_alpha", type=float, default=64)
     a("--lora_dropout", type=float, default=0.0,
@@ -444,6 +449,15 @@ def validate_common_args(args):
         fail("--bf16_weights runs the model in bf16: add --mixed_precision bf16")
     if args.merge_lora_in_rollout and args.full_finetune:
         fail("--merge_lora_in_rollout is for LoRA training; drop it with --full_finetune")
+    if args.quantize_base != "none":
+        if args.full_finetune:
+            fail(f"--quantize_base {args.quantize_base} freezes the base in 4 bits, which a full fine-tune trains; drop one of them")
+        if launched_with_fsdp():
+            fail(f"--quantize_base {args.quantize_base} does not run on FSDP's sharded weights; train it on one GPU or with DDP")
+        if args.merge_lora_in_rollout:  # peft would dequantize, add and quantize again, a lossy round trip every step
+            fail(f"--merge_lora_in_rollout cannot fold adapters into 4-bit weights exactly; drop it with --quantize_base {args.quantize_base}")
+        if args.rollout_dtype == "fp8":
+            fail(f"--rollout_dtype fp8 makes FP8 copies of bf16 weights, not of 4-bit ones; drop it with --quantize_base {args.quantize_base}")
     if args.rollout_dtype == "fp8" and launched_with_fsdp():
         fail("--rollout_dtype fp8 quantises whole weights, which FSDP shards; drop it (or train with DDP)")
     if launched_with_fsdp():
@@ -460,7 +474,7 @@ def validate_common_args(args):
             # bitsandbytes' 8-bit update refuses FSDP2's DTensor parameters (bitsandbytes 0.50).
             fail("--use_8bit_adam does not run on FSDP's sharded parameters; the optimizer state is already sharded across GPUs, so drop --use_8bit_adam")
     if args.merge_lora_in_rollout is None:  # measured on an H200: the compiled LoRA step 3.09 -> 2.93 s, same peak memory
-        args.merge_lora_in_rollout = not args.full_finetune and not launched_with_fsdp()
+        args.merge_lora_in_rollout = not args.full_finetune and not launched_with_fsdp() and args.quantize_base == "none"
     # Measured on an H200 (benchmarks/RESULTS.md, 2026-11-27): with these two defaults and --batch_branches the compiled
     # SRPO LoRA step went 2.82 -> 2.59 s.
     if args.batch_rollout_modulations is None:

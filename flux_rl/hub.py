@@ -97,7 +97,9 @@ def write_model_card(output_dir, args, method, repo_id=None, note=None, pipeline
         base_model=base,
         method=method,
         kind="lora" if use_lora else "full-fine-tune",
-        kind_text="LoRA adapter" if use_lora else "Fully fine-tuned transformer",
+        kind_text=("LoRA adapter" + (" (trained on a 4-bit NF4 copy of the base, `--quantize_base nf4`; it loads on the "
+                                     "bf16 model as below)" if getattr(args, "quantize_base", "none") == "nf4" else "")
+                   if use_lora else "Fully fine-tuned transformer"),
         title=os.path.basename(os.path.abspath(output_dir)),
         reward=args.reward,
         steps=args.max_train_steps,

@@ -333,10 +333,12 @@ def enable_block_checkpointing(transformer, ratio: float = 1.0):
     return transformer
 
 
-def prepare_for_training(transformer, args):
-    """What is trained and how, from the trainer flags: LoRA (bf16 base, fp32 adapters), full
-    fine-tune with fp32 master weights, or full fine-tune with bf16 weights (--bf16_weights);
-    then the attention backend, gradient checkpointing and per-block compilation."""
+def prepare_for_training(transformer, args, device=None):
+    """What is trained and how, from the trainer flags: LoRA (bf16 or, with --quantize_base nf4, 4-bit
+    base; fp32 adapters), full fine-tune with fp32 master weights, or full fine-tune with bf16 weights
+    (--bf16_weights); then the attention backend, gradient checkpointing and per-block compilation.
+    `device`: where a quantized base's layers go (each is quantized there as it moves); the rest of
+    the transformer is moved by the caller."""
     # torch 2.11 picks cuDNN's attention first on Hopper, and its backward fails ("mha_graph.execute
     # ... is_good()", then an illegal memory access) on FLUX's strided q/k/v at 720 px (2537
     # tokens), seen on an H200. Flash attention takes the same inputs and trains fine.
@@ -350,6 +352,11 @@ def prepare_for_training(transformer, args):
 
         targets = lora_targets(args.lora_target_modules, family_of_model(transformer).LORA_PRESETS)
         check_lora_targets_in(transformer, targets)
+        if getattr(args, "quantize_base", "none") == "nf4":
+            from .quantization import quantize_blocks_nf4
+
+            # the dtype the weights were loaded in (bf16 under --mixed_precision bf16) is the matmuls' compute dtype
+            quantize_blocks_nf4(transformer, device or transformer.device, transformer.dtype)
         add_lora(transformer, args.rank, args.lora_alpha, targets, getattr(args, "lora_dropout", 0.0))
         if getattr(args, "lora_dropout", 0.0):
             # peft's dropout acts in training mode only. The whole step stays in it, so that a block that gradient

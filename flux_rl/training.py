@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rewards.base import host_to_device
 
-from . import checkpoints, data, families, flux, hub, models, monitors, preemption, schedules, validation
+from . import checkpoints, data, families, flux, hub, models, monitors, preemption, quantization, schedules, validation
 from .args import chosen_trackers, compiles_reward, launched_with_fsdp, mixed_precision
 from .errors import ConfigurationError
 from .fp8 import fp8_linears
@@ -597,7 +597,10 @@ def setup(args, method: str) -> Run:
     for encoder in family.text_encoders(pipeline):
         encoder.requires_grad_(False).eval().to("cpu" if args.offload_text_encoders else accelerator.device)
     transformer = pipeline.transformer
-    models.prepare_for_training(transformer, args).to(accelerator.device)
+    models.prepare_for_training(transformer, args, accelerator.device).to(accelerator.device)
+    if args.quantize_base != "none":
+        logger.info(f"--quantize_base {args.quantize_base}: the transformer's weights with the adapters take "
+                    f"{quantization.weight_bytes(transformer) / 2**30:.2f} GiB")
     if args.init_lora_weights and not resume_path:  # a resumed run takes its checkpoint's adapters
         init_lora(transformer, args)
     models.register_save_load_hooks(accelerator, use_lora=not args.full_finetune)

@@ -168,6 +168,24 @@ def test_a_failing_configuration_does_not_stop_the_table(capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_a_4bit_base_is_built_on_the_host_and_quantized_on_the_device(capsys):
+    """--variant="--quantize_base nf4" (the device script's 24 GB group): the transformer is built on the host and its
+    blocks quantized as they move to the run's device, as the trainers load it; the row is measured."""
+    import torch
+    from accelerate import Accelerator
+
+    from flux_rl import quantization
+
+    module, flags = benchmark_trainers.TRAINERS["srpo"]
+    run = benchmark_trainers.build_run(module, flags + ["--quantize_base", "nf4"], "tiny", "lora", 64, 2, False,
+                                       torch.device("cpu"), Accelerator(mixed_precision="bf16", cpu=True))
+    assert quantization.is_quantized(run.transformer) and not run.args.merge_lora_in_rollout
+    (row,) = table(benchmark_trainers.main([
+        "--size", "tiny", "--resolutions", "64", "--rollout_steps", "2", "--steps", "1", "--warmup", "0", "--trainers", "srpo",
+        "--modes", "lora", "--compile_modes", "eager", "--no_flops", "--variant=--quantize_base nf4"]))
+    assert row["variant"] == "--quantize_base nf4" and float(row["s/step"]) > 0
+
+
 def test_device_script_passes_only_flags_the_trainer_takes(monkeypatch):
     """Every trainer flag benchmarks/run_on_device.sh passes (each --variant, the smoke run's command
     line) parses: a typo there would cost part of a GPU lease. The script's syntax too."""
