@@ -20,13 +20,15 @@ from .models import block_lists
 QUANT_TYPE = "nf4"
 
 
-def blocksize(row_length: int) -> int:
-    """Weights per absmax scale: 64 (bitsandbytes' default; every layer of FLUX, Qwen-Image and SD3 has rows of a multiple
-    of 64), or 32 for rows that are not (the tiny test models' 32-, 96- and 160-wide layers). bitsandbytes quantizes the
-    flattened weight in blocks, but its CPU dequantization kernel (0.50.2) finds each block's scale row by row: with rows
-    that are not a whole number of blocks it multiplies by a neighbour's scale (errors up to the block's largest weight,
-    where 0.15 of it is NF4's own). A block size that divides the row makes both agree."""
-    return 64 if row_length % 64 == 0 else 32
+def blocksize(row_length: int) -> int | None:
+    """Weights per absmax scale: 64 (bitsandbytes' default), or 32 for rows that are not a multiple of 64 (the tiny test
+    models' 32-, 96- and 160-wide layers); None for rows of neither, which stay unquantized (the tiny Z-Image's 85-wide
+    feed-forward). bitsandbytes quantizes the flattened weight in blocks, but its CPU dequantization kernel (0.50.2)
+    finds each block's scale row by row: with rows that are not a whole number of blocks it multiplies by a neighbour's
+    scale (errors up to the block's largest weight, where 0.15 of it is NF4's own). A block size that divides the row
+    makes both agree. The real models' rows are all multiples of 64 (FLUX.1 and FLUX.2 [klein] 3072 / 9216 / 12288 /
+    15360, Qwen-Image 3072 / 12288, SD3.5 Large 2432 / 9728, Z-Image 3840 / 10240; FLUX.1's checked in the tests)."""
+    return 64 if row_length % 64 == 0 else 32 if row_length % 32 == 0 else None
 
 
 def nf4_linear(linear: nn.Linear, device, compute_dtype: torch.dtype) -> nn.Module:
@@ -49,13 +51,15 @@ def nf4_linear(linear: nn.Linear, device, compute_dtype: torch.dtype) -> nn.Modu
 
 def quantize_blocks_nf4(transformer, device, compute_dtype: torch.dtype) -> int:
     """Replaces every nn.Linear inside the transformer's blocks (models.block_lists) with its NF4
-    copy on `device`; returns how many. Run before LoRA is added: peft then wraps the 4-bit layers."""
+    copy on `device` (but those whose rows no block size divides: see blocksize); returns how many.
+    Run before LoRA is added: peft then wraps the 4-bit layers."""
     count = 0
     for blocks in block_lists(transformer):
         for block in blocks:
             for parent in list(block.modules()):
                 for name, child in list(parent.named_children()):
-                    if type(child) is nn.Linear:  # not a subclass: a Linear4bit is an nn.Linear too
+                    # not a subclass: a Linear4bit is an nn.Linear too
+                    if type(child) is nn.Linear and blocksize(child.in_features):
                         setattr(parent, name, nf4_linear(child, device, compute_dtype))
                         count += 1
     return count

@@ -115,6 +115,50 @@ TRAINERS = [
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_a_4bit_base_keeps_the_velocity_and_trains_the_adapters(pipes, name):
+    """--quantize_base nf4 on the family: each of its blocks' linear layers in NF4 (tests/test_quantize_base.py for
+    FLUX.1) dequantizes to within NF4's rounding (about 9% relative for these uniformly initialised weights), the
+    velocity moves by what that much weight noise gives (10% for the tiny Z-Image, 1-4% for the others), and the
+    gradient of a LoRA on top reaches the adapters it reaches on the full-precision model."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    from flux_rl import models, quantization
+
+    family, max_length = FAMILIES[name]
+    pipe = pipes[name]
+    cond = family.prompt_encoder(pipe, int(max_length), "cpu", 64, False)(PROMPTS[:1])
+    x = family.initial_noise(1, pipe.transformer.config.in_channels, 32, 32, pipe.vae_scale_factor, torch.Generator().manual_seed(0))
+    positions = family.positions(32, 32, pipe.vae_scale_factor, "cpu")
+    transformer = copy.deepcopy(pipe.transformer)
+    assert quantization.quantize_blocks_nf4(transformer, "cpu", torch.float32) > 0
+    pairs = [(a, b) for a, b in zip(pipe.transformer.modules(), transformer.modules()) if isinstance(b, bnb.nn.Linear4bit)]
+    for original, layer in pairs:
+        restored = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert (restored - original.weight).norm() / original.weight.norm() < 0.12
+    with torch.no_grad():
+        reference = family.velocity(pipe.transformer, x, 0.6, 1.0, cond, positions)
+        quantized = family.velocity(transformer, x, 0.6, 1.0, cond, positions)
+    assert 0 < (quantized - reference).norm() / reference.norm() < 0.15
+    models.add_lora(transformer, 4, 4, models.lora_targets(None, family.LORA_PRESETS))
+    with torch.no_grad():
+        for parameter_name, parameter in transformer.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.normal_(0, 0.01)
+    family.velocity(transformer, x, 0.6, 1.0, cond, positions).square().mean().backward()
+    # (the last block's text-stream outputs of SD3 and Qwen-Image feed nothing: their adapters get no gradient either way)
+    plain = models.add_lora(copy.deepcopy(pipe.transformer), 4, 4, models.lora_targets(None, family.LORA_PRESETS))
+    plain.load_state_dict({k: v for k, v in transformer.state_dict().items() if ".lora_" in k}, strict=False)  # same adapters
+    family.velocity(plain, x, 0.6, 1.0, cond, positions).square().mean().backward()
+
+    def reached(model):
+        return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0]
+
+    assert reached(transformer) == reached(plain) and len(reached(plain)) > 0.8 * len(models.trainable_parameters(plain))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_every_trainer_runs_on_the_family(tiny_models, tmp_path, name):
     """The four trainers, 2 steps each, in this process one after another."""
     pipeline_class = FAMILIES[name][0].PIPELINE
