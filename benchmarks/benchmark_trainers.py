@@ -153,9 +153,7 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     vae_config = tiny_models.FLUX_DEV_VAE if size == "full" else tiny_models.TINY_VAE
     # A 4-bit base (--quantize_base) is built on the host and quantized layer by layer as it moves to the GPU, as the
     # trainers load it: built on the GPU, the bf16 model alone would pass a 24 GB card's cap.
-    quantized = getattr(args, "quantize_base", "none") != "none"
-    if quantized and device.type == "meta":
-        raise ValueError("--quantize_base: bitsandbytes has no meta kernels; count FLOPs without it (the matmuls are the same)")
+    quantized = getattr(args, "quantize_base", "none") != "none" and device.type == "cuda"
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in place on the device, in bf16: no 48 GB fp32 detour
     try:
@@ -390,6 +388,9 @@ def main(input_args=None):
             parser.error("--max_memory_gib caps a GPU's memory: there is no GPU here")
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * 2**30 / total))
+    if args.device == "meta" and "--quantize_base" in " ".join([args.trainer_flags, *(args.variant or [])]):
+        parser.error("--device meta: bitsandbytes' 4-bit layers have no meta kernels; count FLOPs without --quantize_base "
+                     "(the matmuls are the same), or estimate the memory with benchmarks/estimate_memory.py")
     if args.device == "meta" and "compiled" in args.compile_modes.split(","):
         parser.error("--device meta counts FLOPs, which compilation does not change: use --compile_modes eager")
     checkpointing_modes = args.checkpointing.split(",")

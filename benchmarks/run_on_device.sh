@@ -57,7 +57,7 @@ bench lora_24gb 220 --trainers srpo --modes lora --resolutions 720 --compile_mod
 # beside the same step without it.
 group fp8_fidelity 120 python3 benchmarks/fp8_rollout_fidelity.py --size full --resolution 720 --rollout_steps 25
 bench srpo_fp8 200 --trainers srpo --modes lora --resolutions 720 --compile_modes eager --reuse_flops \
-  --variant= --variant="--rollout_dtype fp8"
+  --variant= --variant="--rollout_dtype fp8" --profile "$out/profile_fp8.txt"
 # The full fine-tune with 8-bit moments (--bf16_weights --use_8bit_adam, issue #24's "one 80 GB card"), under a 78 GiB
 # cap: the row's peak, or out-of-memory if it does not fit.
 bench full_80gb 200 --trainers srpo --modes full_bf16 --resolutions 720 --compile_modes compiled --max_memory_gib 78 \
