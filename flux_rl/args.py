@@ -99,12 +99,15 @@ def add_common_args(parser: argparse.ArgumentParser):
            "image at 720 px, 2.1 GB at 1024. Decodes without gradient use the fused kernel either way.")
     a("--merge_lora_in_rollout", action="store_true", default=None,
       help="Fold the LoRA adapters into the base weights for the no-grad rollout (one matmul per projection instead of "
-           "peft's extra kernels; the weights are restored bit for bit after it; +2 bytes per adapted weight while it runs, "
-           "4.7 GiB for FLUX). Training branches keep the adapters. Default: on for LoRA, except under FSDP.")
+           "peft's extra kernels; the weights are restored bit for bit after it from copies: +2 bytes per adapted weight "
+           "while it runs, 16 GiB for FLUX's default layers, 4.7 GiB for 'attention'; it sets the LoRA step's peak, 43.4 "
+           "against 34.9 GiB estimated at 720 px: benchmarks/estimate_memory.py). Training branches keep the adapters. "
+           "Default: on for LoRA, except under FSDP, with --quantize_base and with --rollout_dtype fp8 (whose copies take "
+           "the adapters in).")
     a("--no_merge_lora_in_rollout", dest="merge_lora_in_rollout", action="store_false", help="Run the rollout through peft's adapters.")
     a("--rollout_dtype", choices=["bf16", "fp8"], default="bf16",
       help="fp8: the no-grad rollout's linear layers as FP8 matmuls (e4m3, per-row weight and per-token input scales) on a "
-           "copy of the current weights made each rollout, the LoRA merged in first; the training branches stay bf16 "
+           "copy of the current weights made each rollout, the LoRA adapters added into the copies; the training branches stay bf16 "
            "(flux_rl/fp8.py). Experimental: not timed on a GPU yet.")
     a("--batch_rollout_modulations", action="store_true", default=None,
       help="Run the blocks' modulation layers (linear(silu(temb)), 76 per forward) once for all rollout steps instead of "
@@ -474,7 +477,8 @@ def validate_common_args(args):
             # bitsandbytes' 8-bit update refuses FSDP2's DTensor parameters (bitsandbytes 0.50).
             fail("--use_8bit_adam does not run on FSDP's sharded parameters; the optimizer state is already sharded across GPUs, so drop --use_8bit_adam")
     if args.merge_lora_in_rollout is None:  # measured on an H200: the compiled LoRA step 3.09 -> 2.93 s, same peak memory
-        args.merge_lora_in_rollout = not args.full_finetune and not launched_with_fsdp() and args.quantize_base == "none"
+        args.merge_lora_in_rollout = (not args.full_finetune and not launched_with_fsdp() and args.quantize_base == "none"
+                                      and args.rollout_dtype != "fp8")  # the FP8 copies take the adapters in (fp8.py)
     # Measured on an H200 (benchmarks/RESULTS.md, 2026-11-27): with these two defaults and --batch_branches the compiled
     # SRPO LoRA step went 2.82 -> 2.59 s.
     if args.batch_rollout_modulations is None:

@@ -1,7 +1,8 @@
 """--rollout_dtype fp8: the no-grad rollout's linear layers as FP8 matmuls (issue #24, item 2).
 
-For the rollout only, each linear layer's current weight (with the LoRA merged in first, see
-Run.rollout) is quantised to float8 e4m3 with one scale per output row, and its input to e4m3 with
+For the rollout only, each linear layer's current weight (with its LoRA adapters' W + scale B A
+added in float32 on the way, the bf16 weight itself untouched) is quantised to float8 e4m3 with one
+scale per output row, and its input to e4m3 with
 one scale per token; `torch._scaled_mm` multiplies them and applies both scales. The copy is made at
 every rollout, so it follows the training, and freed after it (12B parameters: 12 GB while the
 rollout runs, below the training branches' peak). The training branches run on the bf16 weights as
@@ -34,7 +35,8 @@ def _fp8_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, weight_scale = module._fp8_weight
     rows = x.reshape(-1, x.shape[-1])
     values, scale = quantize_rows(rows)
-    out_dtype = torch.bfloat16 if torch.is_autocast_enabled(x.device.type) or x.dtype == torch.bfloat16 else torch.float32
+    autocast = x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)  # (the meta device has none)
+    out_dtype = torch.bfloat16 if autocast or x.dtype == torch.bfloat16 else torch.float32
     out = torch._scaled_mm(values, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), out_dtype=out_dtype)
     if module.bias is not None:
         out = out + module.bias.to(out_dtype)
@@ -45,20 +47,48 @@ def fp8_ready(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
+def _adapted_weights(model: nn.Module) -> dict:
+    """{base layer: its weight plus its active LoRA adapters' deltas, in float32} for every peft LoRA layer of `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    adapted = {}
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and not layer.merged:
+            base = layer.get_base_layer()
+            if fp8_ready(base):
+                adapted[base] = (layer, [name for name in layer.active_adapters if name in layer.lora_A])
+    return adapted
+
+
 @contextlib.contextmanager
 def fp8_linears(model: nn.Module):
     """Within: every plain linear layer of `model` (a peft LoRA layer's base layer included, its A and B
-    not) runs as an FP8 matmul on an e4m3 copy of its weight made on entry. On exit the copies are dropped and the
-    layers run as before. Yields the number of layers converted."""
-    patched = []
+    not) runs as an FP8 matmul on an e4m3 copy of its weight made on entry; for an adapted layer the copy is of
+    W + its adapters' deltas (added in float32, one layer at a time), and the LoRA layer skips its adapters, as when
+    merged, without its bf16 weight being written (a merge would need a restoring copy of every adapted weight: 2
+    bytes each, 16 GiB for FLUX's default layers). On exit the copies are dropped and the layers run as before.
+    Yields the number of layers converted."""
+    patched, skipping = [], []
     try:
         with torch.no_grad():
+            adapted = _adapted_weights(model)
             for name, module in model.named_modules():
-                if fp8_ready(module) and ".lora_" not in name:  # a LoRA's own A and B: merged in before (Run.rollout)
-                    module._fp8_weight = quantize_rows(module.weight)
+                if fp8_ready(module) and ".lora_" not in name:  # a LoRA's own A and B: in the base layer's copy
+                    weight = module.weight
+                    if module in adapted:
+                        layer, adapters = adapted[module]
+                        weight = weight.float()
+                        for adapter in adapters:
+                            weight = weight + layer.get_delta_weight(adapter).float()
+                        layer.merged_adapters = adapters  # peft's forward then calls the base layer alone
+                        skipping.append(layer)
+                    module._fp8_weight = quantize_rows(weight)
+                    del weight
                     module.forward = functools.partial(_fp8_forward, module)  # shadows nn.Linear.forward for this instance
                     patched.append(module)
         yield len(patched)
     finally:
         for module in patched:
             del module.forward, module._fp8_weight
+        for layer in skipping:
+            layer.merged_adapters = []

@@ -139,8 +139,9 @@ class Run:
         noise = self.initial_noise(len(prompts), generator)
         sigmas = self.rollout_sigmas if stop_index is None else self.rollout_sigmas[: stop_index + 1]
         fp8 = self.args.rollout_dtype == "fp8"
-        # --rollout_dtype fp8: the FP8 copies take the LoRA merged in, so the adapters cost no matmuls of their own.
-        merged = models.lora_merged(self.unwrapped()) if self.args.merge_lora_in_rollout or fp8 else contextlib.nullcontext()
+        # --rollout_dtype fp8: the FP8 copies take the adapters in (fp8_linears), so they cost no matmuls of their own
+        # and need no merge into the bf16 weights.
+        merged = models.lora_merged(self.unwrapped()) if self.args.merge_lora_in_rollout and not fp8 else contextlib.nullcontext()
         quantized = fp8_linears(self.unwrapped()) if fp8 else contextlib.nullcontext()
         backend = models.attention_backend_within(self.unwrapped(), self.args.rollout_attention_backend)
         with self.accelerator.autocast(), torch.profiler.record_function("rollout"), merged, quantized, backend, \

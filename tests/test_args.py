@@ -320,6 +320,7 @@ def test_lora_merged_in_the_rollout_by_default_where_it_can_be(monkeypatch, tmp_
     assert train_direct_align.parse_args(base).merge_lora_in_rollout is True
     assert train_direct_align.parse_args(base + ["--no_merge_lora_in_rollout"]).merge_lora_in_rollout is False
     assert train_direct_align.parse_args(base + ["--full_finetune"]).merge_lora_in_rollout is False
+    assert train_direct_align.parse_args(base + ["--rollout_dtype", "fp8"]).merge_lora_in_rollout is False
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert train_direct_align.parse_args(base).merge_lora_in_rollout is False
 

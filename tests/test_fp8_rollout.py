@@ -43,6 +43,43 @@ def test_the_linear_layers_run_fp8_inside_and_as_before_after(tiny_flux):
     assert 0 < relative < 0.1, relative
 
 
+def test_the_adapters_go_into_the_fp8_copies_without_touching_the_bf16_weights(tiny_flux):
+    """With trained (non-zero) adapters: inside, the FP8 output follows W + scale B A (the merged model's output,
+    within e4m3's rounding), while every base weight stays bit for bit as it was, so nothing has to be copied and
+    restored; after, the adapters run again."""
+    from diffusers import FluxTransformer2DModel
+    from peft.tuners.lora import LoraLayer
+
+    transformer = FluxTransformer2DModel.from_pretrained(f"{tiny_flux}/transformer")
+    models.add_lora(transformer, rank=4, alpha=4, target_modules=models.DEFAULT_LORA_TARGETS)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    cond = flux.Conditioning(torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(1)),
+                             torch.randn(1, 32, generator=torch.Generator().manual_seed(2)), torch.zeros(32, 3))
+    x, ids = latents.pack(torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))), latents.image_ids(64, 64, 8, "cpu", torch.float32)
+    weights = {name: p.detach().clone() for name, p in transformer.named_parameters()}
+    with torch.no_grad():
+        adapted = flux.velocity(transformer, x, 0.5, 3.5, cond, ids)
+        with models.lora_merged(transformer):
+            merged = flux.velocity(transformer, x, 0.5, 3.5, cond, ids)
+        with fp8_linears(transformer):
+            quantized = flux.velocity(transformer, x, 0.5, 3.5, cond, ids)
+            assert all(torch.equal(p, weights[name]) for name, p in transformer.named_parameters())
+        after = flux.velocity(transformer, x, 0.5, 3.5, cond, ids)
+    transformer.disable_adapters()
+    with torch.no_grad():
+        base_only = flux.velocity(transformer, x, 0.5, 3.5, cond, ids)
+    transformer.enable_adapters()
+    assert torch.allclose(merged, adapted, atol=1e-4)  # what the adapters give, as one matmul per layer
+    relative = (quantized - merged).norm() / merged.norm()
+    assert 0 < relative < 0.1, relative
+    assert (quantized - merged).norm() < 0.5 * (base_only - merged).norm()  # the adapters are in the FP8 copies
+    assert torch.equal(after, adapted)
+    assert not any(layer.merged for layer in transformer.modules() if isinstance(layer, LoraLayer))
+
+
 def test_fp8_rollout_changes_the_image_and_gradient_little():
     from benchmarks.fp8_rollout_fidelity import measure
 
