@@ -41,7 +41,9 @@ def measure(size="tiny", resolution=64, rollout_steps=3, device=None):
     from accelerate import Accelerator
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+    # bf16 autocast on the CPU too, as on the GPU (and as every other Accelerator of the test suite's processes: accelerate
+    # keeps one state per process and refuses a second precision)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
     module, flags = benchmark_trainers.TRAINERS["direct_align"]
     run = benchmark_trainers.build_run(module, flags, size, "lora", resolution, rollout_steps, False, device, accelerator,
                                        checkpointing=size == "full")

@@ -66,9 +66,12 @@ bench full_80gb 200 --trainers srpo --modes full_bf16 --resolutions 720 --compil
 # reward's image tower; --batch_branches and --batch_rollout_modulations are on): 2.591 s then, in a process of its
 # own, against 2.530 s with cuDNN's attention in the rollout in another; here both in one process, with the FLOPs of the
 # compiled VAE and reward counted, a profile, and --no_batch_branches to see what the batch costs in memory
-# (35.6 GiB against 31.9 before these defaults).
+# (35.6 GiB against 31.9 before these defaults). Those were with the attention layers; the default layers now adapt the
+# feed-forwards too, and their rollout runs unmerged by default: --merge_lora_in_rollout times what merging saves
+# (estimated 43.4 against 34.9 GiB: benchmarks/estimate_memory.py).
 bench srpo_lora 230 --trainers srpo --modes lora --resolutions 720 --compile_modes compiled --reuse_flops \
   --variant= --variant="--rollout_attention_backend _native_cudnn" --variant="--no_batch_branches" \
+  --variant="--merge_lora_in_rollout" \
   --profile "$out/profile_lora.txt"
 # The trainer itself on the GPU, on the tiny models, compiled (blocks, VAE decoder, reward towers): bf16, checkpointing,
 # LoRA merged for the rollout, validation, and every text-image and image-only reward. Without --compile it ran on
@@ -77,7 +80,7 @@ bench srpo_lora 230 --trainers srpo --modes lora --resolutions 720 --compile_mod
 QUIET=1 group smoke 150 bash -c "python3 -m flux_rl.tiny_models --output_dir /tmp/tiny-models && accelerate launch --num_processes 1 \
   train_srpo_flux.py --pretrained_model_name_or_path /tmp/tiny-models/flux --reward_models_dir /tmp/tiny-models/rewards \
   --resolution 64 --num_inference_steps 4 --max_train_steps 4 --mixed_precision bf16 --gradient_checkpointing \
-  --vae_gradient_checkpointing --compile --validation_prompt 'a photo of a cat' --validation_steps 4 \
+  --vae_gradient_checkpointing --compile --merge_lora_in_rollout --validation_prompt 'a photo of a cat' --validation_steps 4 \
   --reward hpsv2:1,pickscore:0.05,imagereward:0.5,aesthetic:0.1 \
   --output_dir /tmp/srpo-smoke && ls -R /tmp/srpo-smoke"
 # The full fine-tune with the new defaults (3.066 s before them).

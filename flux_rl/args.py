@@ -102,8 +102,9 @@ def add_common_args(parser: argparse.ArgumentParser):
            "peft's extra kernels; the weights are restored bit for bit after it from copies: +2 bytes per adapted weight "
            "while it runs, 16 GiB for FLUX's default layers, 4.7 GiB for 'attention'; it sets the LoRA step's peak, 43.4 "
            "against 34.9 GiB estimated at 720 px: benchmarks/estimate_memory.py). Training branches keep the adapters. "
-           "Default: on for LoRA, except under FSDP, with --quantize_base and with --rollout_dtype fp8 (whose copies take "
-           "the adapters in).")
+           "Default: on for LoRA on the attention projections only (--lora_layers attention), where the copies stay under "
+           "the step's peak; off otherwise, under FSDP, with --quantize_base and with --rollout_dtype fp8 (whose copies take "
+           "the adapters in). On a card with room, give it with the default layers for a faster rollout.")
     a("--no_merge_lora_in_rollout", dest="merge_lora_in_rollout", action="store_false", help="Run the rollout through peft's adapters.")
     a("--rollout_dtype", choices=["bf16", "fp8"], default="bf16",
       help="fp8: the no-grad rollout's linear layers as FP8 matmuls (e4m3, per-row weight and per-token input scales) on a "
@@ -476,9 +477,17 @@ def validate_common_args(args):
         if args.use_8bit_adam:
             # bitsandbytes' 8-bit update refuses FSDP2's DTensor parameters (bitsandbytes 0.50).
             fail("--use_8bit_adam does not run on FSDP's sharded parameters; the optimizer state is already sharded across GPUs, so drop --use_8bit_adam")
-    if args.merge_lora_in_rollout is None:  # measured on an H200: the compiled LoRA step 3.09 -> 2.93 s, same peak memory
+    if args.merge_lora_in_rollout is None:
+        from .models import ATTENTION_LORA_TARGETS, lora_targets
+
+        # On where it does not raise the step's peak: adapters on the attention projections only, whose restoring copies
+        # (4.7 GiB for FLUX) fit under the training branches' peak (H200: compiled LoRA step 3.09 -> 2.93 s, same peak).
+        # With more layers adapted the copies make the rollout the peak: the default layers' 16 GiB, 43.4 against 34.9 GiB
+        # estimated at 720 px (benchmarks/estimate_memory.py). Off with a 4-bit base and under FP8 (its copies take the
+        # adapters in, fp8.py).
+        attention_only = set(lora_targets(args.lora_target_modules)) <= set(ATTENTION_LORA_TARGETS)
         args.merge_lora_in_rollout = (not args.full_finetune and not launched_with_fsdp() and args.quantize_base == "none"
-                                      and args.rollout_dtype != "fp8")  # the FP8 copies take the adapters in (fp8.py)
+                                      and args.rollout_dtype != "fp8" and attention_only)
     # Measured on an H200 (benchmarks/RESULTS.md, 2026-11-27): with these two defaults and --batch_branches the compiled
     # SRPO LoRA step went 2.82 -> 2.59 s.
     if args.batch_rollout_modulations is None:

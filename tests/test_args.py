@@ -315,14 +315,19 @@ def test_single_gpu_memory_flags_refused_under_fsdp(flags, message, monkeypatch,
 
 
 def test_lora_merged_in_the_rollout_by_default_where_it_can_be(monkeypatch, tmp_path):
-    """On for LoRA on one GPU or DDP; off for a full fine-tune and under FSDP; --no_merge_lora_in_rollout turns it off."""
+    """On for LoRA on the attention projections on one GPU or DDP (the copies stay under the step's peak); off for the
+    default layers (16 GiB of copies), a full fine-tune, an FP8 rollout and under FSDP; each way can be asked for."""
     base = BASE + ["--output_dir", str(tmp_path)]
-    assert train_direct_align.parse_args(base).merge_lora_in_rollout is True
-    assert train_direct_align.parse_args(base + ["--no_merge_lora_in_rollout"]).merge_lora_in_rollout is False
-    assert train_direct_align.parse_args(base + ["--full_finetune"]).merge_lora_in_rollout is False
-    assert train_direct_align.parse_args(base + ["--rollout_dtype", "fp8"]).merge_lora_in_rollout is False
+    attention = base + ["--lora_layers", "attention"]
+    assert train_direct_align.parse_args(attention).merge_lora_in_rollout is True
+    assert train_direct_align.parse_args(base + ["--lora_layers", "to_q,to_v"]).merge_lora_in_rollout is True
+    assert train_direct_align.parse_args(base).merge_lora_in_rollout is False  # the default layers
+    assert train_direct_align.parse_args(base + ["--merge_lora_in_rollout"]).merge_lora_in_rollout is True
+    assert train_direct_align.parse_args(attention + ["--no_merge_lora_in_rollout"]).merge_lora_in_rollout is False
+    assert train_direct_align.parse_args(attention + ["--full_finetune"]).merge_lora_in_rollout is False
+    assert train_direct_align.parse_args(attention + ["--rollout_dtype", "fp8"]).merge_lora_in_rollout is False
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert train_direct_align.parse_args(base).merge_lora_in_rollout is False
+    assert train_direct_align.parse_args(attention).merge_lora_in_rollout is False
 
 
 def test_speed_options_on_by_default_where_they_can_be(monkeypatch, tmp_path):

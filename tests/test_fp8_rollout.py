@@ -84,7 +84,8 @@ def test_fp8_rollout_changes_the_image_and_gradient_little():
     from benchmarks.fp8_rollout_fidelity import measure
 
     result = measure("tiny", 64, 3, "cpu")
-    # measured: 42.9 dB, 0.08 largest pixel difference, gradient cosine 0.992
+    # measured under bf16 autocast on the CPU: 43.9 dB, 0.049 largest pixel difference, gradient cosine 0.9956
+    # (42.9 dB, 0.08, 0.992 against an fp32 rollout, before 2026-12-06)
     assert result["psnr_db"] > 35 and result["max_pixel_difference"] > 0
     assert result["gradient_cosine"] > 0.97
 
