@@ -159,18 +159,10 @@ class NF4StandIn(torch.nn.Linear):
 @contextlib.contextmanager
 def meta_stand_ins():
     """Inside: flash attention's op for scaled_dot_product_attention, and the NF4 layers and 8-bit Adam as stand-ins."""
-    from flux_rl import models, quantization, training
+    from flux_rl import quantization, training
 
-    def quantize_blocks(transformer, device, compute_dtype):
-        count = 0
-        for blocks in models.block_lists(transformer):
-            for block in blocks:
-                for parent in list(block.modules()):
-                    for name, child in list(parent.named_children()):
-                        if type(child) is torch.nn.Linear and quantization.blocksize(child.in_features):
-                            setattr(parent, name, NF4StandIn(child, compute_dtype))
-                            count += 1
-        return count
+    def nf4_stand_in(linear, device, compute_dtype):  # quantization.quantize_blocks_nf4 picks the layers, as for real
+        return NF4StandIn(linear, compute_dtype)
 
     make_optimizer = training.make_optimizer
 
@@ -179,13 +171,13 @@ def meta_stand_ins():
             return EightBitAdamStandIn(params, lr)
         return make_optimizer(args, params, lr)
 
-    saved = (torch.nn.functional.scaled_dot_product_attention, quantization.quantize_blocks_nf4, training.make_optimizer)
+    saved = (torch.nn.functional.scaled_dot_product_attention, quantization.nf4_linear, training.make_optimizer)
     torch.nn.functional.scaled_dot_product_attention = flash_attention
-    quantization.quantize_blocks_nf4, training.make_optimizer = quantize_blocks, optimizer
+    quantization.nf4_linear, training.make_optimizer = nf4_stand_in, optimizer
     try:
         yield
     finally:
-        torch.nn.functional.scaled_dot_product_attention, quantization.quantize_blocks_nf4, training.make_optimizer = saved
+        torch.nn.functional.scaled_dot_product_attention, quantization.nf4_linear, training.make_optimizer = saved
 
 
 def estimate(trainer, mode, resolution, rollout_steps, variant, size="full"):
