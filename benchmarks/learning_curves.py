@@ -118,15 +118,18 @@ def train(run: LearningRun, tiny_models: str, output_dir: str, steps: int = 30, 
     flags = [flag.format(offline_images=images) for flag in run.flags]
     if "--train_data_dir" in flags:
         write_offline_images(images)
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset_accelerate():  # accelerate keeps one state per process, whose precision the first Accelerator sets
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
     trainer = importlib.import_module(run.script)
+    reset_accelerate()  # as a process of its own: not in the precision an earlier Accelerator here (a test's) left
     try:
         trainer.main(trainer.parse_args(tiny_flags(tiny_models, output_dir, steps, checkpointing_steps) + flags))
     finally:
-        # accelerate keeps one state per process: a later Accelerator (another test, other precision) starts afresh.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate()  # and a later Accelerator (another test, other precision) starts afresh
     return output_dir
 
 

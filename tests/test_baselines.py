@@ -61,7 +61,9 @@ def test_draft_steps_without_gradient_go_through_the_rollout(tiny_models, flags,
     from benchmarks import benchmark_trainers
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)  # one AcceleratorState per process: as the other tests
-    run = benchmark_trainers.build_run(draft, flags, "tiny", "lora", 64, 4, False, torch.device("cpu"), accelerator)
+    # merged as the default is for adapters on the attention projections (the default layers roll out through peft's adapters)
+    run = benchmark_trainers.build_run(draft, flags + ["--merge_lora_in_rollout"], "tiny", "lora", 64, 4, False, torch.device("cpu"),
+                                       accelerator)
     lora_layer = next(m for m in run.transformer.modules() if isinstance(m, LoraLayer))
     calls = []  # (grad enabled, LoRA merged) per transformer call
     run.transformer.register_forward_pre_hook(lambda module, args: calls.append((torch.is_grad_enabled(), lora_layer.merged)))
