@@ -48,7 +48,8 @@ def fp8_ready(module: nn.Module) -> bool:
 
 
 def _adapted_weights(model: nn.Module) -> dict:
-    """{base layer: its weight plus its active LoRA adapters' deltas, in float32} for every peft LoRA layer of `model`."""
+    """{base layer: (its peft LoRA layer, the names of its active adapters)} for every unmerged LoRA layer of `model`
+    whose base layer takes FP8: whose deltas fp8_linears adds into that base layer's copy."""
     from peft.tuners.lora import LoraLayer
 
     adapted = {}

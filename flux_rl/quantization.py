@@ -1,10 +1,11 @@
 """A frozen base in 4 bits under LoRA (QLoRA, --quantize_base nf4): every linear layer of the
 transformer's blocks becomes a bitsandbytes Linear4bit holding NF4 codes (one 4-bit code per
-weight, an absmax scale per 64 weights (see blocksize), the scales themselves 8-bit: 0.52 bytes per weight
-instead of 2). The blocks' linear layers hold 11.83B of FLUX.1's 11.90B parameters, so the
-transformer's weights go from 22.2 to 5.8 GiB; the embedders and the output layer stay in bf16. Each forward dequantizes a
-layer's weight to the compute dtype and runs a bf16 matmul; the LoRA adapters (fp32) sit beside
-it and the gradient reaches the input through the dequantized weight, as in QLoRA.
+weight, an absmax scale per 64 weights (see blocksize), the scales themselves 8-bit: 0.52 bytes
+per weight instead of 2). The blocks' linear layers hold 11.83B of FLUX.1's 11.90B parameters, so
+the transformer's weights go from 22.2 to 5.8 GiB; the embedders and the output layer stay in
+bf16. Each forward dequantizes a layer's weight to the compute dtype and runs a bf16 matmul; the
+LoRA adapters (fp32) sit beside it and the gradient reaches the input through the dequantized
+weight, as in QLoRA.
 
 Why the layers are replaced here and not by diffusers' BitsAndBytesConfig at from_pretrained:
 diffusers' quantizer refuses to run without a GPU, so a test could not load through it; replacing
