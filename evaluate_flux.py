@@ -93,6 +93,11 @@ def image_path(args, model, style, index):
     return os.path.join(args.output_dir, "images", model, style, f"{index:05d}.png")
 
 
+def model_variants(args):
+    """The base model, then each --models entry, in the table's order."""
+    return [evaluation.ModelVariant("base", None)] + [evaluation.ModelVariant(n, p) for n, p in args.model_specs]
+
+
 def check_earlier_images(args, variants, items, dtype):
     """Images already on disk are kept only if this run would render them the same way
     (evaluation.check_and_record_generation): same base, settings, weights and prompts."""
@@ -201,7 +206,7 @@ def main(args):
     device = state.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32) if device.type == "cuda" else torch.float32
     items = args.benchmark_items
-    variants = [evaluation.ModelVariant("base", None)] + [evaluation.ModelVariant(n, p) for n, p in args.model_specs]
+    variants = model_variants(args)
     quiet_libraries(args.verbose)
     # Loaded first so that a missing reward model fails before hours of generation (and before anything is
     # written to --output_dir); kept on the CPU until scoring, so generation has the GPU memory.

@@ -18,11 +18,14 @@ def test_benchmark_table_on_tiny_models(tmp_path):
     output = tmp_path / "results.md"
     common = ["--size", "tiny", "--resolutions", "64", "--rollout_steps", "3", "--steps", "1", "--warmup", "1",
               "--compile_backend", "aot_eager", "--output", str(output)]
-    # Every trainer eager; compiled, SRPO's three modes (compilation wraps the same blocks for every trainer).
-    lines = benchmark_trainers.main(common + ["--compile_modes", "eager"])
+    # Every trainer eager with LoRA; SRPO's three modes eager and compiled (compilation wraps the same blocks for every
+    # trainer, and the modes differ in the model and optimizer only, which every trainer builds alike).
+    lines = benchmark_trainers.main(common + ["--compile_modes", "eager", "--modes", "lora"])
     assert output.read_text().count("\n") == len(lines)
-    rows = table(lines) + table(benchmark_trainers.main(common + ["--compile_modes", "compiled", "--trainers", "srpo"]))
-    assert len(rows) == len(benchmark_trainers.TRAINERS) * 3 + 3
+    rows = table(lines) + table(benchmark_trainers.main(common + ["--compile_modes", "eager", "--trainers", "srpo",
+                                                                    "--modes", "full,full_bf16"]))
+    rows += table(benchmark_trainers.main(common + ["--compile_modes", "compiled", "--trainers", "srpo"]))
+    assert len(rows) == len(benchmark_trainers.TRAINERS) + 2 + 3
     assert {row["trainer"] for row in rows} == set(benchmark_trainers.TRAINERS)
     for row in rows:
         seconds, tflop, rollout = float(row["s/step"]), float(row["TFLOP/step"]), float(row["rollout s"])

@@ -98,13 +98,14 @@ def test_evaluation_report(tiny_models, tiny_flux, trained_outputs, benchmark_di
     assert mtimes == {p: os.path.getmtime(p) for p in _images(output_dir)}
     assert os.path.exists(os.path.join(output_dir, "table.md"))
 
-    # Kept only when they are this run's: other settings are refused in one line, before any model loads.
+    # Kept only when they are this run's: other settings are refused (main's check, before the pipeline loads;
+    # run_cli prints a ConfigurationError as one line and exits 2).
     steps = flags.index("--num_inference_steps") + 1
-    other = [*flags[:steps], "3", *flags[steps + 1 :]]
-    result = subprocess.run([sys.executable, "evaluate_flux.py", *other], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
-    assert (f"error: {output_dir}/images/base holds images rendered with num_inference_steps 2, this run's is 3: "
-            "pass another --output_dir, or delete that folder to render them again") in result.stderr
+    other = evaluate_flux.parse_args([*flags[:steps], "3", *flags[steps + 1 :]])
+    with pytest.raises(ConfigurationError) as refused:
+        evaluate_flux.check_earlier_images(other, evaluate_flux.model_variants(other), other.benchmark_items, torch.float32)
+    assert str(refused.value) == (f"{output_dir}/images/base holds images rendered with num_inference_steps 2, this run's is 3: "
+                                  "pass another --output_dir, or delete that folder to render them again")
     assert mtimes == {p: os.path.getmtime(p) for p in _images(output_dir)}
 
 

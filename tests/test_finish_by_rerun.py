@@ -4,6 +4,7 @@ uninterrupted run; a rerun of a finished run exits 0 at once; a newest checkpoin
 load is set aside and the run goes on from the one before it."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,15 +42,25 @@ def uninterrupted(tiny_models, tmp_path_factory):
     return final_weights(output_dir)
 
 
+@pytest.fixture(scope="module")
+def killed_before_card(tiny_models, tmp_path_factory):
+    """A run killed after publishing its weights, before its model card: the "before_card" case, and the
+    start of the "moved_aside" one (which needs a published copy to move aside); each test works on a copy."""
+    output_dir = str(tmp_path_factory.mktemp("killed-before-card") / "run")
+    run(tiny_models, output_dir, stage="before_card", expect=137)
+    return output_dir
+
+
 @pytest.mark.parametrize("stage", ["writing", "written", "renamed", "before_card", "moved_aside"])
-def test_a_run_killed_while_publishing_finishes_when_rerun(stage, tiny_models, uninterrupted, tmp_path):
+def test_a_run_killed_while_publishing_finishes_when_rerun(stage, tiny_models, uninterrupted, killed_before_card, tmp_path):
     output_dir = str(tmp_path / "run")
-    if stage == "moved_aside":  # an earlier copy must be in place to be moved aside: killed once after publishing
-        run(tiny_models, output_dir, stage="before_card", expect=137)
+    if stage in ("before_card", "moved_aside"):
+        shutil.copytree(killed_before_card, output_dir)
+    if stage == "moved_aside":  # killed again, in the rerun's publishing, after moving the earlier copy aside
         run(tiny_models, output_dir, "--resume_from_checkpoint", "latest", stage=stage, expect=137)
         assert os.path.isdir(os.path.join(output_dir, "transformer.old"))
         assert not os.path.exists(os.path.join(output_dir, "transformer"))
-    else:
+    elif stage != "before_card":
         run(tiny_models, output_dir, stage=stage, expect=137)
     # Before this change every rerun was refused: "checkpoint-2 is at step 2, and --max_train_steps 2 leaves nothing to train".
     run(tiny_models, output_dir, "--resume_from_checkpoint", "latest")
@@ -69,18 +80,21 @@ def test_a_run_killed_while_publishing_finishes_when_rerun(stage, tiny_models, u
 
 @pytest.fixture(scope="module")
 def four_steps(tiny_models, tmp_path_factory):
+    """An uninterrupted 4-step run: its final weights, and the folder with its checkpoints 1 to 4."""
     output_dir = str(tmp_path_factory.mktemp("four-steps") / "run")
     run(tiny_models, output_dir, "--max_train_steps", "4")
-    return final_weights(output_dir)
+    return final_weights(output_dir), output_dir
 
 
 @pytest.mark.parametrize("damage", ["optimizer", "weights", "training_state"])
 def test_a_newest_checkpoint_that_does_not_load_is_set_aside(damage, tiny_models, four_steps, tmp_path):
     """Resumed with a damaged checkpoint-3, the run goes on from checkpoint-2 (checkpoint-3 set aside, never
     deleted) and reaches the weights of an uninterrupted run."""
+    four_step_weights, four_step_run = four_steps
     output_dir = str(tmp_path / "run")
     four = ["--max_train_steps", "4"]
-    run(tiny_models, output_dir, "--max_train_steps", "3")
+    for step in (2, 3):  # as the 4-step run left them after step 3: killed there
+        shutil.copytree(os.path.join(four_step_run, f"checkpoint-{step}"), os.path.join(output_dir, f"checkpoint-{step}"))
     checkpoint = os.path.join(output_dir, "checkpoint-3")
     target = {"optimizer": "optimizer.bin", "weights": os.path.join("transformer", "diffusion_pytorch_model.safetensors"),
               "training_state": "training_state.json"}[damage]
@@ -91,7 +105,7 @@ def test_a_newest_checkpoint_that_does_not_load_is_set_aside(damage, tiny_models
     assert os.path.getsize(os.path.join(checkpoint + ".unloadable", target)) < os.path.getsize(os.path.join(checkpoint, target))
     assert "checkpoint-3 does not load" in result.stderr and "set aside as checkpoint-3.unloadable" in result.stderr
     published = final_weights(output_dir)
-    assert all(torch.equal(published[name], four_steps[name]) for name in four_steps)
+    assert all(torch.equal(published[name], four_step_weights[name]) for name in four_step_weights)
 
 
 def test_a_finished_run_rerun_with_push_to_hub_pushes_again(tmp_path, monkeypatch, capsys):
