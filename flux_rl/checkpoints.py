@@ -269,7 +269,7 @@ def checkpoint_bytes(args) -> int | None:
     import glob
     import struct
 
-    from .models import lora_targets
+    from .models import lora_targets, names_target
 
     model = args.pretrained_model_name_or_path
     if not os.path.isdir(model):
@@ -303,7 +303,7 @@ def checkpoint_bytes(args) -> int | None:
     parameters = 0
     for name, shape in shapes.items():  # a linear layer's weight is the only 2-D one in these transformers
         module = name.removesuffix(".weight")
-        if len(shape) == 2 and name.endswith(".weight") and any(module == t or module.endswith("." + t) for t in targets):
+        if len(shape) == 2 and name.endswith(".weight") and any(names_target(module, t) for t in targets):
             parameters += args.rank * (shape[0] + shape[1])
     return parameters * (4 + moment_bytes)
 

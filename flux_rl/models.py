@@ -3,6 +3,7 @@ save/load hooks that make `accelerator.save_state` write weights in diffusers' o
 
 import contextlib
 import os
+import re
 
 import torch
 
@@ -83,6 +84,23 @@ def lora_targets(flag_value: str | None, presets: dict | None = None) -> list[st
     return [name.strip() for name in flag_value.split(",") if name.strip()]
 
 
+def names_target(module_name: str, target: str) -> bool:
+    """Whether a --lora_target_modules entry names this module, as peft matches a list entry: the whole
+    name or its end after a dot. A `*` stands for one part of the path (a block's index): FLUX.2's
+    single blocks' `attn.to_out` is a Linear, its double blocks' a ModuleList, so only
+    `single_transformer_blocks.*.attn.to_out` names the one apart from the other."""
+    if "*" not in target:
+        return module_name == target or module_name.endswith("." + target)
+    return re.fullmatch(r"(.*\.)?" + re.escape(target).replace(r"\*", r"[^.]+"), module_name) is not None
+
+
+def peft_target_modules(transformer, targets: list[str]) -> list[str]:
+    """The list peft gets: each entry with a `*` replaced by the full names of the linear layers it names
+    (peft matches list entries by suffix only)."""
+    linear = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    return [name for target in targets for name in ([n for n in linear if names_target(n, target)] if "*" in target else [target])]
+
+
 def check_lora_targets_in(transformer, targets: list[str]):
     """Each target names a linear layer of the loaded transformer (a family without a written-out
     table, FLUX_LINEAR_LAYERS, is checked once loaded, before adapters are added)."""
@@ -91,11 +109,11 @@ def check_lora_targets_in(transformer, targets: list[str]):
     modules = dict(transformer.named_modules())
     linear = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear)]
     for target in targets:
-        if not any(name == target or name.endswith("." + target) for name in linear):
+        if not any(names_target(name, target) for name in linear):
             raise ConfigurationError(f"--lora_target_modules: '{target}' names no linear layer of the {type(transformer).__name__}; "
                                      f"its blocks' layers are e.g. {', '.join(sorted({n.split('.', 2)[-1] for n in linear})[:8])}")
         # peft adapts every module the name matches, and refuses the whole list at one it cannot adapt.
-        other = [name for name, module in modules.items() if (name == target or name.endswith("." + target))
+        other = [name for name, module in modules.items() if names_target(name, target)
                  and not isinstance(module, torch.nn.Linear) and not name.endswith(".base_layer")]
         if other:
             raise ConfigurationError(f"--lora_target_modules: '{target}' also names {other[0]} ({type(modules[other[0]]).__name__}), "
@@ -124,7 +142,7 @@ def check_lora_targets(targets: list[str]):
     any weights load. peft itself refuses only a list where nothing matches: a typo beside a good name
     would train without that adapter and say nothing."""
     for target in targets:
-        if not any(name == target or name.endswith("." + target) for name in FLUX_LINEAR_LAYERS):
+        if not any(names_target(name, target) for name in FLUX_LINEAR_LAYERS):
             raise ValueError(f"--lora_target_modules: '{target}' names no linear layer of the FLUX transformer; "
                              "use a preset (default, attention, all-linear) or names such as to_q,to_k,to_v,proj_mlp,ff.net.2")
 
@@ -152,7 +170,8 @@ def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], dr
     from peft import LoraConfig
 
     transformer.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                        target_modules=peft_target_modules(transformer, target_modules))
     transformer.add_adapter(config)
     _trainable_to_fp32(transformer)
     return transformer

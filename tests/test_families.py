@@ -43,6 +43,33 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
+def test_klein_default_lora_adapts_every_linear_layer_of_its_blocks(tiny_models):
+    """FLUX.2's single blocks' output projection (attn.to_out, a Linear) shares its suffix with the double blocks'
+    attn.to_out (a ModuleList, which peft refuses): the preset names it with a wildcard index, given to peft as full
+    names. Every Linear inside the blocks is adapted (FLUX.2's modulations sit outside them); nothing else."""
+    from diffusers import Flux2Transformer2DModel
+
+    from flux_rl import models
+
+    assert models.names_target("single_transformer_blocks.11.attn.to_out", "single_transformer_blocks.*.attn.to_out")
+    assert not models.names_target("transformer_blocks.1.attn.to_out", "single_transformer_blocks.*.attn.to_out")
+    assert not models.names_target("single_transformer_blocks.1.attn.to_out.0", "single_transformer_blocks.*.attn.to_out")
+    assert not models.names_target("single_transformer_blocks.1.2.attn.to_out", "single_transformer_blocks.*.attn.to_out")
+    assert models.names_target("transformer_blocks.1.attn.to_out.0", "to_out.0")
+    assert not models.names_target("transformer_blocks.1.attn.add_to_out.0", "to_out.0")
+
+    transformer = Flux2Transformer2DModel.from_pretrained(os.path.join(tiny_models, "flux2-klein", "transformer"),
+                                                          num_single_layers=3)  # more than one index to match
+    targets = models.lora_targets(None, flux2_klein.LORA_PRESETS)
+    models.check_lora_targets_in(transformer, targets)
+    block_layers = {name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)
+                    and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    models.add_lora(transformer, 4, 4, targets)
+    adapted = {name for name, module in transformer.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == block_layers
+    assert {f"single_transformer_blocks.{i}.attn.to_out" for i in range(3)} <= adapted
+
+
 def test_the_qwen_tokenizer_drops_exactly_the_template_head(pipes):
     """QwenImagePipeline drops the first 34 token states of its template: the tiny tokenizer's head is
     34 tokens, as Qwen2.5-VL's, so the prompt's own tokens are what remains."""

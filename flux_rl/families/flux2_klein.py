@@ -24,10 +24,13 @@ TABULATES_MODULATIONS = False  # FLUX.2 shares its modulations across blocks: FL
 _ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "to_qkv_mlp_proj"]
 LORA_PRESETS = {
     # q, k, v (and the double blocks' outputs) of every block; the single blocks' fused projection carries their q, k, v
-    # and MLP input. Their output projection (attn.to_out, a Linear) cannot be named apart from the double blocks'
-    # attn.to_out (a ModuleList) by suffix, so it is left out.
+    # and MLP input.
     "attention": _ATTENTION,
-    "default": _ATTENTION + ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"],
+    # + the MLPs, and the single blocks' output projection (attention and MLP outputs side by side into one Linear, as
+    # FLUX.1's single-block proj_out, which its default adapts too). By suffix "attn.to_out" would also name the double
+    # blocks' ModuleList, so the index is a wildcard (models.names_target).
+    "default": _ATTENTION + ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                             "single_transformer_blocks.*.attn.to_out"],
 }
 LORA_PRESETS["all-linear"] = LORA_PRESETS["default"] + ["x_embedder", "context_embedder", "linear_1", "linear_2",
                                                         "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
