@@ -17,6 +17,7 @@ from PIL import Image
 from benchmarks.learning_curves import BRIGHTNESS, LORA, LearningRun, heldout_images, measure, train
 from flux_rl import families, heldout, latents, schedules, validation
 from flux_rl.families import flux2_klein, qwen_image, sd3, zimage
+from tests.conftest import made_once
 
 PROMPTS = ["a photo of a cat", "a red car on a long road"]
 # The tiny models' folders (flux_rl/tiny_models.py) and their text length: Qwen-Image keeps each prompt's own
@@ -198,11 +199,12 @@ def test_every_trainer_runs_on_the_family(tiny_models, tmp_path, name):
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def lora_run(request, tiny_models, tmp_path_factory):
-    """(family name, output folder) of a 3-step Direct-Align LoRA run with validation images."""
+    """(family name, output folder) of a 3-step Direct-Align LoRA run with validation images, made once per session
+    (shared by pytest-xdist's workers)."""
     name = request.param
     flags = family_flags(tiny_models, name, *BRIGHTNESS, *LORA, "--validation_prompt", "a photo of a cat", "--validation_guidance", "1.0")
-    return name, train(LearningRun("train_direct_align", flags, "brightness", 1), tiny_models,
-                       str(tmp_path_factory.mktemp(name) / "lora"), steps=3)
+    return name, made_once(tmp_path_factory, f"family-lora-{name}",
+                           lambda folder: train(LearningRun("train_direct_align", flags, "brightness", 1), tiny_models, folder, steps=3))
 
 
 def test_the_lora_loads_in_the_pipeline_and_renders_the_trainers_images(pipes, lora_run):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, made_once
 from tests.launch import LAUNCH_TIMEOUT, tiny_args
 
 FLAGS = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--full_finetune", "--learning_rate", "1e-2", "--report_to", "none"]
@@ -35,20 +35,18 @@ def final_weights(output_dir):
             for name, tensor in load_file(os.path.join(folder, file)).items()}
 
 
+# The runs these tests start from are made once per session, shared by pytest-xdist's workers (conftest.made_once).
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_models, tmp_path_factory):
-    output_dir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
-    run(tiny_models, output_dir)
-    return final_weights(output_dir)
+    return final_weights(made_once(tmp_path_factory, "finish-uninterrupted", lambda folder: run(tiny_models, folder)))
 
 
 @pytest.fixture(scope="module")
 def killed_before_card(tiny_models, tmp_path_factory):
     """A run killed after publishing its weights, before its model card: the "before_card" case, and the
     start of the "moved_aside" one (which needs a published copy to move aside); each test works on a copy."""
-    output_dir = str(tmp_path_factory.mktemp("killed-before-card") / "run")
-    run(tiny_models, output_dir, stage="before_card", expect=137)
-    return output_dir
+    return made_once(tmp_path_factory, "finish-killed-before-card",
+                     lambda folder: run(tiny_models, folder, stage="before_card", expect=137))
 
 
 @pytest.mark.parametrize("stage", ["writing", "written", "renamed", "before_card", "moved_aside"])
@@ -81,8 +79,7 @@ def test_a_run_killed_while_publishing_finishes_when_rerun(stage, tiny_models, u
 @pytest.fixture(scope="module")
 def four_steps(tiny_models, tmp_path_factory):
     """An uninterrupted 4-step run: its final weights, and the folder with its checkpoints 1 to 4."""
-    output_dir = str(tmp_path_factory.mktemp("four-steps") / "run")
-    run(tiny_models, output_dir, "--max_train_steps", "4")
+    output_dir = made_once(tmp_path_factory, "finish-four-steps", lambda folder: run(tiny_models, folder, "--max_train_steps", "4"))
     return final_weights(output_dir), output_dir
 
 
