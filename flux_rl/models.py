@@ -142,7 +142,10 @@ def check_lora_targets(targets: list[str]):
     any weights load. peft itself refuses only a list where nothing matches: a typo beside a good name
     would train without that adapter and say nothing."""
     for target in targets:
-        if not any(names_target(name, target) for name in FLUX_LINEAR_LAYERS):
+        # The table names block 0 of each kind: a target naming another block (or any, with *) is checked as block 0's.
+        # An index past the model's blocks is refused once the model is built (check_lora_targets_in).
+        as_block_0 = re.sub(r"(^|\.)((?:single_)?transformer_blocks)\.(\d+|\*)\.", r"\1\2.0.", target)
+        if not any(names_target(name, as_block_0) for name in FLUX_LINEAR_LAYERS):
             raise ValueError(f"--lora_target_modules: '{target}' names no linear layer of the FLUX transformer; "
                              "use a preset (default, attention, all-linear) or names such as to_q,to_k,to_v,proj_mlp,ff.net.2")
 

@@ -120,19 +120,30 @@ def test_srpo_argument_validation(extra, message, tmp_path):
         train_srpo_flux.parse_args(BASE + ["--output_dir", str(tmp_path)] + extra)
 
 
-def test_lora_target_modules_adapt_exactly_the_named_layers(tmp_path):
+@pytest.mark.parametrize("flag, expected", [
+    ("to_q, proj_mlp", {f"transformer_blocks.{i}.attn.to_q" for i in range(2)}
+     | {f"single_transformer_blocks.{i}.{layer}" for i in range(3) for layer in ("attn.to_q", "proj_mlp")}),
+    # a * is one part of the path: the single blocks' proj_out without the transformer's own output layer "proj_out"
+    ("single_transformer_blocks.*.proj_out,transformer_blocks.1.attn.to_q",
+     {f"single_transformer_blocks.{i}.proj_out" for i in range(3)} | {"transformer_blocks.1.attn.to_q"}),
+])
+def test_lora_target_modules_adapt_exactly_the_named_layers(flag, expected, tmp_path):
     """Spaces after the commas are fine; every named layer gets an adapter and no other does."""
     from diffusers import FluxTransformer2DModel
 
     from flux_rl import models, tiny_models
 
-    args = train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--lora_target_modules", "to_q, proj_mlp"])
+    args = train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--lora_target_modules", flag])
     transformer = FluxTransformer2DModel(**dict(tiny_models.TINY_TRANSFORMER, num_layers=2, num_single_layers=3))
     models.prepare_for_training(transformer, args)
     adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in transformer.named_parameters() if ".lora_A" in name}
-    expected = {f"transformer_blocks.{i}.attn.to_q" for i in range(2)}
-    expected |= {f"single_transformer_blocks.{i}.{layer}" for i in range(3) for layer in ("attn.to_q", "proj_mlp")}
     assert adapted == expected
+    with pytest.raises(ValueError, match="'single_transformer_blocks.\\*.proj_outt' names no linear layer"):
+        train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--lora_layers", "single_transformer_blocks.*.proj_outt"])
+    # A block this model does not have passes the parse-time table (FLUX.1's block 0) and is refused once it is built.
+    args = train_direct_align.parse_args(BASE + ["--output_dir", str(tmp_path), "--lora_layers", "transformer_blocks.7.attn.to_q"])
+    with pytest.raises(ValueError, match="'transformer_blocks.7.attn.to_q' names no linear layer of the FluxTransformer2DModel"):
+        models.prepare_for_training(FluxTransformer2DModel(**dict(tiny_models.TINY_TRANSFORMER, num_layers=2)), args)
 
 
 @pytest.mark.parametrize("preset, layers_of_a_double_block, layers_of_a_single_block", [
