@@ -58,7 +58,7 @@ import train_refl_baseline  # noqa: E402
 import train_srpo_flux  # noqa: E402
 from flux_rl import data, models, tiny_models, training  # noqa: E402
 from flux_rl.args import compiles_reward  # noqa: E402
-from flux_rl.families import flux1  # noqa: E402
+from flux_rl.families import flux1, flux2_klein  # noqa: E402
 from flux_rl.flux import Conditioning  # noqa: E402
 
 nan = float("nan")
@@ -88,6 +88,39 @@ class RandomPromptEncoder:
             torch.randn(len(prompts), self.pooled_dim, generator=generator),
             torch.zeros(self.sequence_length, 3),
         )
+
+
+class RandomKleinPromptEncoder:
+    """Stands in for FLUX.2 [klein]'s Qwen3: random embeddings of its shapes (three layers' states side by side), with
+    the empty prompt's as the negative, as the family's encoder attaches it (used when a guidance is above 1)."""
+
+    lookahead = 0
+
+    def __init__(self, joint_dim, sequence_length):
+        self.joint_dim, self.sequence_length = joint_dim, sequence_length
+
+    def __call__(self, prompts, upcoming=()):
+        generator = torch.Generator().manual_seed(len(prompts))
+        text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(self.sequence_length))
+        embeds = [torch.randn(len(prompts), self.sequence_length, self.joint_dim, generator=generator) for _ in range(2)]
+        return flux2_klein.Conditioning(embeds[0], text_ids, negative=flux2_klein.Conditioning(embeds[1], text_ids))
+
+
+def family_models(family, size):
+    """(transformer class, its config, VAE class, its config, prompt encoder, family module) of a family at a size."""
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2Transformer2DModel, FluxTransformer2DModel
+
+    full = size == "full"
+    if family == "flux2_klein":
+        config = tiny_models.KLEIN_4B_TRANSFORMER if full else tiny_models.TINY_KLEIN_TRANSFORMER
+        return (Flux2Transformer2DModel, config, AutoencoderKLFlux2, tiny_models.KLEIN_VAE if full else tiny_models.TINY_KLEIN_VAE,
+                RandomKleinPromptEncoder(config["joint_attention_dim"], 512 if full else 32), flux2_klein)
+    config = tiny_models.FLUX_DEV_TRANSFORMER if full else tiny_models.TINY_TRANSFORMER
+    return (FluxTransformer2DModel, config, AutoencoderKL, tiny_models.FLUX_DEV_VAE if full else tiny_models.TINY_VAE,
+            RandomPromptEncoder(config["joint_attention_dim"], config["pooled_projection_dim"], 512 if full else 32), flux1)
+
+
+FAMILIES = ("flux1", "flux2_klein")
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,13 +177,12 @@ def trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device
 
 
 def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend="inductor",
-              checkpointing=True):
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-
+              checkpointing=True, family="flux1"):
+    """A Run of one configuration, its models built with random weights; `family`: one of FAMILIES (FLUX.1-dev, or
+    FLUX.2 [klein] base 4B at full size)."""
     args = module.parse_args(trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend, checkpointing))
     dtype = run_dtype(device)
-    transformer_config = tiny_models.FLUX_DEV_TRANSFORMER if size == "full" else tiny_models.TINY_TRANSFORMER
-    vae_config = tiny_models.FLUX_DEV_VAE if size == "full" else tiny_models.TINY_VAE
+    transformer_class, transformer_config, vae_class, vae_config, prompt_encoder, family_module = family_models(family, size)
     # A 4-bit base (--quantize_base) is built on the host and quantized layer by layer as it moves to the GPU, as the
     # trainers load it: built on the GPU, the bf16 model alone would pass a 24 GB card's cap.
     quantized = getattr(args, "quantize_base", "none") != "none" and device.type == "cuda"
@@ -158,26 +190,25 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     torch.set_default_dtype(dtype)  # build in place on the device, in bf16: no 48 GB fp32 detour
     try:
         with torch.device("cpu" if quantized else device):
-            transformer = FluxTransformer2DModel(**transformer_config)
+            transformer = transformer_class(**transformer_config)
         with torch.device(device):
-            vae = AutoencoderKL(**vae_config)
+            vae = vae_class(**vae_config)
     finally:
         torch.set_default_dtype(previous_dtype)
     models.prepare_vae(vae, args)  # exactly what the trainers do with these flags
     models.prepare_for_training(transformer, args, device).to(device)
     optimizer = training.make_optimizer(args, models.trainable_parameters(transformer), args.learning_rate)
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return (MetaRun if device.type == "meta" else training.Run)(
         args=args, method=module.__name__, accelerator=accelerator, transformer=transformer, vae=vae,
-        prompt_encoder=RandomPromptEncoder(transformer_config["joint_attention_dim"], transformer_config["pooled_projection_dim"],
-                                           512 if size == "full" else 32),
+        prompt_encoder=prompt_encoder,
         reward=build_reward(size, device, dtype, *((args.compile_backend, args.compile_mode) if compiles_reward(args) else ())),
         optimizer=optimizer, lr_scheduler=lr_scheduler,
         batches=data.BatchSchedule([f"prompt {i}" for i in range(64)], args.train_batch_size, args.seed),
         image_dataset=None, weight_dtype=dtype, vae_scale_factor=vae_scale_factor,
         scheduler_config=None,  # --rollout_shift 3 (the trainers' default): the fixed-shift schedule, no config read
-        image_size=args.resolution, family=flux1,
+        image_size=args.resolution, family=family_module,
     )
 
 
@@ -275,7 +306,7 @@ def measure(trainer, mode, resolution, compiled, checkpointing, variant, device,
     module, extra_flags = TRAINERS[trainer]
     flags = extra_flags + shlex.split(options.trainer_flags) + shlex.split(variant)
     run = build_run(module, flags, options.size, mode, resolution, options.rollout_steps, compiled, device,
-                    accelerator, options.compile_backend, checkpointing=checkpointing)
+                    accelerator, options.compile_backend, checkpointing=checkpointing, family=getattr(options, "family", "flux1"))
     progress("built")
     warmup, steps = options.warmup, options.steps
     for reward in run.reward.models.values():  # shared between configurations: each starts, as a run does,
@@ -347,6 +378,8 @@ def _total_gib():
 def main(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["full", "tiny"], default="full")
+    parser.add_argument("--family", choices=FAMILIES, default="flux1",
+                        help="flux1: FLUX.1-dev; flux2_klein: FLUX.2 [klein] base 4B (pass its guidance with --trainer_flags).")
     parser.add_argument("--trainers", default=",".join(TRAINERS))
     parser.add_argument("--modes", default="lora,full,full_bf16",
                         help="lora; full: fp32 master weights + 8-bit AdamW; full_bf16: bf16 weights + stochastic-rounding AdamW.")

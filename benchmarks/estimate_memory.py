@@ -9,6 +9,9 @@ allocated bytes, not what the caching allocator reserves, and not the CUDA conte
     python benchmarks/estimate_memory.py --variant="--lora_layers attention" --variant="" \\
         --variant="--quantize_base nf4 --use_8bit_adam --no_batch_branches"
     python benchmarks/estimate_memory.py --mode full_bf16 --variant="" --variant="--use_8bit_adam"
+    # FLUX.2 [klein] base 4B as README's command runs it (CFG 4 in the rollout, one pass in the branches), at 1024 px
+    python benchmarks/estimate_memory.py --family flux2_klein --resolution 1024 \
+        --variant="--rollout_guidance 4 --train_guidance 1"
 
 What differs from the GPU: attention runs as flash attention's own aten op (its meta kernel: the
 output and log-sum-exp saved, as on the GPU; the math kernel would hold every N x N score matrix);
@@ -180,7 +183,7 @@ def meta_stand_ins():
         torch.nn.functional.scaled_dot_product_attention, quantization.nf4_linear, training.make_optimizer = saved
 
 
-def estimate(trainer, mode, resolution, rollout_steps, variant, size="full"):
+def estimate(trainer, mode, resolution, rollout_steps, variant, size="full", family="flux1"):
     """(peak GiB, GiB alive before the step) of the second step of one configuration (the first makes the optimizer
     state, as on the GPU, whose peak benchmark_trainers.py takes over later steps)."""
     from accelerate import Accelerator
@@ -189,7 +192,7 @@ def estimate(trainer, mode, resolution, rollout_steps, variant, size="full"):
     device = torch.device("meta")
     with meta_stand_ins():
         run = benchmark_trainers.build_run(module, flags + shlex.split(variant), size, mode, resolution, rollout_steps, False,
-                                           device, Accelerator(mixed_precision="bf16", cpu=True))
+                                           device, Accelerator(mixed_precision="bf16", cpu=True), family=family)
         benchmark_trainers.one_step(module, run, 0)
         with LiveBytes(device) as live:
             benchmark_trainers.one_step(module, run, 1)
@@ -203,17 +206,19 @@ def main(input_args=None):
     parser.add_argument("--trainer", default="srpo", choices=list(benchmark_trainers.TRAINERS))
     parser.add_argument("--mode", default="lora", choices=["lora", "full", "full_bf16"])
     parser.add_argument("--size", default="full", choices=["full", "tiny"])
+    parser.add_argument("--family", default="flux1", choices=benchmark_trainers.FAMILIES,
+                        help="flux1: FLUX.1-dev; flux2_klein: FLUX.2 [klein] base 4B (its guidance in --variant).")
     parser.add_argument("--resolution", type=int, default=720)
     parser.add_argument("--rollout_steps", type=int, default=25)
     parser.add_argument("--variant", action="append", default=None, help="Repeatable: more trainer flags ('' for none).")
     args = parser.parse_args(input_args)
-    lines = [f"Estimated on the meta device: {args.trainer} {args.mode} at {args.resolution} px, size {args.size}, "
+    lines = [f"Estimated on the meta device: {args.family} {args.trainer} {args.mode} at {args.resolution} px, size {args.size}, "
              "gradient checkpointing (transformer and VAE), bf16", "",
              "| variant | peak GiB | alive before the step GiB | seconds to estimate |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for variant in args.variant or [""]:
         started = time.perf_counter()
-        peak, start = estimate(args.trainer, args.mode, args.resolution, args.rollout_steps, variant, args.size)
+        peak, start = estimate(args.trainer, args.mode, args.resolution, args.rollout_steps, variant, args.size, args.family)
         lines.append(f"| {variant or '-'} | {peak:.1f} | {start:.1f} | {time.perf_counter() - started:.0f} |")
         print(lines[-1], flush=True)
     return lines

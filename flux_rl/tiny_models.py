@@ -447,6 +447,19 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
+# FLUX.2 [klein] base 4B's transformer (its config.json's values; the benchmark builds it with random weights) and the
+# tiny one; AutoencoderKLFlux2's defaults are FLUX.2's VAE.
+KLEIN_4B_TRANSFORMER = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+                            axes_dims_rope=[32, 32, 32, 32], guidance_embeds=False)
+TINY_KLEIN_TRANSFORMER = dict(KLEIN_4B_TRANSFORMER, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=[4, 4, 4, 4])
+KLEIN_VAE = {}
+TINY_KLEIN_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                      up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+                      latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False)
+
+
 def write_flux2_klein_pipeline(path, seed=8):
     """A Flux2KleinPipeline folder (a non-distilled klein "base", so guidance > 1 is classifier-free):
     diffusers' test sizes for the transformer (1 double + 1 single block), a 27-layer Qwen3 of width
@@ -463,12 +476,8 @@ def write_flux2_klein_pipeline(path, seed=8):
         vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
     )).eval()
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                          num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256,
-                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False)
-    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                             up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-                             latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False)
+    transformer = Flux2Transformer2DModel(**TINY_KLEIN_TRANSFORMER)
+    vae = AutoencoderKLFlux2(**TINY_KLEIN_VAE)
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, vae.bn.num_features))
         vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.num_features))
