@@ -11,6 +11,10 @@
     # minute per configuration on a CPU), and the least time a card with that matmul peak needs
     python benchmarks/benchmark_trainers.py --device meta --modes lora,full --compile_modes eager --peak_tflops 805
 
+    # another family: FLUX.2 [klein] base 4B or Qwen-Image, with their guidance (random Qwen embeddings stand in)
+    python benchmarks/benchmark_trainers.py --family flux2_klein --trainers srpo --modes lora --resolutions 720 \
+        --trainer_flags="--rollout_guidance 4 --train_guidance 1"
+
 Modes: `lora` (bf16 base, fp32 LoRA r=64, AdamW), `full` (fp32 master weights, 8-bit AdamW),
 `full_bf16` (bf16 weights, AdamW with stochastic rounding and bf16 moments).
 
@@ -58,7 +62,7 @@ import train_refl_baseline  # noqa: E402
 import train_srpo_flux  # noqa: E402
 from flux_rl import data, models, tiny_models, training  # noqa: E402
 from flux_rl.args import compiles_reward  # noqa: E402
-from flux_rl.families import flux1, flux2_klein  # noqa: E402
+from flux_rl.families import flux1, flux2_klein, qwen_image  # noqa: E402
 from flux_rl.flux import Conditioning  # noqa: E402
 
 nan = float("nan")
@@ -90,37 +94,57 @@ class RandomPromptEncoder:
         )
 
 
-class RandomKleinPromptEncoder:
-    """Stands in for FLUX.2 [klein]'s Qwen3: random embeddings of its shapes (three layers' states side by side), with
-    the empty prompt's as the negative, as the family's encoder attaches it (used when a guidance is above 1)."""
+class RandomFamilyPromptEncoder:
+    """Stands in for FLUX.2 [klein]'s Qwen3 or Qwen-Image's Qwen2.5-VL: random embeddings of their shapes, with the
+    negative prompt's as `.negative`, as the families' encoders attach it (used when a guidance is above 1)."""
 
     lookahead = 0
 
-    def __init__(self, joint_dim, sequence_length):
-        self.joint_dim, self.sequence_length = joint_dim, sequence_length
+    def __init__(self, family, joint_dim, sequence_length):
+        self.family, self.joint_dim, self.sequence_length = family, joint_dim, sequence_length
+
+    def conditioning(self, embeds):
+        if self.family is flux2_klein:  # text position ids (T, H, W, L) = (0, 0, 0, token)
+            return flux2_klein.Conditioning(embeds, torch.cartesian_prod(*(torch.arange(1),) * 3, torch.arange(self.sequence_length)))
+        return qwen_image.Conditioning(embeds, None)  # every prompt fills the length: no mask, as encode_prompt gives it
 
     def __call__(self, prompts, upcoming=()):
         generator = torch.Generator().manual_seed(len(prompts))
-        text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(self.sequence_length))
-        embeds = [torch.randn(len(prompts), self.sequence_length, self.joint_dim, generator=generator) for _ in range(2)]
-        return flux2_klein.Conditioning(embeds[0], text_ids, negative=flux2_klein.Conditioning(embeds[1], text_ids))
+        positive, negative = (self.conditioning(torch.randn(len(prompts), self.sequence_length, self.joint_dim, generator=generator))
+                              for _ in range(2))
+        positive.negative = negative
+        return positive
 
 
 def family_models(family, size):
-    """(transformer class, its config, VAE class, its config, prompt encoder, family module) of a family at a size."""
-    from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2Transformer2DModel, FluxTransformer2DModel
+    """(transformer class, its config, VAE class, its config, prompt encoder, family module) of a family at a size: FLUX.1-dev,
+    FLUX.2 [klein] base 4B (text 512 tokens, klein's --max_sequence_length) or Qwen-Image (256 text tokens: it keeps each
+    prompt's own length, and a long HPDv2 prompt with the template's 34 dropped is about that)."""
+    from diffusers import (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, Flux2Transformer2DModel, FluxTransformer2DModel,
+                           QwenImageTransformer2DModel)
 
     full = size == "full"
     if family == "flux2_klein":
         config = tiny_models.KLEIN_4B_TRANSFORMER if full else tiny_models.TINY_KLEIN_TRANSFORMER
         return (Flux2Transformer2DModel, config, AutoencoderKLFlux2, tiny_models.KLEIN_VAE if full else tiny_models.TINY_KLEIN_VAE,
-                RandomKleinPromptEncoder(config["joint_attention_dim"], 512 if full else 32), flux2_klein)
+                RandomFamilyPromptEncoder(flux2_klein, config["joint_attention_dim"], 512 if full else 32), flux2_klein)
+    if family == "qwen_image":
+        config = {} if full else tiny_models.TINY_QWEN_IMAGE_TRANSFORMER
+        return (QwenImageTransformer2DModel, config, AutoencoderKLQwenImage, {} if full else tiny_models.TINY_QWEN_IMAGE_VAE,
+                RandomFamilyPromptEncoder(qwen_image, 3584 if full else config["joint_attention_dim"], 256 if full else 32), qwen_image)
     config = tiny_models.FLUX_DEV_TRANSFORMER if full else tiny_models.TINY_TRANSFORMER
     return (FluxTransformer2DModel, config, AutoencoderKL, tiny_models.FLUX_DEV_VAE if full else tiny_models.TINY_VAE,
             RandomPromptEncoder(config["joint_attention_dim"], config["pooled_projection_dim"], 512 if full else 32), flux1)
 
 
-FAMILIES = ("flux1", "flux2_klein")
+FAMILIES = ("flux1", "flux2_klein", "qwen_image")
+
+
+def vae_scale_factor_of(vae) -> int:
+    """As the pipelines compute it: Qwen-Image's video VAE from its temporal downsampling steps, the others from their levels."""
+    if hasattr(vae, "temperal_downsample"):
+        return 2 ** len(vae.temperal_downsample)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,14 +180,15 @@ def run_dtype(device) -> torch.dtype:
     return torch.bfloat16 if device.type in ("cuda", "meta") else torch.float32
 
 
-def trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend="inductor", checkpointing=True):
+def trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend="inductor", checkpointing=True,
+                  family="flux1"):
     """The trainer's command line of one configuration."""
     # --output_dir: the step writes nothing, and ./output may hold a user's run (which a trainer would refuse to start over)
     flags = ["--pretrained_model_name_or_path", "random-weights", "--resolution", str(resolution),
              "--num_inference_steps", str(rollout_steps), "--report_to", "none",
              "--output_dir", os.path.join(tempfile.gettempdir(), "benchmark-writes-nothing"), *extra_flags]
-    if checkpointing:
-        flags += ["--gradient_checkpointing", "--vae_gradient_checkpointing"]
+    if checkpointing:  # Qwen-Image's video VAE cannot checkpoint (the trainers refuse the flag for it)
+        flags += ["--gradient_checkpointing"] + ([] if family == "qwen_image" else ["--vae_gradient_checkpointing"])
     if compiled:
         flags += ["--compile", "--compile_backend", backend]
     if run_dtype(device) == torch.bfloat16:  # what build_run builds the models in (and what a cuDNN rollout asks)
@@ -180,7 +205,8 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
               checkpointing=True, family="flux1"):
     """A Run of one configuration, its models built with random weights; `family`: one of FAMILIES (FLUX.1-dev, or
     FLUX.2 [klein] base 4B at full size)."""
-    args = module.parse_args(trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend, checkpointing))
+    args = module.parse_args(trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend, checkpointing,
+                                           family))
     dtype = run_dtype(device)
     transformer_class, transformer_config, vae_class, vae_config, prompt_encoder, family_module = family_models(family, size)
     # A 4-bit base (--quantize_base) is built on the host and quantized layer by layer as it moves to the GPU, as the
@@ -199,7 +225,7 @@ def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compil
     models.prepare_for_training(transformer, args, device).to(device)
     optimizer = training.make_optimizer(args, models.trainable_parameters(transformer), args.learning_rate)
     lr_scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_scale_factor = vae_scale_factor_of(vae)
     return (MetaRun if device.type == "meta" else training.Run)(
         args=args, method=module.__name__, accelerator=accelerator, transformer=transformer, vae=vae,
         prompt_encoder=prompt_encoder,
@@ -379,7 +405,8 @@ def main(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["full", "tiny"], default="full")
     parser.add_argument("--family", choices=FAMILIES, default="flux1",
-                        help="flux1: FLUX.1-dev; flux2_klein: FLUX.2 [klein] base 4B (pass its guidance with --trainer_flags).")
+                        help="flux1: FLUX.1-dev; flux2_klein: FLUX.2 [klein] base 4B; qwen_image: Qwen-Image (their guidance in "
+                             "--trainer_flags).")
     parser.add_argument("--trainers", default=",".join(TRAINERS))
     parser.add_argument("--modes", default="lora,full,full_bf16",
                         help="lora; full: fp32 master weights + 8-bit AdamW; full_bf16: bf16 weights + stochastic-rounding AdamW.")
@@ -446,7 +473,8 @@ def main(input_args=None):
     if device.type == "cuda":
         timing += f"; bf16 matmul measured at {matmul_peak_tflops():.0f} TFLOP/s; torch {torch.__version__}"
     extra = f"; trainer flags: {args.trainer_flags}" if args.trainer_flags else ""
-    lines = [f"Device: {card}; size: {args.size}; rollout {args.rollout_steps} steps; gradient checkpointing (transformer and VAE) "
+    lines = [f"Device: {card}; model: {args.family}, size {args.size}; rollout {args.rollout_steps} steps; gradient checkpointing "
+             f"(transformer{'' if args.family == 'qwen_image' else ' and VAE'}) "
              f"{args.checkpointing}{extra}{timing}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print("\n".join(lines), flush=True)

@@ -9,8 +9,9 @@ allocated bytes, not what the caching allocator reserves, and not the CUDA conte
     python benchmarks/estimate_memory.py --variant="--lora_layers attention" --variant="" \\
         --variant="--quantize_base nf4 --use_8bit_adam --no_batch_branches"
     python benchmarks/estimate_memory.py --mode full_bf16 --variant="" --variant="--use_8bit_adam"
-    # FLUX.2 [klein] base 4B as README's command runs it (CFG 4 in the rollout, one pass in the branches), at 1024 px
-    python benchmarks/estimate_memory.py --family flux2_klein --resolution 1024 \
+    # FLUX.2 [klein] base 4B and Qwen-Image as README's commands run them (CFG 4 in the rollout, one pass in the branches)
+    python benchmarks/estimate_memory.py --family flux2_klein --variant="--rollout_guidance 4 --train_guidance 1"
+    python benchmarks/estimate_memory.py --family qwen_image --resolution 928,1664 \
         --variant="--rollout_guidance 4 --train_guidance 1"
 
 What differs from the GPU: attention runs as flash attention's own aten op (its meta kernel: the
@@ -207,8 +208,8 @@ def main(input_args=None):
     parser.add_argument("--mode", default="lora", choices=["lora", "full", "full_bf16"])
     parser.add_argument("--size", default="full", choices=["full", "tiny"])
     parser.add_argument("--family", default="flux1", choices=benchmark_trainers.FAMILIES,
-                        help="flux1: FLUX.1-dev; flux2_klein: FLUX.2 [klein] base 4B (its guidance in --variant).")
-    parser.add_argument("--resolution", type=int, default=720)
+                        help="flux1: FLUX.1-dev; flux2_klein: FLUX.2 [klein] base 4B; qwen_image: Qwen-Image (guidance in --variant).")
+    parser.add_argument("--resolution", default="720", help="One side (720) or HEIGHT,WIDTH (928,1664), as the trainers take it.")
     parser.add_argument("--rollout_steps", type=int, default=25)
     parser.add_argument("--variant", action="append", default=None, help="Repeatable: more trainer flags ('' for none).")
     args = parser.parse_args(input_args)

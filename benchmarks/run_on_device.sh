@@ -66,6 +66,10 @@ bench full_80gb 200 --trainers srpo --modes full_bf16 --resolutions 720 --compil
 # step; one pass in the branches), bf16 base and 4-bit base, eager; peaks estimated on the meta device (RESULTS.md).
 bench klein_lora 200 --family flux2_klein --trainers srpo --modes lora --resolutions 720 --compile_modes eager \
   --variant="--rollout_guidance 4 --train_guidance 1" --variant="--rollout_guidance 4 --train_guidance 1 --quantize_base nf4 --use_8bit_adam"
+# Qwen-Image (20.4B) at 1024 px, never run on a GPU: README's guidance, bf16 base and 4-bit base, eager (RESULTS.md has
+# the meta-device estimates: its video VAE cannot checkpoint, so the decode's activations weigh).
+bench qwen_lora 240 --family qwen_image --trainers srpo --modes lora --resolutions 1024 --compile_modes eager --no_flops \
+  --variant="--rollout_guidance 4 --train_guidance 1" --variant="--rollout_guidance 4 --train_guidance 1 --quantize_base nf4 --use_8bit_adam"
 # SRPO LoRA compiled with the defaults timed on 2026-11-27 (--compile now also compiles the VAE decoder and the
 # reward's image tower; --batch_branches and --batch_rollout_modulations are on): 2.591 s then, in a process of its
 # own, against 2.530 s with cuDNN's attention in the rollout in another; here both in one process, with the FLOPs of the

@@ -409,6 +409,13 @@ QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shi
                             base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
 
 
+# diffusers' defaults of QwenImageTransformer2DModel and AutoencoderKLQwenImage are Qwen-Image's (20.4B); the tiny ones:
+TINY_QWEN_IMAGE_TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                   num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+TINY_QWEN_IMAGE_VAE = dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+                           latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+
+
 def write_qwen_image_pipeline(path, seed=7):
     """A QwenImagePipeline folder: diffusers' own test sizes (transformer 2 layers of 3 x 16 heads, a video VAE
     with 4 latent channels and 4x downsampling) with latent statistics that are not 0 / 1, so that their use
@@ -418,11 +425,8 @@ def write_qwen_image_pipeline(path, seed=7):
 
     torch.manual_seed(seed)
     tokenizer = build_qwen_image_tokenizer()
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                                              num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False,
-                                              axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-                                 latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 0.8, 1.2, 1.0])
+    transformer = QwenImageTransformer2DModel(**TINY_QWEN_IMAGE_TRANSFORMER)
+    vae = AutoencoderKLQwenImage(**TINY_QWEN_IMAGE_VAE)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,

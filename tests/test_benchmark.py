@@ -231,10 +231,11 @@ def test_text_encoder_visit_timing_on_the_cpu():
     assert per_prompt_ahead == pytest.approx((visit + ahead / PromptEncoder.ENCODE_BATCH * batch) / ahead, abs=2e-4)
 
 
-def test_a_klein_row_on_the_cpu():
-    """--family flux2_klein times FLUX.2 [klein]'s step (tiny here) as it does FLUX.1's; its guidance comes in --trainer_flags."""
+@pytest.mark.parametrize("family", ["flux2_klein", "qwen_image"])
+def test_another_familys_row_on_the_cpu(family):
+    """--family times FLUX.2 [klein]'s or Qwen-Image's step (tiny here) as FLUX.1's; their guidance comes in --trainer_flags."""
     rows = table(benchmark_trainers.main([
-        "--size", "tiny", "--family", "flux2_klein", "--resolutions", "64", "--rollout_steps", "2", "--steps", "1", "--warmup", "1",
+        "--size", "tiny", "--family", family, "--resolutions", "64", "--rollout_steps", "2", "--steps", "1", "--warmup", "1",
         "--trainers", "srpo", "--modes", "lora", "--compile_modes", "eager", "--trainer_flags", "--rollout_guidance 4 --train_guidance 1",
     ]))
     assert len(rows) == 1 and float(rows[0]["s/step"]) > float(rows[0]["rollout s"]) > 0 and float(rows[0]["TFLOP/step"]) > 0

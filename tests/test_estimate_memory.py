@@ -59,11 +59,14 @@ def test_a_tiny_step_is_estimated_with_the_stand_ins():
     assert peak > alive > 0
 
 
-def test_a_klein_step_is_estimated_and_cfg_in_the_branches_costs_memory():
-    """--family flux2_klein: FLUX.2 [klein]'s models (tiny here; base 4B at full size) through the same step. Guidance
-    above 1 in the training branches runs the transformer twice with gradients: its activations are held too."""
+def test_the_other_families_steps_are_estimated_and_cfg_in_the_branches_costs_memory():
+    """--family flux2_klein / qwen_image: their models (tiny here) through the same step, Qwen-Image's at a non-square
+    size as its buckets are. Guidance above 1 in the training branches runs the transformer twice with gradients: its
+    activations are held too."""
     one_pass, alive = estimate_memory.estimate("srpo", "lora", 64, 2, "--rollout_guidance 4 --train_guidance 1", size="tiny",
                                                family="flux2_klein")
     two_passes, _ = estimate_memory.estimate("srpo", "lora", 64, 2, "--rollout_guidance 4 --train_guidance 4", size="tiny",
                                              family="flux2_klein")
     assert two_passes > one_pass > alive > 0
+    qwen_peak, qwen_alive = estimate_memory.estimate("srpo", "lora", "64,96", 2, "--rollout_guidance 4", size="tiny", family="qwen_image")
+    assert qwen_peak > qwen_alive > 0
