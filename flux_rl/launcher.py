@@ -119,7 +119,10 @@ def run_workers(environment: dict[str, str], count: int, argv: list[str]) -> int
     for waiter in waiters:
         waiter.start()
 
+    signalled = []  # signals passed on: the workers then stop one by one, each with its status, and none has failed
+
     def pass_on(number, frame):
+        signalled.append(number)
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(number)
@@ -127,7 +130,7 @@ def run_workers(environment: dict[str, str], count: int, argv: list[str]) -> int
     previous = {number: signal.signal(number, pass_on) for number in (signal.SIGTERM, signal.SIGUSR1)}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers take Ctrl-C and stop after their step
     try:
-        failed = _wait(workers, waiters, exits, relay)
+        failed = _wait(workers, waiters, exits, relay, signalled)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -181,13 +184,15 @@ class _DelayedRelay:
         self.flush(everything=True)
 
 
-def _wait(workers, waiters, exits: list, relay: _DelayedRelay) -> subprocess.Popen | None:
+def _wait(workers, waiters, exits: list, relay: _DelayedRelay, signalled: list) -> subprocess.Popen | None:
     """Waits for every worker; once one fails, the others are asked to stop (SIGTERM) and killed
     GRACE_SECONDS later. Returns the first worker to exit with a failure (not one that failed
-    because a peer had gone), or None."""
+    because a peer had gone), or None. Once a signal was passed on (`signalled`), a worker's exit
+    status (143 after SIGTERM) is no failure: every worker's output is kept (rank 0 says where it
+    stopped, and may exit after rank 1), and the first non-zero status is the run's."""
     failed, deadline = None, None
     while any(waiter.is_alive() for waiter in waiters):
-        if failed is None:
+        if failed is None and not signalled:
             with relay.lock:
                 failed = next((w for w in exits if w.returncode != 0), None)
             if failed is not None:
@@ -196,12 +201,12 @@ def _wait(workers, waiters, exits: list, relay: _DelayedRelay) -> subprocess.Pop
                 for worker in workers:
                     if worker.poll() is None:
                         worker.terminate()
-        elif time.monotonic() > deadline:
+        elif failed is not None and time.monotonic() > deadline:
             for worker in workers:
                 if worker.poll() is None:
                     worker.kill()
         relay.flush()
         time.sleep(0.05)
     failed = failed or next((w for w in exits if w.returncode != 0), None)
-    relay.flush(failed)
+    relay.flush(None if signalled else failed)
     return failed

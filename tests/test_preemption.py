@@ -132,3 +132,38 @@ def test_sigterm_to_the_script_started_workers_stops_them_with_a_checkpoint(tiny
     assert "SIGTERM received: stopped after step" in stderr
     (checkpoint,) = glob.glob(str(output_dir / "checkpoint-*"))
     assert {"random_states_0.pkl", "random_states_1.pkl", "training_state.json"} <= set(os.listdir(checkpoint))
+
+
+def test_a_signal_passed_on_keeps_every_workers_output(tmp_path, capfd):
+    """The script-started launcher (flux_rl.launcher.run_workers) passes SIGTERM on; a worker's 143 is then no failure,
+    so the output of a worker that exits later is kept: rank 0 says where the run stopped, and rank 1 may be out first.
+    (Before, the first worker out counted as the failed one and only its output was relayed.)"""
+    import signal
+    import sys
+    import threading
+    import time
+
+    from flux_rl import launcher
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, signal, sys, time\n"
+        "def stop(number, frame):\n"
+        "    if os.environ['RANK'] == '0':  # the main process finishes its step and checkpoint later\n"
+        "        time.sleep(0.5)\n"
+        "        print('rank 0: SIGTERM received: stopped after step 7', file=sys.stderr, flush=True)\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "open(os.path.join(sys.argv[1], 'ready-' + os.environ['RANK']), 'w').close()\n"
+        "time.sleep(60)\n")
+
+    def signal_once_both_are_ready():
+        while not all((tmp_path / f"ready-{rank}").exists() for rank in range(2)):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, by run_workers' handler
+
+    threading.Thread(target=signal_once_both_are_ready, daemon=True).start()
+    started = time.monotonic()
+    status = launcher.run_workers(dict(os.environ), 2, [str(worker), str(tmp_path)])
+    assert status == 143 and time.monotonic() - started < 30
+    assert "rank 0: SIGTERM received: stopped after step 7" in capfd.readouterr().err
