@@ -140,6 +140,11 @@ def family_models(family, size):
 FAMILIES = ("flux1", "flux2_klein", "qwen_image")
 
 
+def vae_can_checkpoint(family) -> bool:
+    """Whether the family's VAE class supports gradient checkpointing (diffusers' own flag)."""
+    return getattr(family_models(family, "tiny")[2], "_supports_gradient_checkpointing", False)
+
+
 def vae_scale_factor_of(vae) -> int:
     """As the pipelines compute it: Qwen-Image's video VAE from its temporal downsampling steps, the others from their levels."""
     if hasattr(vae, "temperal_downsample"):
@@ -181,14 +186,14 @@ def run_dtype(device) -> torch.dtype:
 
 
 def trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend="inductor", checkpointing=True,
-                  family="flux1"):
+                  vae_checkpointing=True):
     """The trainer's command line of one configuration."""
     # --output_dir: the step writes nothing, and ./output may hold a user's run (which a trainer would refuse to start over)
     flags = ["--pretrained_model_name_or_path", "random-weights", "--resolution", str(resolution),
              "--num_inference_steps", str(rollout_steps), "--report_to", "none",
              "--output_dir", os.path.join(tempfile.gettempdir(), "benchmark-writes-nothing"), *extra_flags]
-    if checkpointing:  # Qwen-Image's video VAE cannot checkpoint (the trainers refuse the flag for it)
-        flags += ["--gradient_checkpointing"] + ([] if family == "qwen_image" else ["--vae_gradient_checkpointing"])
+    if checkpointing:  # the VAE too where it can (Qwen-Image's video VAE cannot: the trainers refuse the flag for it)
+        flags += ["--gradient_checkpointing"] + (["--vae_gradient_checkpointing"] if vae_checkpointing else [])
     if compiled:
         flags += ["--compile", "--compile_backend", backend]
     if run_dtype(device) == torch.bfloat16:  # what build_run builds the models in (and what a cuDNN rollout asks)
@@ -203,12 +208,12 @@ def trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device
 
 def build_run(module, extra_flags, size, mode, resolution, rollout_steps, compiled, device, accelerator, backend="inductor",
               checkpointing=True, family="flux1"):
-    """A Run of one configuration, its models built with random weights; `family`: one of FAMILIES (FLUX.1-dev, or
-    FLUX.2 [klein] base 4B at full size)."""
-    args = module.parse_args(trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend, checkpointing,
-                                           family))
-    dtype = run_dtype(device)
+    """A Run of one configuration, its models built with random weights; `family`: one of FAMILIES (at full size FLUX.1-dev,
+    FLUX.2 [klein] base 4B or Qwen-Image)."""
     transformer_class, transformer_config, vae_class, vae_config, prompt_encoder, family_module = family_models(family, size)
+    args = module.parse_args(trainer_flags(extra_flags, mode, resolution, rollout_steps, compiled, device, backend, checkpointing,
+                                           vae_can_checkpoint(family)))
+    dtype = run_dtype(device)
     # A 4-bit base (--quantize_base) is built on the host and quantized layer by layer as it moves to the GPU, as the
     # trainers load it: built on the GPU, the bf16 model alone would pass a 24 GB card's cap.
     quantized = getattr(args, "quantize_base", "none") != "none" and device.type == "cuda"
@@ -474,7 +479,7 @@ def main(input_args=None):
         timing += f"; bf16 matmul measured at {matmul_peak_tflops():.0f} TFLOP/s; torch {torch.__version__}"
     extra = f"; trainer flags: {args.trainer_flags}" if args.trainer_flags else ""
     lines = [f"Device: {card}; model: {args.family}, size {args.size}; rollout {args.rollout_steps} steps; gradient checkpointing "
-             f"(transformer{'' if args.family == 'qwen_image' else ' and VAE'}) "
+             f"(transformer{' and VAE' if vae_can_checkpoint(args.family) else ''}) "
              f"{args.checkpointing}{extra}{timing}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     print("\n".join(lines), flush=True)
